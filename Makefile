@@ -1,0 +1,20 @@
+# The front door. `make run` starts the gateway on rules/; `make test` runs every test.
+.PHONY: run web test lint check-rules
+
+run:
+	@./scripts/bootstrap.sh
+	.venv/bin/fleetgate run --dev --rules rules
+
+web:
+	@./scripts/bootstrap.sh
+	.venv/bin/fleetgate run --dev --web --rules rules
+
+test:
+	@./scripts/bootstrap.sh
+	.venv/bin/ruff check addons tests
+	.venv/bin/mypy
+	.venv/bin/python -m pytest -q
+
+check-rules:
+	@./scripts/bootstrap.sh
+	.venv/bin/fleetgate rules check rules

@@ -1,0 +1,1 @@
+"""mitmproxy addons: thin, one concern each. :func:`pipeline.pipeline` fixes their order."""

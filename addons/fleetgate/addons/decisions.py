@@ -1,0 +1,103 @@
+"""DecisionLog: one JSON line per flow, the decision id on every response, metrics.
+
+Runs last in the chain so it sees every flow, denied ones included. Allowed flows are
+logged when they end (after a stream's last byte), denied ones when they are answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+from mitmproxy import ctx, exceptions, http
+
+from fleetgate import decisionlog
+from fleetgate.addons.flowtools import CUT, DECISION, HEADER, IDENTITY, decision_id
+from fleetgate.addons.rules import PolicyStore
+from fleetgate.metrics import GatewayMetrics
+
+log = logging.getLogger("fleetgate.decisions")
+
+LOGGED = "fleetgate.logged"
+
+
+class DecisionLog:
+    def __init__(self, store: PolicyStore, metrics: GatewayMetrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._out: TextIO | None = None
+        self._lock = threading.Lock()
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("fleetgate_decision_log", str, "-",
+                          "Where decision lines go: '-' for stdout, a file path to append "
+                          "to, or '' to disable.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "fleetgate_decision_log" in updated:
+            self.done()
+            target = ctx.options.fleetgate_decision_log
+            if target == "-":
+                self._out = sys.stdout
+            elif target:
+                try:
+                    self._out = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+                except OSError as exc:
+                    raise exceptions.OptionsError(
+                        f"fleetgate_decision_log: cannot open {target}: {exc}") from None
+
+    def done(self) -> None:
+        if self._out is not None and self._out is not sys.stdout:
+            self._out.close()
+        self._out = None
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:  # a refused CONNECT is a decision; an accepted one is not
+            self._emit(flow)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            flow.response.headers[HEADER] = decision_id(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._emit(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._emit(flow)
+
+    def _emit(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(LOGGED):
+            return
+        flow.metadata[LOGGED] = True
+        decision = flow.metadata.get(DECISION) or {}
+        ident = flow.metadata.get(IDENTITY)
+        cut = flow.metadata.get(CUT)
+        allow = bool(decision.get("allow")) and not cut
+        rule = str(decision.get("rule") or ("error" if flow.error else "undecided"))
+        reason = str(decision.get("reason") or (flow.error.msg if flow.error else ""))
+        end = (flow.response.timestamp_end if flow.response and flow.response.timestamp_end
+               else time.time())
+        req = flow.request
+        rec = decisionlog.record(
+            decision_id=decision_id(flow), allow=allow, rule=rule, reason=reason,
+            identity=ident if isinstance(ident, dict) else None,
+            method=req.method, host=req.pretty_host, port=req.port, path=req.path,
+            status=flow.response.status_code if flow.response else None,
+            latency_ms=(end - req.timestamp_start) * 1000 if req.timestamp_start else None,
+            revision=self.store.policy.revision if self.store.policy else None,
+            error=flow.error.msg if flow.error else None,
+        )
+        agent = rec["agent"] or "anonymous"
+        self.metrics.requests.labels(agent=agent, role=rec["role"] or "",
+                                     decision=rec["result"], rule=rule).inc()
+        if self._out is not None:
+            line = decisionlog.render(rec)
+            with self._lock:
+                try:
+                    self._out.write(line + "\n")
+                    self._out.flush()
+                except (OSError, ValueError):
+                    log.error("fleetgate: cannot write decision log line: %s", line)

@@ -1,0 +1,141 @@
+"""What every fleetgate addon does to a flow: name the decision, deny it, cut it.
+
+Also the fail-closed wrapper. mitmproxy logs an exception raised in a hook and lets the
+flow continue upstream; for a gateway that is failing open. Every enforcing hook is wrapped
+with :func:`fail_closed`, which turns any unexpected exception into a 500 denial carrying the
+decision id (or a kill when the response is already on its way).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from mitmproxy import ctx, http
+
+from fleetgate.decisionlog import new_decision_id
+from fleetgate.denial import denial_body
+
+log = logging.getLogger(__name__)
+
+DECISION_ID = "fleetgate.decision_id"
+DECISION = "fleetgate.decision"
+IDENTITY = "fleetgate.identity"
+CLAIMS = "fleetgate.claims"
+CUT = "fleetgate.cut"
+HEADER = "X-Fleetgate-Decision-Id"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def decision_id(flow: http.HTTPFlow) -> str:
+    """The flow's decision id, created on first use."""
+    did = flow.metadata.get(DECISION_ID)
+    if not isinstance(did, str):
+        did = new_decision_id()
+        flow.metadata[DECISION_ID] = did
+    return did
+
+
+def record_decision(flow: http.HTTPFlow, allow: bool, rule: str, reason: str,
+                    status: int | None = None, **extra: Any) -> None:
+    flow.metadata[DECISION] = {"allow": allow, "rule": rule, "reason": reason,
+                               "status": status, **extra}
+
+
+def deny(flow: http.HTTPFlow, status: int, rule: str, reason: str,
+         hint: str | None = None, headers: dict[str, str] | None = None) -> None:
+    """Answer the flow ourselves: it never reaches upstream. Shown in mitmweb as marked."""
+    did = decision_id(flow)
+    hdrs = {"Content-Type": "application/json", HEADER: did, **(headers or {})}
+    flow.response = http.Response.make(status, denial_body(status, rule, reason, did, hint), hdrs)
+    record_decision(flow, False, rule, reason, status)
+    flow.marked = ":no_entry:"
+    flow.comment = f"denied by {rule}: {reason}"
+
+
+def cut_flow(flow: http.HTTPFlow, rule: str, reason: str) -> bool:
+    """Stop a flow that is already in transit, stream included.
+
+    ``flow.kill()`` alone cannot stop a response that is streaming (mitmproxy issue 4711),
+    so we also close the client connection through the proxy server's connection handler.
+    Returns whether anything was cut.
+    """
+    if flow.metadata.get(CUT):
+        return False
+    flow.metadata[CUT] = {"rule": rule, "reason": reason}
+    record_decision(flow, False, rule, reason, flow.response.status_code if flow.response else None)
+    flow.marked = ":scissors:"
+    flow.comment = f"cut by {rule}: {reason}"
+    cut = False
+    if flow.killable:
+        flow.kill()
+        cut = True
+    proxyserver: Any = ctx.master.addons.get("proxyserver") if ctx.master else None
+    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
+    if handler is not None:
+        for conn in (flow.client_conn, flow.server_conn):
+            if conn in handler.transports:
+                handler.close_connection(conn)
+                cut = True
+    return cut
+
+
+def _fail(flow: Any, hook: str, exc: BaseException) -> None:
+    if isinstance(flow, http.HTTPFlow):
+        did = decision_id(flow)
+        log.error("fleetgate: %s hook crashed on decision %s; flow denied", hook, did,
+                  exc_info=exc)
+        reason = f"internal error in {hook}; the request was denied, not passed through"
+        if flow.response is None or hook in ("http_connect", "requestheaders", "request"):
+            deny(flow, 500, "internal-error", reason,
+                 hint=f"report decision id {did} to the gateway operator")
+        else:
+            cut_flow(flow, "internal-error", reason)
+    else:
+        server = getattr(flow, "server", None)
+        if server is not None:  # server_connect hook data
+            server.error = f"fleetgate: internal error in {hook}; connection refused"
+        elif hasattr(flow, "kill") and getattr(flow, "killable", False):
+            flow.kill()
+        log.error("fleetgate: %s hook crashed; connection refused", hook, exc_info=exc)
+
+
+def fail_closed(fn: F) -> F:
+    """Wrap a hook so that an exception denies the flow instead of passing it."""
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def awrapper(self: Any, flow: Any, *a: Any) -> Any:
+            try:
+                return await fn(self, flow, *a)
+            except Exception as exc:
+                _fail(flow, fn.__name__, exc)
+                return None
+        return awrapper  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, flow: Any, *a: Any) -> Any:
+        try:
+            return fn(self, flow, *a)
+        except Exception as exc:
+            _fail(flow, fn.__name__, exc)
+            return None
+    return wrapper  # type: ignore[return-value]
+
+
+def settled(flow: http.HTTPFlow) -> bool:
+    """The guard idiom: nothing more to decide for this flow."""
+    return bool(flow.response or flow.error or not flow.live)
+
+
+def close_client(client: Any) -> bool:
+    """Close one client connection (and with it every tunnel and stream on it)."""
+    proxyserver: Any = ctx.master.addons.get("proxyserver") if ctx.master else None
+    handler = getattr(proxyserver, "connections", {}).get(getattr(client, "id", None))
+    if handler is None or client not in handler.transports:
+        return False
+    handler.close_connection(client)
+    return True

@@ -1,0 +1,169 @@
+"""AgentIdentity: who is this? Verifies the JWT in the proxy credentials.
+
+Credentials arrive on the CONNECT request only (``HTTPS_PROXY=http://agent:<JWT>@...``),
+so the verified identity is bound to the client connection and applies to every request
+inside that tunnel; the token's expiry is re-checked on each of them. Plain-HTTP proxy
+requests carry their own ``Proxy-Authorization``. The credential header is always removed
+before anything is forwarded: it never reaches an upstream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import connection, ctx, exceptions, http
+
+from fleetgate.addons.flowtools import CLAIMS, IDENTITY, decision_id, deny, fail_closed, settled
+from fleetgate.identity.tokens import (
+    Identity,
+    IdentityError,
+    Verifier,
+    VerifierConfig,
+    load_jwks,
+    parse_proxy_authorization,
+)
+from fleetgate.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+REALM = 'Basic realm="fleetgate", Bearer realm="fleetgate"'
+
+
+class AgentIdentity:
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+        self.verifier: Verifier | None = None
+        self.bound: weakref.WeakKeyDictionary[connection.Client, Identity] = (
+            weakref.WeakKeyDictionary())
+        self._jwks_stat: tuple[int, int] | None = None
+        self._jwks_checked = 0.0
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("fleetgate_jwt_secret_file", str, "",
+                          "File holding the HS256 secret agents' tokens are signed with.")
+        loader.add_option("fleetgate_jwt_secret_env", str, "FLEETGATE_JWT_SECRET",
+                          "Environment variable holding the HS256 secret (used when "
+                          "fleetgate_jwt_secret_file is empty).")
+        loader.add_option("fleetgate_jwks_file", str, "",
+                          "JWKS file with the public keys for RS256/ES256/EdDSA tokens; "
+                          "re-read when it changes.")
+        loader.add_option("fleetgate_jwt_issuer", str, "",
+                          "Accepted 'iss' values, comma-separated (empty: not checked).")
+        loader.add_option("fleetgate_jwt_audience", str, "",
+                          "Required 'aud' value (empty: not checked).")
+        loader.add_option("fleetgate_jwt_leeway", int, 30,
+                          "Clock skew tolerated on exp/nbf, in seconds.")
+
+    def configure(self, updated: set[str]) -> None:
+        if any(k.startswith("fleetgate_jwt") or k == "fleetgate_jwks_file" for k in updated):
+            try:
+                self.verifier = self._build_verifier()
+            except (OSError, ValueError) as exc:
+                raise exceptions.OptionsError(f"fleetgate identity: {exc}") from None
+
+    def _build_verifier(self) -> Verifier:
+        o = ctx.options
+        secret: bytes | None = None
+        if o.fleetgate_jwt_secret_file:
+            secret = Path(o.fleetgate_jwt_secret_file).read_bytes().strip()
+        elif o.fleetgate_jwt_secret_env and os.environ.get(o.fleetgate_jwt_secret_env):
+            secret = os.environ[o.fleetgate_jwt_secret_env].encode()
+        jwks = None
+        if o.fleetgate_jwks_file:
+            p = Path(o.fleetgate_jwks_file)
+            jwks = load_jwks(p.read_text())
+            st = p.stat()
+            self._jwks_stat = (st.st_ino, st.st_mtime_ns)
+        if secret is None and jwks is None:
+            raise ValueError(
+                "no token verification key: set fleetgate_jwt_secret_file, the "
+                f"{o.fleetgate_jwt_secret_env or 'FLEETGATE_JWT_SECRET'} environment variable, "
+                "or fleetgate_jwks_file")
+        if o.fleetgate_jwt_leeway < 0:
+            raise ValueError("fleetgate_jwt_leeway must be >= 0")
+        return Verifier(VerifierConfig(
+            hs_secret=secret, jwks=jwks,
+            issuer=tuple(i.strip() for i in o.fleetgate_jwt_issuer.split(",") if i.strip()),
+            audience=o.fleetgate_jwt_audience or None,
+            leeway=float(o.fleetgate_jwt_leeway),
+        ))
+
+    def _maybe_reload_jwks(self) -> None:
+        """Pick up a rotated JWKS file (checked at most once a second)."""
+        path = ctx.options.fleetgate_jwks_file
+        now = time.monotonic()
+        if not path or now - self._jwks_checked < 1.0:
+            return
+        self._jwks_checked = now
+        try:
+            st = os.stat(path)
+            if (st.st_ino, st.st_mtime_ns) != self._jwks_stat:
+                self.verifier = self._build_verifier()
+                log.info("fleetgate: JWKS reloaded from %s", path)
+        except (OSError, ValueError) as exc:
+            log.error("fleetgate: JWKS %s could not be reloaded (%s); keeping the previous keys",
+                      path, exc)
+
+    def _verify(self, header: str | None) -> Identity:
+        self._maybe_reload_jwks()
+        token = parse_proxy_authorization(header)
+        if self.verifier is None:
+            raise IdentityError("no_verifier", "gateway has no token verification key configured")
+        return self.verifier.verify(token)
+
+    def _refuse(self, flow: http.HTTPFlow, err: IdentityError) -> None:
+        self.metrics.identity_failures.labels(code=err.code).inc()
+        deny(flow, 407, f"identity.{err.code}", err.message,
+             hint="present a valid agent JWT as the proxy password "
+                  "(HTTPS_PROXY=http://agent:<JWT>@<gateway>:<port>)",
+             headers={"Proxy-Authenticate": REALM})
+
+    @fail_closed
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if settled(flow):
+            return
+        decision_id(flow)
+        header = flow.request.headers.pop("Proxy-Authorization", None)
+        try:
+            ident = self._verify(header)
+        except IdentityError as err:
+            self.bound.pop(flow.client_conn, None)
+            self._refuse(flow, err)
+            return
+        self.bound[flow.client_conn] = ident
+        self._annotate(flow, ident)
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        header = flow.request.headers.pop("Proxy-Authorization", None)
+        if settled(flow):
+            return
+        decision_id(flow)
+        ident = self.bound.get(flow.client_conn)
+        if ident is None:
+            try:
+                ident = self._verify(header)
+            except IdentityError as err:
+                self._refuse(flow, err)
+                return
+        elif self.verifier is not None and ident.expired(time.time(), self.verifier.config.leeway):
+            self._refuse(flow, IdentityError(
+                "expired", "token expired while its tunnel was open; reconnect with a new token"))
+            return
+        self._annotate(flow, ident)
+
+    @staticmethod
+    def _annotate(flow: http.HTTPFlow, ident: Identity) -> None:
+        flow.metadata[IDENTITY] = {"agent": ident.agent, "role": ident.role,
+                                   "session": ident.session, "jti": ident.jti}
+        flow.metadata[CLAIMS] = dict(ident.claims)
+
+
+def identity_of(flow: http.HTTPFlow) -> dict[str, Any] | None:
+    value = flow.metadata.get(IDENTITY)
+    return value if isinstance(value, dict) else None

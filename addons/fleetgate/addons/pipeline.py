@@ -1,0 +1,37 @@
+"""The one place the order of fleetgate's chain lives.
+
+Cheap checks first, then identity, then the kill switch (so it wins even when rules are
+wrong), then rules; the decision log last so it sees denied flows too. Later concerns
+(limits, LLM metering, MCP) slot in between the rules and the log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleetgate.addons.authorization import HttpAuthorization
+from fleetgate.addons.decisions import DecisionLog
+from fleetgate.addons.guard import ConnectionGuard
+from fleetgate.addons.health import HealthEndpoint
+from fleetgate.addons.identity import AgentIdentity
+from fleetgate.addons.killswitch import KillSwitch
+from fleetgate.addons.rules import PolicyStore
+from fleetgate.metrics import GatewayMetrics, HealthServer
+
+
+def pipeline() -> list[Any]:
+    metrics = GatewayMetrics()
+    store = PolicyStore(metrics)
+    health = HealthServer(metrics, store.status)
+    identity = AgentIdentity(metrics)
+    kill = KillSwitch(identity, metrics)
+    store.listeners.append(kill.on_policy)
+    return [
+        ConnectionGuard(metrics),
+        store,
+        identity,
+        HttpAuthorization(store, metrics, health),
+        kill,
+        HealthEndpoint(health),
+        DecisionLog(store, metrics),
+    ]

@@ -1,0 +1,146 @@
+"""The one place fleetgate touches a CEL engine.
+
+We use ``common-expression-language`` (import ``cel``, a Rust engine): measured on the
+reference machine at ~10 µs per evaluation against ~600 µs for ``cel-python`` on the same
+expression, and rules run on every request. Keeping the engine behind this module means a
+switch of engine touches one file.
+
+Two properties matter for a gateway and are enforced here, not left to the engine:
+
+* **Everything is checked at load time.** The engine compiles unknown functions and
+  variables happily and only fails when they are evaluated. :func:`compile_expr` rejects an
+  expression that references a variable outside the declared roots or a function the engine
+  cannot call, so a typo in a rule fails the reload instead of every request.
+* **Evaluation is total.** :meth:`Expr.evaluate` never raises an engine exception; it returns
+  ``True``/``False`` or raises :class:`CelError` with the reason. A missing field
+  (``jwt.agent_role`` on a token without the claim) is an error, not ``false``: callers decide
+  what an error means (for a gateway: deny).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import cel
+from cel import stdlib as _cel_stdlib
+
+__all__ = ["Activation", "CelError", "Expr", "compile_expr"]
+
+# Functions the Rust engine implements natively (core spec + macros + operators).
+_NATIVE_FUNCTIONS = frozenset(
+    {
+        "size", "contains", "startsWith", "endsWith", "matches", "has", "all", "exists",
+        "exists_one", "map", "filter", "int", "uint", "double", "string", "bytes",
+        "timestamp", "duration", "dyn", "type", "bool",
+        "getFullYear", "getMonth", "getDate", "getDayOfMonth", "getDayOfWeek",
+        "getDayOfYear", "getHours", "getMinutes", "getSeconds", "getMilliseconds",
+    }
+)
+
+
+def _stdlib_functions() -> dict[str, Callable[..., Any]]:
+    """cel-go compatible string/list/math helpers (``lowerAscii``, ``split``...)."""
+    ctx = cel.Context()
+    _cel_stdlib.add_stdlib_to_context(ctx)
+    return dict(ctx.functions)
+
+
+_EXTRA_FUNCTIONS: dict[str, Callable[..., Any]] = _stdlib_functions()
+_KNOWN_FUNCTIONS = _NATIVE_FUNCTIONS | frozenset(_EXTRA_FUNCTIONS)
+
+
+class CelError(Exception):
+    """A CEL expression failed to compile or to evaluate; ``str()`` says why."""
+
+
+class Activation:
+    """The variables one evaluation sees, converted for the engine once.
+
+    Converting nested request data into the engine costs ~20 µs; evaluating a compiled
+    expression against an already converted context costs well under 1 µs. So a request
+    builds one ``Activation`` and every rule evaluates against it.
+    """
+
+    __slots__ = ("_ctx", "data")
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self.data = dict(data)
+        self._ctx = cel.Context(self.data, _EXTRA_FUNCTIONS)
+
+
+@dataclass(frozen=True)
+class Expr:
+    """A compiled CEL expression that evaluates to a boolean."""
+
+    source: str
+    _program: Any = field(repr=False, compare=False)
+    variables: frozenset[str] = frozenset()
+
+    def evaluate(self, activation: Activation | Mapping[str, Any]) -> bool:
+        """Evaluate against ``activation`` (root name -> plain Python data).
+
+        Raises :class:`CelError` for any engine failure or a non-boolean result.
+        """
+        if not isinstance(activation, Activation):
+            activation = Activation(activation)
+        try:
+            result = self._program.execute(activation._ctx)
+        except KeyError as exc:
+            raise CelError(f"no such field {exc}") from None
+        except Exception as exc:  # the engine raises ValueError/TypeError/RuntimeError
+            raise CelError(_first_line(str(exc)) or type(exc).__name__) from None
+        if not isinstance(result, bool):
+            raise CelError(f"expression returned {type(result).__name__}, not bool")
+        return result
+
+
+def compile_expr(source: str, roots: Iterable[str]) -> Expr:
+    """Compile ``source``, allowing only the variable names in ``roots``.
+
+    Raises :class:`CelError` with the engine's message (syntax errors carry a column).
+    """
+    if not isinstance(source, str) or not source.strip():
+        raise CelError("expression is empty")
+    try:
+        program = cel.compile(source)
+        refs = program.references()
+    except Exception as exc:
+        raise CelError(_clean(str(exc))) from None
+    allowed = set(roots)
+    # Comprehension macros bind their own names (``x`` in ``l.all(x, ...)``); only the
+    # first identifier in the source text that is not a bound name is a real root, so we
+    # accept bound names when they appear as a macro's first argument.
+    bound = _macro_bound_names(source)
+    unknown_vars = sorted(v for v in refs["variables"] if v not in allowed and v not in bound)
+    if unknown_vars:
+        raise CelError(
+            f"unknown variable {', '.join(unknown_vars)}; available: {', '.join(sorted(allowed))}"
+        )
+    unknown_fns = sorted(
+        f for f in refs["functions"]
+        if not (f.startswith("_") or f.startswith("@") or f.startswith("!"))
+        and f not in _KNOWN_FUNCTIONS
+    )
+    if unknown_fns:
+        raise CelError(f"unknown function {', '.join(unknown_fns)}")
+    return Expr(source=source, _program=program, variables=frozenset(refs["variables"]))
+
+
+def _macro_bound_names(source: str) -> set[str]:
+    import re
+
+    return set(
+        re.findall(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,", source)
+    )
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _clean(text: str) -> str:
+    """Keep the engine's message compact: one line plus the caret diagram if present."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return " ".join(lines[:1]) if lines else "invalid expression"

@@ -1,0 +1,221 @@
+"""The operator CLI: ``fleetgate run | rules check | token mint | ca init``.
+
+``run`` is a thin wrapper over ``mitmdump -s addons/gateway.py`` with our options: anything
+it does can be done with ``mitmdump``/``mitmweb`` and ``--set fleetgate_...`` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+from fleetgate.identity.mint import mint_token, parse_ttl
+
+REPO = Path(__file__).resolve().parent.parent.parent
+DEV_DIR = Path("certs/dev")
+CA_BASENAME = "mitmproxy"  # the names mitmproxy looks for in its confdir
+
+
+def _script_path() -> Path:
+    """``addons/gateway.py`` next to the package (source checkout or container image)."""
+    candidate = Path(__file__).resolve().parent.parent / "gateway.py"
+    if candidate.exists():
+        return candidate
+    raise SystemExit("fleetgate: cannot find addons/gateway.py next to the fleetgate package")
+
+
+# -- ca ---------------------------------------------------------------------------------
+
+
+def ca_init(confdir: Path, quiet: bool = False) -> Path:
+    """Create a CA in mitmproxy's confdir layout if none exists; return the public cert."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from mitmproxy.certs import CertStore
+
+    cert = confdir / f"{CA_BASENAME}-ca-cert.pem"
+    if not (confdir / f"{CA_BASENAME}-ca.pem").exists():
+        CertStore.create_store(confdir, CA_BASENAME, 2048, organization="fleetgate",
+                               cn="fleetgate development CA")
+        os.chmod(confdir / f"{CA_BASENAME}-ca.pem", 0o600)
+        created = True
+    else:
+        created = False
+    if not quiet:
+        c = x509.load_pem_x509_certificate(cert.read_bytes())
+        fp = c.fingerprint(hashes.SHA256()).hex(":").upper()
+        print(f"{'created' if created else 'existing'} CA in {confdir}")
+        print(f"  public certificate (give this to agents): {cert.resolve()}")
+        print(f"  SHA-256 fingerprint: {fp}")
+        print(f"  valid until: {c.not_valid_after_utc:%Y-%m-%d}")
+    return cert
+
+
+def dev_secret(path: Path) -> Path:
+    """A random HS256 secret for development, created once, readable only by its owner."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    return path
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    confdir = Path(args.confdir)
+    opts: list[str] = [
+        f"fleetgate_rules={args.rules}",
+        f"confdir={confdir}",
+        f"fleetgate_metrics_listen={args.metrics}",
+        f"fleetgate_decision_log={args.decision_log}",
+    ]
+    if args.dev:
+        cert = ca_init(confdir, quiet=True)
+        secret = dev_secret(confdir / "jwt-hs256.secret")
+        opts.append(f"fleetgate_jwt_secret_file={secret}")
+        host = "127.0.0.1" if args.listen_host in ("", "0.0.0.0") else args.listen_host
+        print("fleetgate (development mode)")
+        print(f"  proxy:   http://agent:<JWT>@{host}:{args.listen_port}")
+        print(f"  CA:      {cert.resolve()}")
+        print(f"  metrics: http://{args.metrics}/metrics   readiness: /healthz/ready")
+        print(f"  rules:   {Path(args.rules).resolve()}")
+        print("  a token: .venv/bin/fleetgate token mint --sub demo-security "
+              "--claim agent_role=security --ttl 1h")
+        print(f"  try it:  HTTPS_PROXY=http://agent:$TOKEN@{host}:{args.listen_port} "
+              f"SSL_CERT_FILE={cert.resolve()} curl https://api.anthropic.com/v1/models",
+              flush=True)
+    elif args.jwt_secret_file:
+        opts.append(f"fleetgate_jwt_secret_file={args.jwt_secret_file}")
+    tool = "mitmweb" if args.web else "mitmdump"
+    exe = shutil.which(tool, path=str(Path(sys.executable).parent)) or shutil.which(tool)
+    if exe is None:
+        print(f"fleetgate: {tool} not found; install fleetgate's dependencies", file=sys.stderr)
+        return 2
+    argv = [exe, "-s", str(_script_path()), "--listen-host", args.listen_host,
+            "--listen-port", str(args.listen_port)]
+    if args.web:
+        argv += ["--web-host", "127.0.0.1", "--no-web-open-browser"]
+    else:
+        argv += ["--flow-detail", "0"]
+    for o in opts:
+        argv += ["--set", o]
+    argv += args.mitmproxy_args
+    os.execv(exe, argv)
+    return 0  # pragma: no cover
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    from fleetgate.policy.loader import PolicyError, load_policy
+
+    try:
+        policy = load_policy(args.path)
+    except PolicyError as exc:
+        for p in exc.problems:
+            print(str(p), file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s); the rules would be rejected", file=sys.stderr)
+        return 1
+    print(f"ok: revision {policy.revision}, {len(policy.files)} file(s), "
+          f"{len(policy.agents)} agent profile(s), {len(policy.rules)} global rule(s), "
+          f"{len(policy.revoked.agents) + len(policy.revoked.tokens)} revocation(s)")
+    return 0
+
+
+def cmd_token_mint(args: argparse.Namespace) -> int:
+    if args.secret_file:
+        secret = Path(args.secret_file).read_bytes().strip()
+    elif os.environ.get("FLEETGATE_JWT_SECRET"):
+        secret = os.environ["FLEETGATE_JWT_SECRET"].encode()
+    else:
+        default = DEV_DIR / "jwt-hs256.secret"
+        if not default.exists():
+            print(f"fleetgate: no secret: pass --secret-file, set FLEETGATE_JWT_SECRET, or run "
+                  f"'make run' once to create {default}", file=sys.stderr)
+            return 2
+        secret = default.read_bytes().strip()
+    claims: dict[str, object] = {}
+    for item in args.claim:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"fleetgate: --claim wants key=value, got {item!r}", file=sys.stderr)
+            return 2
+        try:
+            claims[key] = json.loads(value)
+        except json.JSONDecodeError:
+            claims[key] = value
+    try:
+        ttl = parse_ttl(args.ttl)
+    except ValueError as exc:
+        print(f"fleetgate: {exc}", file=sys.stderr)
+        return 2
+    print(mint_token(secret, args.sub, ttl, claims, issuer=args.issuer, audience=args.audience))
+    return 0
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    ca_init(Path(args.dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fleetgate", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    run = sub.add_parser("run", help="run the gateway (mitmdump with fleetgate's addons)")
+    run.add_argument("--rules", default="rules", help="rules file or directory (default: rules)")
+    run.add_argument("--listen-host", default="127.0.0.1")
+    run.add_argument("--listen-port", type=int, default=8080)
+    run.add_argument("--metrics", default="127.0.0.1:15020", help="host:port for /metrics")
+    run.add_argument("--confdir", default=str(DEV_DIR), help="mitmproxy confdir holding the CA")
+    run.add_argument("--decision-log", default="-", help="'-' (stdout), a file, or ''")
+    run.add_argument("--jwt-secret-file", default="", help="HS256 secret file")
+    run.add_argument("--dev", action="store_true",
+                     help="create a development CA and HS256 secret under --confdir if missing")
+    run.add_argument("--web", action="store_true", help="run mitmweb (UI on 127.0.0.1:8081)")
+    run.add_argument("mitmproxy_args", nargs=argparse.REMAINDER,
+                     help="after '--': more mitmdump arguments")
+    run.set_defaults(func=cmd_run)
+
+    rules = sub.add_parser("rules", help="work with rules files").add_subparsers(
+        dest="rules_cmd", required=True)
+    check = rules.add_parser("check", help="validate rules offline, as a reload would")
+    check.add_argument("path")
+    check.set_defaults(func=cmd_rules_check)
+
+    token = sub.add_parser("token", help="development tokens").add_subparsers(
+        dest="token_cmd", required=True)
+    mint = token.add_parser("mint", help="mint an HS256 agent token")
+    mint.add_argument("--sub", required=True, help="agent id")
+    mint.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE",
+                      help="extra claim (JSON values allowed), repeatable")
+    mint.add_argument("--ttl", default="1h")
+    mint.add_argument("--issuer")
+    mint.add_argument("--audience")
+    mint.add_argument("--secret-file", help=f"default: {DEV_DIR}/jwt-hs256.secret")
+    mint.set_defaults(func=cmd_token_mint)
+
+    ca = sub.add_parser("ca", help="certificate authority").add_subparsers(
+        dest="ca_cmd", required=True)
+    init = ca.add_parser("init", help="create a CA in mitmproxy's confdir layout")
+    init.add_argument("--dir", default=str(DEV_DIR))
+    init.set_defaults(func=cmd_ca_init)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "mitmproxy_args", None) and args.mitmproxy_args[0] == "--":
+        args.mitmproxy_args = args.mitmproxy_args[1:]
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,81 @@
+"""The canonical decision record: one JSON line per flow, secrets never included.
+
+Pure: the addon gathers the fields, this module shapes and masks them. A token, API key or
+prompt body never reaches the log; query strings are dropped (Gemini and others put API
+keys there) and only the normalised path is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+__all__ = ["mask_header_value", "new_decision_id", "record", "render"]
+
+_SECRET_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "set-cookie",
+    "x-goog-api-key",
+})
+_JWT_LIKE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
+
+
+def new_decision_id() -> str:
+    """Time-ordered, unique id for one decision: 8 hex of seconds + 16 random hex."""
+    return f"{int(time.time()):08x}{uuid.uuid4().hex[:16]}"
+
+
+def mask_header_value(name: str, value: str) -> str:
+    if name.lower() in _SECRET_HEADERS:
+        return "***"
+    return _JWT_LIKE.sub("***", value)
+
+
+def record(
+    *,
+    decision_id: str,
+    allow: bool,
+    rule: str,
+    reason: str,
+    identity: dict[str, Any] | None,
+    method: str,
+    host: str,
+    port: int | None,
+    path: str,
+    status: int | None,
+    latency_ms: float | None,
+    revision: str | None,
+    error: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build the record. ``identity`` is the summary (agent, role, session, jti), never claims."""
+    ident = identity or {}
+    rec: dict[str, Any] = {
+        "ts": round(time.time(), 3),
+        "decision_id": decision_id,
+        "result": "allow" if allow else "deny",
+        "rule": rule,
+        "reason": _JWT_LIKE.sub("***", reason),
+        "agent": ident.get("agent"),
+        "role": ident.get("role"),
+        "session": ident.get("session"),
+        "jti": ident.get("jti"),
+        "method": method,
+        "host": host,
+        "port": port,
+        "path": _JWT_LIKE.sub("***", path.partition("?")[0]),
+        "status": status,
+        "latency_ms": None if latency_ms is None else round(latency_ms, 2),
+        "policy_revision": revision,
+    }
+    if error:
+        rec["error"] = _JWT_LIKE.sub("***", error)
+    if extra:
+        rec.update(extra)
+    return rec
+
+
+def render(rec: dict[str, Any]) -> str:
+    return json.dumps(rec, separators=(",", ":"), sort_keys=False, default=str)

@@ -1,0 +1,1 @@
+"""Identity: proxy credentials to verified JWT claims. No mitmproxy here."""

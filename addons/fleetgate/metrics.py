@@ -1,0 +1,118 @@
+"""Prometheus metrics and the health endpoints, on their own port.
+
+The registry is per gateway instance (not prometheus_client's global one) so that a script
+reload or a test that builds two pipelines never trips over duplicate collectors. The server
+is a small threaded WSGI server: it answers scrapes and probes without touching the proxy's
+event loop, and it listens on its own address, never inside the proxy, so agents cannot
+reach it through the gateway (``127.0.0.1`` destinations are refused unless allowed, and the
+metrics address is refused even then).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from socketserver import ThreadingMixIn
+
+__all__ = ["GatewayMetrics", "HealthServer"]
+
+
+class GatewayMetrics:
+    """All fleetgate metrics, registered on one private registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "fleetgate_requests", "Requests judged by fleetgate, by agent, decision and rule.",
+            ["agent", "role", "decision", "rule"], registry=r)
+        self.decision_seconds = Histogram(
+            "fleetgate_decision_seconds", "Time spent deciding one request (policy evaluation).",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05), registry=r)
+        self.identity_failures = Counter(
+            "fleetgate_identity_failures", "Proxy credentials refused, by reason code.",
+            ["code"], registry=r)
+        self.reloads = Counter(
+            "fleetgate_policy_reloads", "Rules (re)load attempts by result.", ["result"],
+            registry=r)
+        self.policy_valid = Gauge(
+            "fleetgate_policy_last_reload_ok",
+            "1 if the last rules load succeeded, 0 if it failed and an older policy runs.",
+            registry=r)
+        self.policy_loaded = Gauge(
+            "fleetgate_policy_loaded", "1 while a valid policy is loaded (readiness).",
+            registry=r)
+        self.policy_revision = Gauge(
+            "fleetgate_policy_revision_info", "The running policy revision (value is always 1).",
+            ["revision"], registry=r)
+        self.flows_cut = Counter(
+            "fleetgate_flows_cut", "In-flight flows cut by fleetgate, by rule.", ["rule"],
+            registry=r)
+        self.connections_refused = Counter(
+            "fleetgate_connections_refused", "Connections refused before any request, by reason.",
+            ["reason"], registry=r)
+
+    def set_revision(self, revision: str) -> None:
+        self.policy_revision.clear()
+        self.policy_revision.labels(revision=revision).set(1)
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class HealthServer:
+    """Serves ``/metrics``, ``/healthz/ready`` and ``/healthz/live`` on ``host:port``."""
+
+    def __init__(self, metrics: GatewayMetrics, status: Callable[[], dict[str, Any]]) -> None:
+        self._metrics_app = make_wsgi_app(metrics.registry)
+        self._status = status
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self._server is None:
+            return None
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = make_server(host, port, self._app, _ThreadingWSGIServer, _Quiet)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="fleetgate-metrics", daemon=True)
+        self._thread.start()
+        addr = self.address
+        assert addr is not None
+        return addr
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        if path in ("/healthz/ready", "/healthz/live", "/healthz"):
+            status = self._status()
+            ok = True if path == "/healthz/live" else bool(status.get("ready"))
+            body = json.dumps(status, default=str).encode()
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body)))])
+            return [body]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: try /metrics or /healthz/ready\n"]

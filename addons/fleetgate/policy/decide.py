@@ -1,0 +1,133 @@
+"""The pure decision: (policy, identity claims, request facts) -> :class:`Decision`.
+
+Order, cheapest and most absolute first:
+
+1. revoked identity (``revoked``) -> deny, whatever else the rules say;
+2. a literal internal destination (``destinations.allowPrivate`` not covering it) -> deny;
+3. the agent profiles whose ``match`` selects the identity; none -> deny; a ``match`` that
+   errors (say, a missing claim) -> deny, never "skip the profile and its deny rules";
+4. egress allow-list: the destination must match a host of a selected profile;
+5. ``deny`` rules (global first, then per profile; a rule with ``hosts`` only for those
+   destinations): any match, or any error, denies;
+6. ``require`` rules: any that is false, or errors, denies;
+7. ``allow`` rules: one must be true; none true -> denied by default.
+
+Every :class:`Decision` carries the id of the rule that decided it and a sentence for the
+agent's developer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fleetgate.celexpr import Activation, CelError
+from fleetgate.policy.model import AgentProfile, Effect, Policy, Rule
+from fleetgate.policy.netaddr import internal_reason
+from fleetgate.policy.normalize import RequestFacts
+
+__all__ = ["Decision", "decide", "private_destination_reason"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome for one request. ``rule`` names what decided it."""
+
+    allow: bool
+    rule: str
+    reason: str
+    status: int = 200
+    profiles: tuple[str, ...] = ()
+
+    @classmethod
+    def deny(cls, rule: str, reason: str, status: int = 403,
+             profiles: tuple[str, ...] = ()) -> Decision:
+        return cls(False, rule, reason, status, profiles)
+
+
+def private_destination_reason(policy: Policy, address: str) -> str | None:
+    """Why dialling ``address`` (an IP literal) is refused, or ``None`` when it is fine."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    why = internal_reason(ip)
+    if why is None:
+        return None
+    if any(ip in net for net in policy.allow_private if net.version == ip.version):
+        return None
+    return f"{address} is a {why}; add it to destinations.allowPrivate to allow it"
+
+
+def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts) -> Decision:
+    """Judge one request. Total: never raises for any claims or facts."""
+    agent = str(claims.get("agent_id") or claims.get("sub") or "")
+    jti = claims.get("jti")
+    revoked = policy.revoked.reason(agent, str(jti) if jti is not None else None)
+    if revoked:
+        return Decision.deny("revoked", f"{revoked}; ask an operator", status=403)
+
+    why_private = private_destination_reason(policy, facts.host)
+    if why_private:
+        return Decision.deny("destinations.private", why_private)
+
+    activation = Activation({"jwt": dict(claims), "request": facts.to_cel()})
+    profiles: list[AgentProfile] = []
+    for profile in policy.agents:
+        try:
+            if profile.match.evaluate(activation):
+                profiles.append(profile)
+        except CelError as exc:
+            return Decision.deny(
+                f"{profile.name}.match",
+                f"agent selector {profile.name!r} could not be evaluated ({exc}); "
+                "denied rather than guessed",
+            )
+    names = tuple(p.name for p in profiles)
+    if not profiles:
+        return Decision.deny("no-profile", f"no agent profile selects identity {agent!r}")
+
+    if not any(h.matches(facts.host, facts.port) for p in profiles for h in p.egress):
+        return Decision.deny(
+            "egress",
+            f"{facts.host}:{facts.port} is not in the egress allow-list of {', '.join(names)}",
+            profiles=names,
+        )
+
+    rules: list[Rule] = [r for r in policy.rules if r.applies_to(facts.host, facts.port)]
+    for p in profiles:
+        rules.extend(r for r in p.rules if r.applies_to(facts.host, facts.port))
+
+    for rule in rules:
+        if rule.effect is Effect.DENY:
+            try:
+                hit = rule.expr.evaluate(activation)
+            except CelError as exc:
+                return Decision.deny(rule.id, f"deny rule failed to evaluate ({exc}); "
+                                     "failing closed", profiles=names)
+            if hit:
+                return Decision.deny(rule.id, rule.reason or f"denied by rule {rule.id}: "
+                                     f"{rule.expr.source}", profiles=names)
+    for rule in rules:
+        if rule.effect is Effect.REQUIRE:
+            try:
+                ok = rule.expr.evaluate(activation)
+            except CelError as exc:
+                return Decision.deny(rule.id, f"required condition failed to evaluate ({exc})",
+                                     profiles=names)
+            if not ok:
+                return Decision.deny(rule.id, rule.reason or f"required condition not met: "
+                                     f"{rule.expr.source}", profiles=names)
+    errors: list[str] = []
+    for rule in rules:
+        if rule.effect is Effect.ALLOW:
+            try:
+                if rule.expr.evaluate(activation):
+                    return Decision(True, rule.id, rule.reason or "allowed", 200, names)
+            except CelError as exc:
+                errors.append(f"{rule.id}: {exc}")
+    detail = f" (rules that failed to evaluate: {'; '.join(errors)})" if errors else ""
+    return Decision.deny("default-deny", f"no rule allows {facts.method} {facts.host}"
+                         f"{facts.path}{detail}", profiles=names)

@@ -1,0 +1,368 @@
+"""Load, validate and compile a rules file or directory into a :class:`Policy`.
+
+All or nothing: any problem anywhere raises :class:`PolicyError` listing every problem
+found, each with file, line and the path of the offending key, and no policy is returned.
+The running gateway keeps its last good policy when that happens.
+
+The dialect (``apiVersion: fleetgate/v1``) accepts the seed articles' snippets verbatim:
+``authorization: rules: [- deny: '<CEL>']``. Unknown keys are errors, never ignored: a
+misspelt ``deny`` must not silently become no rule at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fleetgate.celexpr import CelError, compile_expr
+from fleetgate.policy.model import AgentProfile, Effect, Policy, Revocations, Rule
+from fleetgate.policy.netaddr import HostPattern, IPNetwork, parse_networks
+
+__all__ = ["API_VERSION", "PolicyError", "Problem", "load_policy", "policy_files"]
+
+API_VERSION = "fleetgate/v1"
+REQUEST_ROOTS = ("jwt", "request")
+MATCH_ROOTS = ("jwt",)
+
+_TOP_KEYS = {"apiVersion", "kind", "metadata", "authorization", "agents", "revoked",
+             "destinations"}
+_AGENT_KEYS = {"name", "match", "egress", "authorization", "description"}
+_RULE_KEYS = {"allow", "deny", "require", "id", "reason", "hosts"}
+
+# Keys from the seed dialect that later releases implement. Until then they are refused
+# by name, so an operator never believes a limit is enforced when it is not.
+_NOT_YET = {
+    "policies": "rate limits ('policies.localRateLimit') are not supported by this version",
+    "localRateLimit": "rate limits are not supported by this version",
+    "mcpAuthorization": "MCP authorization is not supported by this version",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the rules, located for a human."""
+
+    file: str
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        loc = f"{self.file}:{self.line}" if self.line else self.file
+        where = f" at {self.path}" if self.path else ""
+        return f"{loc}{where}: {self.message}"
+
+
+class PolicyError(Exception):
+    """The rules cannot be loaded. ``problems`` lists every reason found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+def policy_files(path: Path) -> list[Path]:
+    """The YAML files that make up the policy at ``path`` (a file or a directory).
+
+    Directory entries starting with ``.`` are skipped: Kubernetes mounts a ConfigMap as
+    ``..data`` plus timestamped hidden directories with symlinks at the top, and the
+    visible symlinks are the files to read. Subdirectories (such as ``cases/``) are not read.
+    """
+    if path.is_dir():
+        return sorted(
+            p for p in path.iterdir()
+            if not p.name.startswith(".") and p.suffix in (".yaml", ".yml") and p.is_file()
+        )
+    return [path]
+
+
+def fingerprint(path: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """A cheap change detector for hot reload: (name, inode, size, mtime_ns) per file.
+
+    ``stat`` follows symlinks, so a ConfigMap's atomic ``..data`` symlink swap changes
+    the inode seen through every visible file, even when the size and mtime do not.
+    """
+    out = []
+    for f in policy_files(path) if path.exists() else []:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out.append((str(f), st.st_ino, st.st_size, st.st_mtime_ns))
+    if path.is_dir():
+        data = path / "..data"
+        if data.is_symlink():
+            out.append((str(data) + "->" + os.readlink(data), 0, 0, 0))
+    return tuple(out)
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read every file at ``path`` and build the policy, or raise :class:`PolicyError`."""
+    root = Path(path)
+    if not root.exists():
+        raise PolicyError([Problem(str(root), None, "", "rules path does not exist")])
+    files = policy_files(root)
+    if not files:
+        raise PolicyError([Problem(str(root), None, "", "no .yaml/.yml files in directory")])
+    builder = _Builder()
+    digest = hashlib.sha256()
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            builder.problem(str(f), None, "", f"cannot read: {exc}")
+            continue
+        digest.update(f.name.encode() + b"\0" + text.encode() + b"\0")
+        builder.add_file(str(f), text)
+    if builder.problems:
+        raise PolicyError(builder.problems)
+    return builder.build(digest.hexdigest()[:12], tuple(str(f) for f in files))
+
+
+class _Lines:
+    """Maps a key path such as ``agents[0].egress.hosts[1]`` to its YAML line."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, int] = {}
+        self.duplicates: list[tuple[str, int]] = []
+
+    def walk(self, node: yaml.Node, path: str) -> None:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, value in node.value:
+                k = str(key.value)
+                child = f"{path}.{k}" if path else k
+                if k in seen:
+                    self.duplicates.append((child, key.start_mark.line + 1))
+                seen.add(k)
+                self.walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.walk(item, f"{path}[{i}]")
+
+    def at(self, path: str) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            cut = max(path.rfind("."), path.rfind("["))
+            path = path[:cut] if cut > 0 else ""
+        return self.lines.get("")
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+        self.rules: list[Rule] = []
+        self.agents: list[AgentProfile] = []
+        self.revoked_agents: set[str] = set()
+        self.revoked_tokens: set[str] = set()
+        self.allow_private: list[IPNetwork] = []
+        self.rule_ids: dict[str, str] = {}
+        self.agent_names: dict[str, str] = {}
+        self._file = ""
+        self._lines = _Lines()
+
+    def problem(self, file: str, line: int | None, path: str, message: str) -> None:
+        self.problems.append(Problem(file, line, path, message))
+
+    def err(self, path: str, message: str) -> None:
+        self.problem(self._file, self._lines.at(path), path, message)
+
+    def src(self, path: str) -> str:
+        line = self._lines.at(path)
+        return f"{os.path.basename(self._file)}:{line}" if line else os.path.basename(self._file)
+
+    def add_file(self, file: str, text: str) -> None:
+        self._file = file
+        self._lines = _Lines()
+        try:
+            nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+            docs = list(yaml.safe_load_all(text))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else None
+            self.problem(file, line, "", f"invalid YAML: {getattr(exc, 'problem', exc)}")
+            return
+        for node, doc in zip(nodes, docs, strict=True):
+            if node is None or doc is None:
+                continue
+            self._lines = _Lines()
+            self._lines.walk(node, "")
+            for dup, line in self._lines.duplicates:
+                self.problem(file, line, dup, "duplicate key (YAML would keep only the last)")
+            self.add_document(doc)
+
+    def add_document(self, doc: Any) -> None:
+        if not isinstance(doc, dict):
+            self.err("", "a rules document must be a mapping")
+            return
+        if doc.get("apiVersion") != API_VERSION:
+            self.err("apiVersion", f"apiVersion must be {API_VERSION!r}, got {doc.get('apiVersion')!r}")
+        if doc.get("kind", "Policy") != "Policy":
+            self.err("kind", "kind must be 'Policy'")
+        self._check_keys(doc, "", _TOP_KEYS)
+        if "authorization" in doc:
+            owner = Path(self._file).stem
+            self.rules.extend(self._authorization(doc["authorization"], "authorization", owner))
+        for i, agent in enumerate(self._list(doc.get("agents", []), "agents")):
+            self._agent(agent, f"agents[{i}]")
+        self._revoked(doc.get("revoked"))
+        self._destinations(doc.get("destinations"))
+
+    # -- sections -------------------------------------------------------------------
+
+    def _check_keys(self, obj: dict[str, Any], path: str, allowed: set[str]) -> None:
+        for key in obj:
+            where = f"{path}.{key}" if path else str(key)
+            if key in _NOT_YET:
+                self.err(where, _NOT_YET[key])
+            elif key not in allowed:
+                self.err(where, f"unknown key {key!r}; expected one of {sorted(allowed)}")
+
+    def _list(self, value: Any, path: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.err(path, "must be a list")
+            return []
+        return value
+
+    def _str_list(self, value: Any, path: str) -> list[str]:
+        out = []
+        for i, item in enumerate(self._list(value, path)):
+            if isinstance(item, str | int) and not isinstance(item, bool) and str(item).strip():
+                out.append(str(item).strip())
+            else:
+                self.err(f"{path}[{i}]", "must be a non-empty string")
+        return out
+
+    def _authorization(self, section: Any, path: str, owner: str) -> list[Rule]:
+        if not isinstance(section, dict):
+            self.err(path, "must be a mapping with a 'rules' list")
+            return []
+        self._check_keys(section, path, {"rules"})
+        rules = []
+        for i, entry in enumerate(self._list(section.get("rules"), f"{path}.rules")):
+            rule = self._rule(entry, f"{path}.rules[{i}]", f"{owner}.authorization[{i}]")
+            if rule is not None:
+                rules.append(rule)
+        return rules
+
+    def _rule(self, entry: Any, path: str, default_id: str) -> Rule | None:
+        if isinstance(entry, str):  # agentgateway style: a bare expression allows
+            entry = {"allow": entry}
+        if not isinstance(entry, dict):
+            self.err(path, "a rule is a mapping with one of allow/deny/require")
+            return None
+        self._check_keys(entry, path, _RULE_KEYS)
+        effects = [e for e in Effect if e.value in entry]
+        if len(effects) != 1:
+            self.err(path, "a rule needs exactly one of 'allow', 'deny', 'require'")
+            return None
+        effect = effects[0]
+        rule_id = entry.get("id", default_id)
+        if not isinstance(rule_id, str) or not rule_id:
+            self.err(f"{path}.id", "id must be a non-empty string")
+            return None
+        if rule_id in self.rule_ids:
+            self.err(f"{path}.id", f"duplicate rule id {rule_id!r} (first at {self.rule_ids[rule_id]})")
+            return None
+        self.rule_ids[rule_id] = self.src(path)
+        reason = entry.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            self.err(f"{path}.reason", "reason must be a string")
+        hosts: list[HostPattern] = []
+        for i, host in enumerate(self._str_list(entry.get("hosts"), f"{path}.hosts")):
+            try:
+                hosts.append(HostPattern(host))
+            except ValueError as exc:
+                self.err(f"{path}.hosts[{i}]", str(exc))
+        try:
+            expr = compile_expr(entry[effect.value], REQUEST_ROOTS)
+        except CelError as exc:
+            self.err(f"{path}.{effect.value}", f"CEL: {exc}")
+            return None
+        return Rule(id=rule_id, effect=effect, expr=expr,
+                    reason=reason if isinstance(reason, str) else None, source=self.src(path),
+                    hosts=tuple(hosts))
+
+    def _agent(self, entry: Any, path: str) -> None:
+        if not isinstance(entry, dict):
+            self.err(path, "an agent profile must be a mapping")
+            return
+        self._check_keys(entry, path, _AGENT_KEYS)
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            self.err(f"{path}.name", "every agent profile needs a 'name'")
+            return
+        if name in self.agent_names:
+            self.err(f"{path}.name", f"duplicate agent name {name!r} (first at {self.agent_names[name]})")
+            return
+        self.agent_names[name] = self.src(path)
+        try:
+            match = compile_expr(entry.get("match", ""), MATCH_ROOTS)
+        except CelError as exc:
+            self.err(f"{path}.match", f"CEL: {exc}")
+            return
+        egress: list[HostPattern] = []
+        eg = entry.get("egress", {})
+        if not isinstance(eg, dict):
+            self.err(f"{path}.egress", "egress must be a mapping with a 'hosts' list")
+        else:
+            self._check_keys(eg, f"{path}.egress", {"hosts"})
+            for i, host in enumerate(self._str_list(eg.get("hosts"), f"{path}.egress.hosts")):
+                try:
+                    egress.append(HostPattern(host))
+                except ValueError as exc:
+                    self.err(f"{path}.egress.hosts[{i}]", str(exc))
+        rules = (self._authorization(entry["authorization"], f"{path}.authorization", name)
+                 if "authorization" in entry else [])
+        self.agents.append(AgentProfile(name=name, match=match, egress=tuple(egress),
+                                        rules=tuple(rules), source=self.src(path)))
+
+    def _revoked(self, section: Any) -> None:
+        if section is None:
+            return
+        if not isinstance(section, dict):
+            self.err("revoked", "revoked must be a mapping with 'agents' and/or 'tokens'")
+            return
+        self._check_keys(section, "revoked", {"agents", "tokens"})
+        self.revoked_agents.update(self._str_list(section.get("agents"), "revoked.agents"))
+        self.revoked_tokens.update(self._str_list(section.get("tokens"), "revoked.tokens"))
+
+    def _destinations(self, section: Any) -> None:
+        if section is None:
+            return
+        if not isinstance(section, dict):
+            self.err("destinations", "destinations must be a mapping")
+            return
+        self._check_keys(section, "destinations", {"allowPrivate"})
+        for i, cidr in enumerate(self._str_list(section.get("allowPrivate"),
+                                                "destinations.allowPrivate")):
+            try:
+                self.allow_private.extend(parse_networks([cidr]))
+            except ValueError as exc:
+                self.err(f"destinations.allowPrivate[{i}]", str(exc))
+
+    def build(self, revision: str, files: tuple[str, ...]) -> Policy:
+        return Policy(
+            revision=revision,
+            files=files,
+            rules=tuple(self.rules),
+            agents=tuple(self.agents),
+            revoked=Revocations(frozenset(self.revoked_agents), frozenset(self.revoked_tokens)),
+            allow_private=tuple(self.allow_private),
+        )
+
+
+def iter_problems(exc: PolicyError) -> Iterator[str]:
+    """Human lines for ``fleetgate rules check`` and the logs."""
+    for p in exc.problems:
+        yield str(p)

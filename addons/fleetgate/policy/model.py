@@ -1,0 +1,81 @@
+"""The compiled policy: frozen values built once per (re)load, read by every request.
+
+A :class:`Policy` is only ever built whole by :func:`fleetgate.policy.loader.load_policy`,
+with every CEL expression compiled; the running gateway swaps one immutable object for
+another, so a request never sees half a reload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from fleetgate.celexpr import Expr
+from fleetgate.policy.netaddr import HostPattern, IPNetwork
+
+__all__ = ["AgentProfile", "Effect", "Policy", "Revocations", "Rule"]
+
+
+class Effect(StrEnum):
+    """What a matching rule does.
+
+    ``deny``: a match denies. ``require``: a non-match denies. ``allow``: a match is
+    needed from at least one allow rule, otherwise the request is denied by default.
+    """
+
+    ALLOW = "allow"
+    DENY = "deny"
+    REQUIRE = "require"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ``authorization.rules`` entry."""
+
+    id: str
+    effect: Effect
+    expr: Expr
+    reason: str | None = None
+    source: str = ""  # "file:line", for operators
+    hosts: tuple[HostPattern, ...] = ()  # empty: applies to every destination
+
+    def applies_to(self, host: str, port: int) -> bool:
+        return not self.hosts or any(h.matches(host, port) for h in self.hosts)
+
+
+@dataclass(frozen=True)
+class AgentProfile:
+    """An ``agents[]`` entry: which identities it selects and what they may do."""
+
+    name: str
+    match: Expr
+    egress: tuple[HostPattern, ...]
+    rules: tuple[Rule, ...]
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Revocations:
+    """Identities refused outright, whatever else the policy says."""
+
+    agents: frozenset[str] = frozenset()
+    tokens: frozenset[str] = frozenset()
+
+    def reason(self, agent: str, jti: str | None) -> str | None:
+        if agent in self.agents:
+            return f"agent {agent!r} is revoked"
+        if jti is not None and jti in self.tokens:
+            return f"token {jti!r} is revoked"
+        return None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The whole running policy."""
+
+    revision: str
+    files: tuple[str, ...]
+    rules: tuple[Rule, ...]  # global authorization rules, for every agent
+    agents: tuple[AgentProfile, ...]
+    revoked: Revocations
+    allow_private: tuple[IPNetwork, ...]
