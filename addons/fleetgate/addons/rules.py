@@ -45,12 +45,13 @@ class PolicyStore:
             "Rules YAML: a file or a directory of *.yaml files (a Kubernetes ConfigMap mount "
             "works). Required. Hot-reloaded on change; a bad edit keeps the last good policy.")
         loader.add_option(
-            "fleetgate_reload_interval", float, 1.0,
-            "Seconds between checks of the rules files for changes (0 disables hot reload).")
+            "fleetgate_reload_ms", int, 1000,
+            "Milliseconds between checks of the rules files for changes (0 disables hot "
+            "reload; 'fleetgate.reload' still reloads on demand).")
 
     def configure(self, updated: set[str]) -> None:
-        if "fleetgate_reload_interval" in updated and ctx.options.fleetgate_reload_interval < 0:
-            raise exceptions.OptionsError("fleetgate_reload_interval must be >= 0")
+        if "fleetgate_reload_ms" in updated and ctx.options.fleetgate_reload_ms < 0:
+            raise exceptions.OptionsError("fleetgate_reload_ms must be >= 0")
         if "fleetgate_rules" not in updated:
             return
         path = ctx.options.fleetgate_rules
@@ -80,7 +81,7 @@ class PolicyStore:
 
     async def _watch(self) -> None:
         while True:
-            interval = ctx.options.fleetgate_reload_interval
+            interval = ctx.options.fleetgate_reload_ms / 1000
             await asyncio.sleep(interval if interval > 0 else 1.0)
             if interval <= 0:
                 continue
