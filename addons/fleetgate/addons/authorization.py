@@ -13,9 +13,10 @@ import asyncio
 import ipaddress
 import socket
 import time
+import weakref
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import connection, ctx, http
 
 from fleetgate.addons.flowtools import CLAIMS, deny, fail_closed, record_decision, settled
 from fleetgate.addons.rules import PolicyStore
@@ -30,6 +31,11 @@ class HttpAuthorization:
         self.store = store
         self.metrics = metrics
         self.health = health
+        # (host, port) pairs a request on this client connection was allowed to reach.
+        # server_connect dials nothing else: not a raw-TCP tunnel, not a destination
+        # some later hook rewrote.
+        self.approved: weakref.WeakKeyDictionary[connection.Client, set[tuple[str, int]]] = (
+            weakref.WeakKeyDictionary())
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -58,6 +64,7 @@ class HttpAuthorization:
         if decision.allow:
             record_decision(flow, True, decision.rule, decision.reason,
                             profiles=list(decision.profiles), revision=policy.revision)
+            self.approved.setdefault(flow.client_conn, set()).add((req.host, req.port))
         else:
             deny(flow, decision.status, decision.rule, decision.reason)
             flow.metadata["fleetgate.decision"]["profiles"] = list(decision.profiles)
@@ -85,6 +92,11 @@ class HttpAuthorization:
             data.server.error = "fleetgate: no policy loaded"
             return
         host, port = data.server.address
+        if (host, port) not in self.approved.get(data.client, ()):
+            self.metrics.connections_refused.labels(reason="unapproved-destination").inc()
+            data.server.error = (f"fleetgate refused to connect to {host}:{port}: no request "
+                                 "to it was allowed on this connection")
+            return
         try:
             ipaddress.ip_address(host)
             addresses = [host]
@@ -105,6 +117,15 @@ class HttpAuthorization:
                 data.server.error = f"fleetgate refused to connect to {host}: {why}"
                 return
         data.server.address = (addresses[0], port)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """A connection we refused in ``server_connect`` is a denial: record it as one."""
+        msg = flow.error.msg if flow.error else ""
+        if "fleetgate refused to connect" in msg:
+            reason = msg.split("Connection killed: ", 1)[-1]
+            record_decision(flow, False, "destinations.connect", reason, 502)
+            flow.marked = ":no_entry:"
+            flow.comment = f"denied by destinations.connect: {reason}"
 
     def _is_self(self, addr: str, port: int) -> bool:
         ours: list[tuple[str, int]] = []

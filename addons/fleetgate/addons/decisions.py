@@ -68,6 +68,25 @@ class DecisionLog:
     def error(self, flow: http.HTTPFlow) -> None:
         self._emit(flow)
 
+    def tcp_start(self, flow: Any) -> None:
+        self._emit_raw(flow, "TCP")
+
+    def udp_start(self, flow: Any) -> None:
+        self._emit_raw(flow, "UDP")
+
+    def _emit_raw(self, flow: Any, proto: str) -> None:
+        """Non-HTTP flows are refused by ConnectionGuard; the refusal is still a decision."""
+        addr = flow.server_conn.address or ("", None)
+        rec = decisionlog.record(
+            decision_id=decisionlog.new_decision_id(), allow=False, rule=f"raw-{proto.lower()}",
+            reason=f"{proto} that is not HTTP cannot be inspected, so it is not allowed",
+            identity=None, method=proto, host=str(addr[0]), port=addr[1], path="",
+            status=None, latency_ms=None,
+            revision=self.store.policy.revision if self.store.policy else None)
+        self.metrics.requests.labels(agent="anonymous", role="", decision="deny",
+                                     rule=rec["rule"]).inc()
+        self._write(rec)
+
     def _emit(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(LOGGED):
             return
@@ -93,6 +112,9 @@ class DecisionLog:
         agent = rec["agent"] or "anonymous"
         self.metrics.requests.labels(agent=agent, role=rec["role"] or "",
                                      decision=rec["result"], rule=rule).inc()
+        self._write(rec)
+
+    def _write(self, rec: dict[str, Any]) -> None:
         if self._out is not None:
             line = decisionlog.render(rec)
             with self._lock:

@@ -16,6 +16,7 @@ from fleetgate.addons.health import HealthEndpoint
 from fleetgate.addons.identity import AgentIdentity
 from fleetgate.addons.killswitch import KillSwitch
 from fleetgate.addons.rules import PolicyStore
+from fleetgate.addons.streaming import StreamPassthrough
 from fleetgate.metrics import GatewayMetrics, HealthServer
 
 
@@ -32,6 +33,7 @@ def pipeline() -> list[Any]:
         identity,
         HttpAuthorization(store, metrics, health),
         kill,
+        StreamPassthrough(),
         HealthEndpoint(health),
         DecisionLog(store, metrics),
     ]
