@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from socketserver import ThreadingMixIn
 
 __all__ = ["GatewayMetrics", "HealthServer"]
 
@@ -63,7 +63,7 @@ class GatewayMetrics:
 
 
 class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import trustme
-from harness import Gateway, Upstream, write_rules
-
 from fleetgate.cli import ca_init
+from harness import Gateway, Upstream, write_rules
 
 
 @pytest.fixture(scope="session")

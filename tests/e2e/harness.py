@@ -32,7 +32,6 @@ from typing import Any
 
 import httpx
 import trustme
-
 from fleetgate.identity.mint import mint_token
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +57,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _handle(self) -> None:

@@ -123,7 +123,7 @@ def test_connect_without_token_gets_407_with_reason(gateway: Gateway, upstream: 
 ])
 def test_bad_tokens_get_407_saying_what_is_wrong(gateway: Gateway, upstream: Upstream,
                                                  make, code: str) -> None:
-    status, headers, body = raw_connect(gateway.port, f"127.0.0.1:{upstream.port}",
+    status, _headers, body = raw_connect(gateway.port, f"127.0.0.1:{upstream.port}",
                                         basic(make()))
     assert status == 407, body
     assert json.loads(body)["fleetgate"]["rule"] == f"identity.{code}"

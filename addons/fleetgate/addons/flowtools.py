@@ -104,7 +104,7 @@ def _fail(flow: Any, hook: str, exc: BaseException) -> None:
         log.error("fleetgate: %s hook crashed; connection refused", hook, exc_info=exc)
 
 
-def fail_closed(fn: F) -> F:
+def fail_closed[F: Callable[..., Any]](fn: F) -> F:
     """Wrap a hook so that an exception denies the flow instead of passing it."""
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)

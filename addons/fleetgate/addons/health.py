@@ -26,7 +26,7 @@ class HealthEndpoint:
             return
         spec = ctx.options.fleetgate_metrics_listen
         if spec:
-            host, sep, port = spec.rpartition(":")
+            _host, sep, port = spec.rpartition(":")
             if not sep or not port.isdigit():
                 raise exceptions.OptionsError(
                     f"fleetgate_metrics_listen must be host:port, not {spec!r}")
