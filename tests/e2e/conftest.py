@@ -52,11 +52,11 @@ GatewayFactory = Callable[..., Gateway]
 def make_gateway(tmp_path: Path, confdir: Path, upstream_ca_file: Path) -> Iterator[GatewayFactory]:
     started: list[Gateway] = []
 
-    def make(rules: Path, start: bool = True, **options: str) -> Gateway:
+    def make(rules: Path, start: bool = True, tool: str = "mitmdump", **options: str) -> Gateway:
         workdir = tmp_path / f"gw{len(started)}"
         workdir.mkdir()
         gw = Gateway(rules=rules, workdir=workdir, confdir=confdir,
-                     upstream_ca=upstream_ca_file, options=options)
+                     upstream_ca=upstream_ca_file, options=options, tool=tool)
         started.append(gw)
         return gw.start() if start else gw
 

@@ -192,10 +192,9 @@ _LISTEN = re.compile(r"proxy listening at .*?:(\d+)")
 _METRICS = re.compile(r"fleetgate metrics listening at http://[\d.]+:(\d+)")
 
 
-def mitmdump_exe() -> str:
-    exe = shutil.which("mitmdump", path=str(Path(sys.executable).parent)) or shutil.which(
-        "mitmdump")
-    assert exe, "mitmdump not installed"
+def mitmproxy_exe(tool: str = "mitmdump") -> str:
+    exe = shutil.which(tool, path=str(Path(sys.executable).parent)) or shutil.which(tool)
+    assert exe, f"{tool} not installed"
     return exe
 
 
@@ -212,6 +211,7 @@ class Gateway:
     port: int = 0
     metrics_port: int = 0
     output: list[str] = field(default_factory=list)
+    tool: str = "mitmdump"
 
     @property
     def ca_cert(self) -> Path:
@@ -234,8 +234,13 @@ class Gateway:
             "ssl_verify_upstream_trusted_ca": str(self.upstream_ca),
             **self.options,
         }
-        argv = [mitmdump_exe(), "-s", str(SCRIPT), "--listen-host", "127.0.0.1",
-                "--listen-port", "0", "--flow-detail", "0"]
+        argv = [mitmproxy_exe(self.tool), "-s", str(SCRIPT), "--listen-host", "127.0.0.1",
+                "--listen-port", "0"]
+        if self.tool == "mitmweb":
+            argv += ["--web-host", "127.0.0.1", "--web-port", str(free_port()),
+                     "--set", "web_open_browser=false"]
+        else:
+            argv += ["--flow-detail", "0"]
         for k, v in opts.items():
             argv += ["--set", f"{k}={v}"]
         return argv

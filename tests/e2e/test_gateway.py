@@ -345,3 +345,15 @@ def test_event_streams_are_not_buffered(gateway: Gateway, upstream: Upstream) ->
     # buffered, every event would arrive together after ~3 s; streamed, they are spread out
     assert arrivals[0] < 1.5
     assert arrivals[-1] - arrivals[0] > 2.0
+
+
+def test_the_same_addons_run_under_mitmweb(make_gateway, rules_file: Path,
+                                           upstream: Upstream) -> None:
+    gw = make_gateway(rules_file, tool="mitmweb")
+    with gw.client(token("web-agent")) as c:
+        ok = c.get(upstream.url + "/seen-in-mitmweb")
+        denied = c.get(upstream.url + "/delete")
+    assert ok.status_code == 200 and denied.status_code == 403
+    assert upstream.paths() == ["/seen-in-mitmweb"]
+    d = gw.wait_for_decision(lambda d: d["path"] == "/delete")
+    assert d["result"] == "deny" and d["agent"] == "web-agent"
