@@ -357,3 +357,40 @@ def test_the_same_addons_run_under_mitmweb(make_gateway, rules_file: Path,
     assert upstream.paths() == ["/seen-in-mitmweb"]
     d = gw.wait_for_decision(lambda d: d["path"] == "/delete")
     assert d["result"] == "deny" and d["agent"] == "web-agent"
+
+
+def test_configmap_symlink_swap_is_picked_up(make_gateway, tmp_path: Path,
+                                             upstream: Upstream) -> None:
+    """Kubernetes updates a mounted ConfigMap by swapping the ``..data`` symlink atomically."""
+    import os
+
+    mount = tmp_path / "configmap"
+    mount.mkdir()
+    v1 = mount / "..2026_11_23_10_00_00.1"
+    v1.mkdir()
+    write_rules(v1 / "rules.yaml", [upstream.port])
+    os.symlink(v1.name, mount / "..data")
+    os.symlink("..data/rules.yaml", mount / "rules.yaml")
+    gw = make_gateway(mount)
+    with gw.client(token()) as c:
+        assert c.get(upstream.url + "/cm").status_code == 200
+        v2 = mount / "..2026_11_23_10_05_00.2"
+        v2.mkdir()
+        write_rules(v2 / "rules.yaml", [upstream.port], revoked=["agent-1"])
+        os.symlink(v2.name, mount / "..data_tmp")
+        os.replace(mount / "..data_tmp", mount / "..data")
+        assert wait_until(lambda: c.get(upstream.url + "/cm").status_code == 403, 10)
+    assert upstream.paths().count("/cm") >= 1
+    assert gw.ready().json()["last_reload_ok"] is True
+
+
+def test_decision_log_to_stdout_and_file(make_gateway, rules_file: Path, tmp_path: Path,
+                                         upstream: Upstream) -> None:
+    logfile = tmp_path / "both.jsonl"
+    gw = make_gateway(rules_file, fleetgate_decision_log=f"-,{logfile}")
+    with gw.client(token("twice")) as c:
+        did = c.get(upstream.url + "/both").headers["x-fleetgate-decision-id"]
+    gw.wait_for_output(f'"decision_id":"{did}"')
+    assert wait_until(lambda: logfile.exists() and did in logfile.read_text())
+    line = next(ln for ln in logfile.read_text().splitlines() if did in ln)
+    assert json.loads(line)["agent"] == "twice"

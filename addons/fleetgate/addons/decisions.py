@@ -28,31 +28,35 @@ class DecisionLog:
     def __init__(self, store: PolicyStore, metrics: GatewayMetrics) -> None:
         self.store = store
         self.metrics = metrics
-        self._out: TextIO | None = None
+        self._outs: list[TextIO] = []
         self._lock = threading.Lock()
 
     def load(self, loader: Any) -> None:
         loader.add_option("fleetgate_decision_log", str, "-",
                           "Where decision lines go: '-' for stdout, a file path to append "
-                          "to, or '' to disable.")
+                          "to, both comma-separated ('-,/var/log/fleetgate.jsonl'), or '' "
+                          "to disable.")
 
     def configure(self, updated: set[str]) -> None:
         if "fleetgate_decision_log" in updated:
             self.done()
-            target = ctx.options.fleetgate_decision_log
-            if target == "-":
-                self._out = sys.stdout
-            elif target:
+            for target in filter(None, (t.strip() for t in
+                                        ctx.options.fleetgate_decision_log.split(","))):
+                if target == "-":
+                    self._outs.append(sys.stdout)
+                    continue
                 try:
-                    self._out = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+                    self._outs.append(open(target, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115
                 except OSError as exc:
+                    self.done()
                     raise exceptions.OptionsError(
                         f"fleetgate_decision_log: cannot open {target}: {exc}") from None
 
     def done(self) -> None:
-        if self._out is not None and self._out is not sys.stdout:
-            self._out.close()
-        self._out = None
+        for out in self._outs:
+            if out is not sys.stdout:
+                out.close()
+        self._outs = []
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:  # a refused CONNECT is a decision; an accepted one is not
@@ -115,11 +119,11 @@ class DecisionLog:
         self._write(rec)
 
     def _write(self, rec: dict[str, Any]) -> None:
-        if self._out is not None:
-            line = decisionlog.render(rec)
-            with self._lock:
+        line = decisionlog.render(rec)
+        with self._lock:
+            for out in self._outs:
                 try:
-                    self._out.write(line + "\n")
-                    self._out.flush()
+                    out.write(line + "\n")
+                    out.flush()
                 except (OSError, ValueError):
                     log.error("fleetgate: cannot write decision log line: %s", line)
