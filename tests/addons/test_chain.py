@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mitmproxy import exceptions
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.proxy import server_hooks
+from mitmproxy.test import taddons, tflow
+
 from fleetgate.addons import authorization as authorization_module
 from fleetgate.addons.authorization import HttpAuthorization
 from fleetgate.addons.flowtools import DECISION, HEADER, IDENTITY
@@ -17,10 +22,6 @@ from fleetgate.addons.guard import ConnectionGuard
 from fleetgate.addons.identity import AgentIdentity
 from fleetgate.addons.pipeline import pipeline
 from fleetgate.identity.mint import mint_token
-from mitmproxy import exceptions
-from mitmproxy.addons.proxyserver import Proxyserver
-from mitmproxy.proxy import server_hooks
-from mitmproxy.test import taddons, tflow
 
 SECRET = b"addon-test-secret-0123456789abcdef0123"
 

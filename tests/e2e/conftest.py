@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+
 from fleetgate.cli import ca_init
 from harness import Gateway, Upstream, write_rules
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 import trustme
+
 from fleetgate.identity.mint import mint_token
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import jwt
 import pytest
+
 from harness import (
     SECRET,
     Gateway,
