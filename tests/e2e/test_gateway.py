@@ -395,3 +395,47 @@ def test_decision_log_to_stdout_and_file(make_gateway, rules_file: Path, tmp_pat
     assert wait_until(lambda: logfile.exists() and did in logfile.read_text())
     line = next(ln for ln in logfile.read_text().splitlines() if did in ln)
     assert json.loads(line)["agent"] == "twice"
+
+
+def test_large_download_is_streamed_not_buffered(gateway: Gateway, upstream: Upstream) -> None:
+    """A 20 MB body of unknown length passes chunk by chunk: the first bytes arrive while the
+    upstream is still sending, and the gateway's memory does not grow by the body's size."""
+
+    size, chunk = 20 * 1024 * 1024, 256 * 1024
+
+    def big(h, seen) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "application/octet-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        sent = 0
+        while sent < size:
+            h.wfile.write(f"{chunk:x}\r\n".encode() + b"x" * chunk + b"\r\n")
+            sent += chunk
+            if sent == chunk:
+                h.wfile.flush()
+                time.sleep(1.0)  # the first chunk must reach the client before the rest
+        h.wfile.write(b"0\r\n\r\n")
+        h.wfile.flush()
+
+    upstream.route("/big", big)
+
+    def rss_kb() -> int:
+        assert gateway.proc
+        for line in Path(f"/proc/{gateway.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+    before = rss_kb()
+    received, first_at = 0, None
+    with gateway.client(token(), timeout=30) as c:
+        start = time.monotonic()
+        with c.stream("GET", upstream.url + "/big") as r:
+            for data in r.iter_raw():
+                if first_at is None:
+                    first_at = time.monotonic() - start
+                received += len(data)
+    assert received == size
+    assert first_at is not None and first_at < 0.9  # did not wait for the whole body
+    assert rss_kb() - before < 15 * 1024  # peak RSS grew by far less than the 20 MB body
