@@ -19,7 +19,28 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-__all__ = ["GatewayMetrics", "HealthServer"]
+__all__ = ["GatewayMetrics", "HealthServer", "LabelBudget"]
+
+
+class LabelBudget:
+    """Bounded label values: the first ``limit`` distinct values are kept, the rest become
+    ``other``. Agent ids and request model names come from clients; unbounded, they would
+    let any agent blow up the metrics' memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str | None) -> str:
+        v = value or ""
+        with self._lock:
+            if v in self.seen:
+                return v
+            if len(self.seen) < self.limit:
+                self.seen.add(v)
+                return v
+        return "other"
 
 
 class GatewayMetrics:
@@ -57,6 +78,37 @@ class GatewayMetrics:
             "fleetgate_connections_refused", "Connections refused before any request, by reason.",
             ["reason"], registry=r)
 
+        # OpenTelemetry GenAI semantic conventions, as Prometheus names (dots -> underscores).
+        genai = ["gen_ai_provider_name", "gen_ai_request_model", "gen_ai_operation_name"]
+        self.genai_tokens = Counter(
+            "fleetgate_gen_ai_client_token_usage",
+            "LLM tokens by type (input includes cached; output includes reasoning), provider, "
+            "model, operation, agent and role. 'estimated' is true when the provider reported "
+            "no usage and fleetgate counted the streamed text.",
+            ["gen_ai_token_type", *genai, "agent", "role", "estimated"], registry=r)
+        self.genai_token_histogram = Histogram(
+            "gen_ai_client_token_usage", "Tokens per LLM call (OTel gen_ai.client.token.usage).",
+            ["gen_ai_token_type", *genai],
+            buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304),
+            registry=r)
+        self.genai_cost = Counter(
+            "fleetgate_gen_ai_cost_usd", "LLM spend in USD from the pricing table.",
+            [*genai, "agent", "role"], registry=r)
+        self.genai_calls = Counter(
+            "fleetgate_gen_ai_calls", "LLM calls by outcome, usage source and pricing status.",
+            [*genai, "agent", "role", "outcome", "usage", "priced"], registry=r)
+        self.genai_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds", "LLM call duration, request to last byte.",
+            genai, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r)
+        self.genai_ttft = Histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time from the end of the request to the first response byte of a streamed call.",
+            genai, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.llm_refused = Counter(
+            "fleetgate_llm_requests_refused", "LLM request bodies refused before any rule ran.",
+            ["reason"], registry=r)
+
     def set_revision(self, revision: str) -> None:
         self.policy_revision.clear()
         self.policy_revision.labels(revision=revision).set(1)
@@ -77,6 +129,7 @@ class HealthServer:
     def __init__(self, metrics: GatewayMetrics, status: Callable[[], dict[str, Any]]) -> None:
         self._metrics_app = make_wsgi_app(metrics.registry)
         self._status = status
+        self.json_routes: dict[str, Callable[[], dict[str, Any]]] = {}
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -113,6 +166,11 @@ class HealthServer:
             start_response("200 OK" if ok else "503 Service Unavailable",
                            [("Content-Type", "application/json"),
                             ("Content-Length", str(len(body)))])
+            return [body]
+        if path in self.json_routes:
+            body = json.dumps(self.json_routes[path](), default=str).encode()
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Content-Length", str(len(body)))])
             return [body]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics or /healthz/ready\n"]

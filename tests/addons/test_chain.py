@@ -66,6 +66,12 @@ def run_hook(addons: list[Any], hook: str, flow: Any) -> None:
             fn(flow)
 
 
+def run_request(addons: list[Any], flow: Any) -> None:
+    """What mitmproxy does for a request: headers hooks, then (body read) request hooks."""
+    run_hook(addons, "requestheaders", flow)
+    run_hook(addons, "request", flow)
+
+
 def request_flow(path: str = "/v1/models", host: str = "api.example.com",
                  method: str = "GET", auth: str | None = None) -> Any:
     f = tflow.tflow()
@@ -88,7 +94,7 @@ def tok(role: str = "tester", sub: str = "agent-7") -> str:
 def test_chain_allows_and_strips_proxy_credentials(chain: tuple[Any, list[Any]]) -> None:
     _, addons = chain
     f = request_flow(auth=basic(tok()))
-    run_hook(addons, "requestheaders", f)
+    run_request(addons, f)
     assert f.response is None
     assert "Proxy-Authorization" not in f.request.headers
     assert f.metadata[DECISION]["allow"] is True
@@ -100,7 +106,7 @@ def test_chain_allows_and_strips_proxy_credentials(chain: tuple[Any, list[Any]])
 def test_chain_denial_is_marked_and_commented_for_mitmweb(chain: tuple[Any, list[Any]]) -> None:
     _, addons = chain
     f = request_flow(path="/x/delete", auth=basic(tok()))
-    run_hook(addons, "requestheaders", f)
+    run_request(addons, f)
     assert f.response is not None and f.response.status_code == 403
     assert f.marked
     assert f.comment.startswith("denied by rules.authorization[0]")
@@ -117,11 +123,11 @@ def test_connect_identity_is_bound_to_the_client_connection(
     assert connect.response is None
     inner = request_flow()  # no credentials inside the tunnel
     inner.client_conn = connect.client_conn
-    run_hook(addons, "requestheaders", inner)
+    run_request(addons, inner)
     assert inner.response is None
     assert inner.metadata[IDENTITY]["agent"] == "tunnel-agent"
     other = request_flow()  # another connection, no credentials
-    run_hook(addons, "requestheaders", other)
+    run_request(addons, other)
     assert other.response is not None and other.response.status_code == 407
 
 
@@ -134,7 +140,7 @@ def test_a_crashing_hook_denies_instead_of_passing(chain: tuple[Any, list[Any]],
 
     monkeypatch.setattr(authorization_module, "decide", boom)
     f = request_flow(auth=basic(tok()))
-    run_hook(addons, "requestheaders", f)
+    run_request(addons, f)
     assert f.response is not None and f.response.status_code == 500
     body = json.loads(f.response.content)
     assert body["fleetgate"]["rule"] == "internal-error"
@@ -148,7 +154,7 @@ def test_server_connect_refuses_unapproved_and_internal_destinations(
     _, addons = chain
     authz = next(a for a in addons if isinstance(a, HttpAuthorization))
     f = request_flow(auth=basic(tok()))
-    run_hook(addons, "requestheaders", f)
+    run_request(addons, f)
     assert f.response is None
     # a destination no request was allowed to reach on this connection
     server = tflow.tserver_conn()

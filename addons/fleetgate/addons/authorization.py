@@ -18,7 +18,14 @@ from typing import Any
 
 from mitmproxy import connection, ctx, http
 
-from fleetgate.addons.flowtools import CLAIMS, deny, fail_closed, record_decision, settled
+from fleetgate.addons.flowtools import (
+    CLAIMS,
+    LLM_REQUEST,
+    deny,
+    fail_closed,
+    record_decision,
+    settled,
+)
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.metrics import GatewayMetrics, HealthServer
 from fleetgate.policy.decide import decide, private_destination_reason
@@ -38,7 +45,7 @@ class HttpAuthorization:
             weakref.WeakKeyDictionary())
 
     @fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         if settled(flow):
             return
         claims = flow.metadata.get(CLAIMS)
@@ -59,7 +66,8 @@ class HttpAuthorization:
         started = time.perf_counter()
         facts = request_facts(req.method, req.scheme, req.host, req.port, req.path,
                               list(req.headers.items(multi=True)))
-        decision = decide(policy, claims, facts)
+        llm = flow.metadata.get(LLM_REQUEST)
+        decision = decide(policy, claims, facts, llm if isinstance(llm, dict) else None)
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         if decision.allow:
             record_decision(flow, True, decision.rule, decision.reason,

@@ -26,6 +26,8 @@ DECISION = "fleetgate.decision"
 IDENTITY = "fleetgate.identity"
 CLAIMS = "fleetgate.claims"
 CUT = "fleetgate.cut"
+LLM_REQUEST = "fleetgate.llm"
+LLM_USAGE = "fleetgate.llm_usage"
 HEADER = "X-Fleetgate-Decision-Id"
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -32,7 +32,7 @@ class KillSwitch:
     # -- registry of in-flight allowed flows ------------------------------------------
 
     @fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         decision = flow.metadata.get(DECISION)
         if flow.response is None and isinstance(decision, dict) and decision.get("allow"):
             self.live[flow.id] = flow

@@ -1,8 +1,9 @@
 """The one place the order of fleetgate's chain lives.
 
 Cheap checks first, then identity, then the kill switch (so it wins even when rules are
-wrong), then rules; the decision log last so it sees denied flows too. Later concerns
-(limits, LLM metering, MCP) slot in between the rules and the log.
+wrong), then the LLM body facts the rules may use, the rules, metering; the decision log
+last so it sees denied flows too. Later concerns (limits, MCP) slot in between the rules and
+the log.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from fleetgate.addons.guard import ConnectionGuard
 from fleetgate.addons.health import HealthEndpoint
 from fleetgate.addons.identity import AgentIdentity
 from fleetgate.addons.killswitch import KillSwitch
+from fleetgate.addons.llm import LlmInspector, LlmMeter
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.streaming import StreamPassthrough
+from fleetgate.llm.ledger import Ledger
 from fleetgate.metrics import GatewayMetrics, HealthServer
 
 
@@ -24,6 +27,8 @@ def pipeline() -> list[Any]:
     metrics = GatewayMetrics()
     store = PolicyStore(metrics)
     health = HealthServer(metrics, store.status)
+    ledger = Ledger()
+    health.json_routes["/usage"] = ledger.snapshot
     identity = AgentIdentity(metrics)
     kill = KillSwitch(identity, metrics)
     store.listeners.append(kill.on_policy)
@@ -31,8 +36,10 @@ def pipeline() -> list[Any]:
         ConnectionGuard(metrics),
         store,
         identity,
+        LlmInspector(store, metrics),
         HttpAuthorization(store, metrics, health),
         kill,
+        LlmMeter(store, metrics, ledger),
         StreamPassthrough(),
         HealthEndpoint(health),
         DecisionLog(store, metrics),

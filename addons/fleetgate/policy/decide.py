@@ -61,8 +61,16 @@ def private_destination_reason(policy: Policy, address: str) -> str | None:
     return f"{address} is a {why}; add it to destinations.allowPrivate to allow it"
 
 
-def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts) -> Decision:
-    """Judge one request. Total: never raises for any claims or facts."""
+NOT_LLM: Mapping[str, Any] = {"is_llm": False}
+
+
+def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts,
+           llm: Mapping[str, Any] | None = None) -> Decision:
+    """Judge one request. Total: never raises for any claims or facts.
+
+    ``llm`` is what an LLM call asks for (``fleetgate.llm.request.LlmRequest.to_cel``);
+    for other requests rules see only ``llm.is_llm == false``.
+    """
     agent = str(claims.get("agent_id") or claims.get("sub") or "")
     jti = claims.get("jti")
     revoked = policy.revoked.reason(agent, str(jti) if jti is not None else None)
@@ -73,7 +81,8 @@ def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts) -> De
     if why_private:
         return Decision.deny("destinations.private", why_private)
 
-    activation = Activation({"jwt": dict(claims), "request": facts.to_cel()})
+    activation = Activation({"jwt": dict(claims), "request": facts.to_cel(),
+                             "llm": dict(llm) if llm is not None else dict(NOT_LLM)})
     profiles: list[AgentProfile] = []
     for profile in policy.agents:
         try:

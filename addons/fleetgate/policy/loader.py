@@ -21,16 +21,18 @@ from typing import Any
 import yaml
 
 from fleetgate.celexpr import CelError, compile_expr
+from fleetgate.llm.pricing import Price, PricingTable, price_from_dict
+from fleetgate.llm.providers import Provider, ProviderTable, provider_from_dict
 from fleetgate.policy.model import AgentProfile, Effect, Policy, Revocations, Rule
 from fleetgate.policy.netaddr import HostPattern, IPNetwork, parse_networks
 
 __all__ = ["API_VERSION", "PolicyError", "Problem", "load_policy", "policy_files"]
 
 API_VERSION = "fleetgate/v1"
-REQUEST_ROOTS = ("jwt", "request")
+REQUEST_ROOTS = ("jwt", "request", "llm")
 MATCH_ROOTS = ("jwt",)
 
-_TOP_KEYS = {"apiVersion", "kind", "metadata", "authorization", "agents", "revoked",
+_TOP_KEYS = {"apiVersion", "kind", "metadata", "authorization", "agents", "revoked", "llm",
              "destinations"}
 _AGENT_KEYS = {"name", "match", "egress", "authorization", "description"}
 _RULE_KEYS = {"allow", "deny", "require", "id", "reason", "hosts"}
@@ -120,6 +122,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
             continue
         digest.update(f.name.encode() + b"\0" + text.encode() + b"\0")
         builder.add_file(str(f), text)
+    builder._check_aliases()
     if builder.problems:
         raise PolicyError(builder.problems)
     return builder.build(digest.hexdigest()[:12], tuple(str(f) for f in files))
@@ -164,6 +167,9 @@ class _Builder:
         self.revoked_agents: set[str] = set()
         self.revoked_tokens: set[str] = set()
         self.allow_private: list[IPNetwork] = []
+        self.providers: list[Provider] = []
+        self.prices: dict[str, Price] = {}
+        self.aliases: dict[str, str] = {}
         self.rule_ids: dict[str, str] = {}
         self.agent_names: dict[str, str] = {}
         self._file = ""
@@ -215,6 +221,7 @@ class _Builder:
             self._agent(agent, f"agents[{i}]")
         self._revoked(doc.get("revoked"))
         self._destinations(doc.get("destinations"))
+        self._llm(doc.get("llm"))
 
     # -- sections -------------------------------------------------------------------
 
@@ -351,6 +358,62 @@ class _Builder:
             except ValueError as exc:
                 self.err(f"destinations.allowPrivate[{i}]", str(exc))
 
+    def _llm(self, section: Any) -> None:
+        if section is None:
+            return
+        if not isinstance(section, dict):
+            self.err("llm", "llm must be a mapping with 'providers' and/or 'pricing'")
+            return
+        self._check_keys(section, "llm", {"providers", "pricing"})
+        names = {p.name for p in self.providers}
+        for i, entry in enumerate(self._list(section.get("providers"), "llm.providers")):
+            where = f"llm.providers[{i}]"
+            if not isinstance(entry, dict):
+                self.err(where, "a provider is a mapping {name, api, hosts, pathPrefix}")
+                continue
+            self._check_keys(entry, where, {"name", "api", "hosts", "pathPrefix"})
+            try:
+                provider = provider_from_dict(entry)
+            except ValueError as exc:
+                self.err(where, str(exc))
+                continue
+            if provider.name in names:
+                self.err(f"{where}.name", f"duplicate provider name {provider.name!r}")
+                continue
+            names.add(provider.name)
+            self.providers.append(provider)
+        pricing = section.get("pricing")
+        if pricing is None:
+            return
+        if not isinstance(pricing, dict):
+            self.err("llm.pricing", "pricing must be a mapping with 'models' and 'aliases'")
+            return
+        self._check_keys(pricing, "llm.pricing", {"models", "aliases"})
+        models = pricing.get("models") or {}
+        if not isinstance(models, dict):
+            self.err("llm.pricing.models", "models must map model name -> {input, output, ...}")
+            models = {}
+        for model, entry in models.items():
+            where = f"llm.pricing.models.{model}"
+            try:
+                price = price_from_dict(str(model), entry)
+            except ValueError as exc:
+                self.err(where, str(exc))
+                continue
+            # later files override earlier ones: an operator file can re-price a model
+            self.prices[str(model).lower()] = price
+        aliases = pricing.get("aliases") or {}
+        if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+            self.err("llm.pricing.aliases", "aliases must map a model name to a priced model name")
+            return
+        self.aliases.update({str(k).lower(): v.lower() for k, v in aliases.items()})
+
+    def _check_aliases(self) -> None:
+        for alias, target in self.aliases.items():
+            if target not in self.prices and target not in self.aliases:
+                self.problem(self._file, None, f"llm.pricing.aliases.{alias}",
+                             f"alias target {target!r} has no price")
+
     def build(self, revision: str, files: tuple[str, ...]) -> Policy:
         return Policy(
             revision=revision,
@@ -359,6 +422,8 @@ class _Builder:
             agents=tuple(self.agents),
             revoked=Revocations(frozenset(self.revoked_agents), frozenset(self.revoked_tokens)),
             allow_private=tuple(self.allow_private),
+            providers=ProviderTable(self.providers),
+            pricing=PricingTable(self.prices, self.aliases),
         )
 
 

@@ -7,10 +7,12 @@ another, so a request never sees half a reload.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from fleetgate.celexpr import Expr
+from fleetgate.llm.pricing import PricingTable
+from fleetgate.llm.providers import ProviderTable
 from fleetgate.policy.netaddr import HostPattern, IPNetwork
 
 __all__ = ["AgentProfile", "Effect", "Policy", "Revocations", "Rule"]
@@ -79,3 +81,5 @@ class Policy:
     agents: tuple[AgentProfile, ...]
     revoked: Revocations
     allow_private: tuple[IPNetwork, ...]
+    providers: ProviderTable = field(default_factory=ProviderTable)
+    pricing: PricingTable = field(default_factory=PricingTable)

@@ -1,0 +1,1 @@
+"""LLM traffic: provider recognition, request facts, usage accounting, pricing. No mitmproxy."""

@@ -1,0 +1,45 @@
+"""Incremental Content-Encoding decoding for a response that streams past us.
+
+The agent receives the bytes unchanged; our copy is decoded chunk by chunk so that the
+usage parser sees text, without ever holding the whole body.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+__all__ = ["StreamDecoder"]
+
+
+class StreamDecoder:
+    """``feed(bytes) -> bytes`` for identity, gzip, deflate, br and zstd."""
+
+    def __init__(self, content_encoding: str) -> None:
+        self.encodings = [e.strip().lower() for e in content_encoding.split(",")
+                          if e.strip() and e.strip().lower() != "identity"]
+        if len(self.encodings) > 1:
+            raise ValueError(f"stacked Content-Encoding {content_encoding!r} is not supported")
+        self._dec: Any = None
+        enc = self.encodings[0] if self.encodings else ""
+        if enc in ("gzip", "x-gzip"):
+            self._dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif enc == "deflate":
+            self._dec = zlib.decompressobj()
+        elif enc == "br":
+            import brotli
+
+            self._dec = brotli.Decompressor()
+        elif enc == "zstd":
+            import zstandard
+
+            self._dec = zstandard.ZstdDecompressor().decompressobj()
+        elif enc:
+            raise ValueError(f"unsupported Content-Encoding {content_encoding!r}")
+
+    def feed(self, data: bytes) -> bytes:
+        if self._dec is None or not data:
+            return data
+        if hasattr(self._dec, "process"):  # brotli
+            return bytes(self._dec.process(data))
+        return bytes(self._dec.decompress(data))
