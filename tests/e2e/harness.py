@@ -13,6 +13,7 @@ Every later feature's e2e tests reuse these pieces:
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -64,6 +65,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if self.headers.get("Content-Encoding", "").lower() == "gzip":
+            body = gzip.decompress(body)  # as providers accept gzip request bodies
         seen = Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
         self.server.owner.record(seen)
         path = self.path.partition("?")[0]
@@ -155,13 +158,15 @@ class Upstream:
 
 
 def write_rules(path: Path, ports: list[int], extra: str = "", revoked: list[str] = (),
-                allow_private: str = '["127.0.0.1/32"]') -> Path:
+                allow_private: str = '["127.0.0.1/32"]', top: str = "") -> Path:
     """A policy letting role ``tester`` (and ``other``) reach the local upstreams.
 
-    The seed's deny rules are included verbatim; ``extra`` is appended to the top level.
+    The seed's deny rules are included verbatim; ``extra`` is appended to the ``agents`` list
+    (more profiles), ``top`` adds top-level sections (e.g. ``llm:``).
     """
     hosts = ", ".join(f'"127.0.0.1:{p}", "localhost:{p}"' for p in ports)
     text = f"""apiVersion: fleetgate/v1
+{top}
 destinations:
   allowPrivate: {allow_private}
 revoked:
