@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
@@ -235,7 +236,9 @@ class _Meter:
             usage = usage_from_json(str(llm.get("api")), parsed)
             if isinstance(parsed, dict):
                 response_model = parsed.get("model") or parsed.get("modelVersion")
-        if usage is None and cut:
+        if self.broken and usage is not None:
+            usage = replace(usage, estimated=True)  # we may have missed part of the stream
+        if usage is None and (cut or self.broken or self.overflow):
             usage = Usage(input=est_in, estimated=True)
         if not llm.get("operation") or llm.get("operation") == "count_tokens":
             usage = None  # counting tokens is free: nothing was generated or billed
