@@ -73,8 +73,19 @@ def record(
     if error:
         rec["error"] = _JWT_LIKE.sub("***", error)
     if extra:
-        rec.update(extra)
+        rec.update({k: _mask(v) for k, v in extra.items()})
     return rec
+
+
+def _mask(value: Any) -> Any:
+    """JWT-shaped strings masked at any depth of an extra field."""
+    if isinstance(value, str):
+        return _JWT_LIKE.sub("***", value)
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v) for v in value]
+    return value
 
 
 def render(rec: dict[str, Any]) -> str:

@@ -29,14 +29,18 @@ from fleetgate.policy.normalize import RequestFacts, normalize_host, normalize_p
         ("/%252e%252e/x", "/x"),
         # '..' never climbs above the root
         ("/../../etc/passwd", "/etc/passwd"),
-        ("/..%2f..%2fadmin", "/admin"),
-        ("/..%2F..%2Fadmin", "/admin"),
+        # encoded separators are data inside a segment (servers decode them per segment):
+        # they stay encoded, canonical upper case, and never create or remove a level
+        ("/..%2f..%2fadmin", "/..%2F..%2Fadmin"),
+        ("/..%2F..%2Fadmin", "/..%2F..%2Fadmin"),
+        ("/idx/_doc/x%2F..%2F..%2F_search", "/idx/_doc/x%2F..%2F..%2F_search"),
+        ("/a/%252F/b", "/a/%2F/b"),
         # repeated slashes and backslashes
         ("//delete", "/delete"),
         ("/a//b///c", "/a/b/c"),
         ("\\delete", "/delete"),
         ("/a\\..\\delete", "/delete"),
-        ("/a%5c..%5cdelete", "/delete"),
+        ("/a%5c..%5cdelete", "/a%5C..%5Cdelete"),
         # a relative target still becomes absolute
         ("%64elete", "/delete"),
         ("delete", "/delete"),

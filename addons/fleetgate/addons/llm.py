@@ -64,15 +64,15 @@ class LlmInspector:
         if settled(flow) or self.store.policy is None:
             return
         req = flow.request
-        route = self.store.policy.providers.route(
-            normalize_host(req.host), req.port, normalize_path(req.path.partition("?")[0]))
+        path = normalize_path(req.path.partition("?")[0])
+        route = self.store.policy.providers.route(normalize_host(req.host), req.port, path)
         if route is None or req.method != "POST":
             return
         try:
             raw = decode_body(req.raw_content or b"", req.headers.get("content-encoding", ""),
                               ctx.options.fleetgate_llm_max_body)
             body = parse_json(raw)
-            facts = parse_request(route, body, req.path)
+            facts = parse_request(route, body, path)
         except LlmRequestError as exc:
             self.metrics.llm_refused.labels(reason=str(exc.status)).inc()
             deny(flow, exc.status, "llm.body", exc.message,

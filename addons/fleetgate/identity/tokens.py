@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +29,7 @@ __all__ = [
 ]
 
 HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
+_HMAC_MIN_KEY = {"HS256": 32, "HS384": 48, "HS512": 64}
 ASYMMETRIC_ALGS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
@@ -107,9 +107,8 @@ class Verifier:
                 if key.algorithm_name in HMAC_ALGS:
                     raise ValueError("JWKS must hold public keys only, not symmetric ('oct') keys")
 
-    def verify(self, token: str, now: float | None = None) -> Identity:
-        """Return the identity in ``token`` or raise :class:`IdentityError`."""
-        now = time.time() if now is None else now
+    def verify(self, token: str) -> Identity:
+        """Return the identity in ``token`` or raise :class:`IdentityError` (wall clock)."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -119,7 +118,8 @@ class Verifier:
             raise IdentityError("algorithm_not_allowed", f"token algorithm {alg!r} is not allowed")
         key: Any
         if alg in HMAC_ALGS:
-            if not self.config.hs_secret:
+            if not self.config.hs_secret or len(self.config.hs_secret) < _HMAC_MIN_KEY[alg]:
+                # no secret, or one too short for this hash (RFC 7518 3.2)
                 raise IdentityError(
                     "algorithm_not_allowed", f"{alg} tokens are not accepted by this gateway"
                 )
@@ -163,7 +163,7 @@ class Verifier:
         return Identity.from_claims(claims)
 
     def _pick_key(self, alg: str, kid: object) -> Any:
-        candidates = [k for k in self._keys if k.algorithm_name == alg or _compatible(k, alg)]
+        candidates = [k for k in self._keys if _compatible(k, alg)]
         if kid is not None:
             candidates = [k for k in candidates if k.key_id == kid]
         elif len(candidates) > 1:
@@ -174,7 +174,11 @@ class Verifier:
 
 
 def _compatible(key: PyJWK, alg: str) -> bool:
-    kty = getattr(key, "_jwk_data", {}).get("kty")
+    """The key may verify ``alg``: right key type, and its own ``alg`` (if declared) matches."""
+    data = getattr(key, "_jwk_data", {})
+    if data.get("alg") and data["alg"] != alg:
+        return False
+    kty = data.get("kty")
     if alg.startswith(("RS", "PS")):
         return bool(kty == "RSA")
     if alg.startswith("ES"):

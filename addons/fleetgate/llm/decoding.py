@@ -21,11 +21,13 @@ class StreamDecoder:
         if len(self.encodings) > 1:
             raise ValueError(f"stacked Content-Encoding {content_encoding!r} is not supported")
         self._dec: Any = None
+        self._deflate = False
+        self._head = b""
         enc = self.encodings[0] if self.encodings else ""
         if enc in ("gzip", "x-gzip"):
             self._dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif enc == "deflate":
-            self._dec = zlib.decompressobj()
+            self._deflate = True  # zlib-wrapped or raw: decided on the first two bytes
         elif enc == "br":
             import brotli
 
@@ -38,6 +40,14 @@ class StreamDecoder:
             raise ValueError(f"unsupported Content-Encoding {content_encoding!r}")
 
     def feed(self, data: bytes) -> bytes:
+        if self._deflate and self._dec is None:
+            self._head += data
+            if len(self._head) < 2:
+                return b""
+            h = self._head
+            wrapped = (h[0] & 0x0F) == 8 and ((h[0] << 8) | h[1]) % 31 == 0
+            self._dec = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+            data, self._head = h, b""
         if self._dec is None or not data:
             return data
         if hasattr(self._dec, "process"):  # brotli

@@ -8,7 +8,6 @@ and the gateway answers 400/413 instead of forwarding an unread body.
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import zlib
@@ -59,37 +58,55 @@ class LlmRequest:
         }
 
 
+def _zlib_all(body: bytes, wbits: int, limit: int, what: str) -> bytes:
+    """Every member/frame of a (possibly multi-member) zlib-family stream, bounded."""
+    out = bytearray()
+    data = body
+    while True:
+        d = zlib.decompressobj(wbits)
+        out += d.decompress(data, limit + 1 - len(out))
+        if len(out) > limit:
+            return bytes(out)
+        if not d.eof:
+            if d.unconsumed_tail:  # output cap reached with input left: too big
+                return bytes(out) + b"\0"
+            raise LlmRequestError(400, f"body is truncated {what}")
+        data = d.unused_data
+        if not data.strip(b"\0"):
+            return bytes(out)
+
+
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     enc = encoding.strip().lower()
     if enc in ("", "identity"):
         return body
     try:
         if enc in ("gzip", "x-gzip"):
-            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            out = d.decompress(body, limit + 1)
+            out = _zlib_all(body, 16 + zlib.MAX_WBITS, limit, "gzip")
         elif enc == "deflate":
-            try:
-                d = zlib.decompressobj()
-                out = d.decompress(body, limit + 1)
-            except zlib.error:
-                d = zlib.decompressobj(-zlib.MAX_WBITS)
-                out = d.decompress(body, limit + 1)
+            zlib_header = len(body) >= 2 and (body[0] & 0x0F) == 8 and (
+                (body[0] << 8) | body[1]) % 31 == 0
+            out = _zlib_all(body, zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS, limit,
+                            "deflate")
         elif enc == "br":
             import brotli
 
-            out = brotli.Decompressor().process(body, output_buffer_limit=limit + 1)
+            dec = brotli.Decompressor()
+            out = dec.process(body, output_buffer_limit=limit + 1)
+            if len(out) <= limit and not dec.is_finished():
+                raise LlmRequestError(400, "body is truncated br")
         elif enc == "zstd":
             import zstandard
 
-            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)) as reader:
+            reader = zstandard.ZstdDecompressor().stream_reader(
+                io.BytesIO(body), read_across_frames=True)
+            with reader:
                 out = reader.read(limit + 1)
         else:
             raise LlmRequestError(400, f"unsupported Content-Encoding {encoding!r}")
-    except (zlib.error, gzip.BadGzipFile, OSError, ValueError) as exc:
-        if isinstance(exc, LlmRequestError):
-            raise
-        raise LlmRequestError(400, f"body is not valid {enc}: {exc}") from None
-    except Exception as exc:  # brotli.error / zstd.ZstdError have no common base
+    except LlmRequestError:
+        raise
+    except Exception as exc:  # zlib.error, brotli.error, zstd.ZstdError: no common base
         raise LlmRequestError(400, f"body is not valid {enc}: {exc}") from None
     if len(out) > limit:
         raise LlmRequestError(413, f"decoded body exceeds the inspection limit of {limit} bytes")
@@ -136,7 +153,8 @@ def _texts(obj: Any, out: list[str], depth: int = 0) -> None:
             _texts(item, out, depth + 1)
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            if key in ("image_url", "source", "inline_data", "inlineData", "file_data"):
+            if key in ("image_url", "source", "inline_data", "inlineData", "file_data",
+                       "input_audio", "audio", "image", "file"):
                 continue  # binary payloads are not text tokens
             _texts(value, out, depth + 1)
 

@@ -69,7 +69,8 @@ def _anthropic(u: dict[str, Any]) -> Usage:
     read = _int(u, "cache_read_input_tokens")
     write = _int(u, "cache_creation_input_tokens")
     return Usage(input=_int(u, "input_tokens") + read + write, output=_int(u, "output_tokens"),
-                 cache_read=read, cache_write=write)
+                 cache_read=read, cache_write=write,
+                 reasoning=_int(u, "output_tokens_details", "thinking_tokens"))
 
 
 def _gemini(u: dict[str, Any]) -> Usage:
@@ -174,6 +175,8 @@ class StreamAccountant:
                     "cache_creation_input_tokens": u.get("cache_creation_input_tokens",
                                                          base.cache_write),
                     "output_tokens": u.get("output_tokens", base.output),
+                    "output_tokens_details": u.get("output_tokens_details",
+                                                   {"thinking_tokens": base.reasoning}),
                 })
                 self.usage = merged
                 self.complete = True

@@ -135,8 +135,8 @@ class _Lines:
         self.lines: dict[str, int] = {}
         self.duplicates: list[tuple[str, int]] = []
 
-    def walk(self, node: yaml.Node, path: str) -> None:
-        self.lines[path] = node.start_mark.line + 1
+    def walk(self, node: yaml.Node, path: str, line: int | None = None) -> None:
+        self.lines[path] = line or node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
             seen: set[str] = set()
             for key, value in node.value:
@@ -145,7 +145,7 @@ class _Lines:
                 if k in seen:
                     self.duplicates.append((child, key.start_mark.line + 1))
                 seen.add(k)
-                self.walk(value, child)
+                self.walk(value, child, key.start_mark.line + 1)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 self.walk(item, f"{path}[{i}]")
@@ -168,7 +168,8 @@ class _Builder:
         self.revoked_tokens: set[str] = set()
         self.allow_private: list[IPNetwork] = []
         self.providers: list[Provider] = []
-        self.prices: dict[str, Price] = {}
+        self.prices: dict[str, tuple[Price, str]] = {}
+        self.overrides: dict[str, tuple[Price, str]] = {}
         self.aliases: dict[str, str] = {}
         self.rule_ids: dict[str, str] = {}
         self.agent_names: dict[str, str] = {}
@@ -274,6 +275,8 @@ class _Builder:
             self.err(path, "a rule needs exactly one of 'allow', 'deny', 'require'")
             return None
         effect = effects[0]
+        if isinstance(entry[effect.value], bool):  # `allow: true` in plain YAML
+            entry = {**entry, effect.value: "true" if entry[effect.value] else "false"}
         rule_id = entry.get("id", default_id)
         if not isinstance(rule_id, str) or not rule_id:
             self.err(f"{path}.id", "id must be a non-empty string")
@@ -388,31 +391,43 @@ class _Builder:
         if not isinstance(pricing, dict):
             self.err("llm.pricing", "pricing must be a mapping with 'models' and 'aliases'")
             return
-        self._check_keys(pricing, "llm.pricing", {"models", "aliases"})
-        models = pricing.get("models") or {}
-        if not isinstance(models, dict):
-            self.err("llm.pricing.models", "models must map model name -> {input, output, ...}")
-            models = {}
-        for model, entry in models.items():
-            where = f"llm.pricing.models.{model}"
-            try:
-                price = price_from_dict(str(model), entry)
-            except ValueError as exc:
-                self.err(where, str(exc))
+        self._check_keys(pricing, "llm.pricing", {"models", "overrides", "aliases"})
+        for key, table in (("models", self.prices), ("overrides", self.overrides)):
+            models = pricing.get(key) or {}
+            if not isinstance(models, dict):
+                self.err(f"llm.pricing.{key}", f"{key} must map model name -> {{input, output, ...}}")
                 continue
-            # later files override earlier ones: an operator file can re-price a model
-            self.prices[str(model).lower()] = price
+            for model, entry in models.items():
+                where = f"llm.pricing.{key}.{model}"
+                name = str(model).lower()
+                try:
+                    price = price_from_dict(str(model), entry)
+                except ValueError as exc:
+                    self.err(where, str(exc))
+                    continue
+                if name in table:
+                    self.err(where, f"{model!r} is priced twice in llm.pricing.{key} (first at "
+                             f"{table[name][1]}); re-price a model with llm.pricing.overrides")
+                    continue
+                table[name] = (price, self.src(where))
         aliases = pricing.get("aliases") or {}
         if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
             self.err("llm.pricing.aliases", "aliases must map a model name to a priced model name")
             return
         self.aliases.update({str(k).lower(): v.lower() for k, v in aliases.items()})
 
+    def _pricing(self) -> PricingTable:
+        prices = {k: v[0] for k, v in self.prices.items()}
+        prices.update({k: v[0] for k, v in self.overrides.items()})  # overrides always win
+        return PricingTable(prices, self.aliases)
+
     def _check_aliases(self) -> None:
-        for alias, target in self.aliases.items():
-            if target not in self.prices and target not in self.aliases:
+        table = self._pricing()
+        for alias in self.aliases:
+            if table.resolve(alias) is None:
                 self.problem(self._file, None, f"llm.pricing.aliases.{alias}",
-                             f"alias target {target!r} has no price")
+                             f"alias {alias!r} does not lead to a priced model "
+                             f"(-> {self.aliases[alias]!r}; unknown or a cycle)")
 
     def build(self, revision: str, files: tuple[str, ...]) -> Policy:
         return Policy(
@@ -423,7 +438,7 @@ class _Builder:
             revoked=Revocations(frozenset(self.revoked_agents), frozenset(self.revoked_tokens)),
             allow_private=tuple(self.allow_private),
             providers=ProviderTable(self.providers),
-            pricing=PricingTable(self.prices, self.aliases),
+            pricing=self._pricing(),
         )
 
 

@@ -1,15 +1,19 @@
-"""Normalise what a request says before any rule looks at it.
+r"""Normalise what a request says before any rule looks at it.
 
 Rules are written against what the upstream will *understand*, not the bytes the agent
 chose: ``%64elete``, ``/a/../delete``, ``//delete`` and ``\\delete`` all mean ``/delete`` to
 common servers, and ``API.OpenAI.com.`` is ``api.openai.com``. A deny rule must not be
 evadable by spelling, so the path is percent-decoded until stable (double encoding included),
-backslashes become slashes, repeated slashes collapse and dot segments are resolved.
+backslashes become slashes, repeated slashes collapse and dot segments are resolved. Encoded
+``/`` and ``\`` (``%2F``, ``%5C``) are data inside a segment for the servers behind us, so they
+stay encoded (as ``%2F``/``%5C``): they never create or remove a path level.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -17,6 +21,7 @@ from urllib.parse import parse_qsl, unquote
 __all__ = ["RequestFacts", "normalize_host", "normalize_path", "request_facts"]
 
 _MAX_DECODE_ROUNDS = 4
+_IPV4_ISH = re.compile(r"[0-9a-fx.]+")
 
 
 def normalize_host(host: str) -> str:
@@ -29,14 +34,41 @@ def normalize_host(host: str) -> str:
     try:
         return str(ipaddress.ip_address(h))
     except ValueError:
-        return h
+        pass
+    if _IPV4_ISH.fullmatch(h):
+        # 127.1, 0x7f.0.0.1, 2130706433: what inet_aton (and so the resolver) accepts
+        try:
+            return socket.inet_ntoa(socket.inet_aton(h))
+        except OSError:
+            pass
+    return h
+
+
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_SEPARATOR_ESCAPES = {"2F": "%2F", "5C": "%5C"}
+
+
+def _decode_once(path: str) -> str:
+    r"""Percent-decode, except encoded ``/`` and ``\``, which stay encoded (canonical case).
+
+    Servers decode those *inside* a segment (an Elasticsearch document id ``a%2F..%2F_search``
+    is one id, not a path), so turning them into separators would let a crafted path look
+    like another one to an allow rule.
+    """
+    def repl(m: re.Match[str]) -> str:
+        hexv = m.group(1).upper()
+        return _SEPARATOR_ESCAPES.get(hexv) or m.group(0)
+
+    kept = _ESCAPE.sub(repl, path)
+    parts = re.split(r"(%2F|%5C)", kept)
+    return "".join(p if p in ("%2F", "%5C") else unquote(p, errors="replace") for p in parts)
 
 
 def normalize_path(raw: str) -> str:
     """Decode and resolve a request path (without its query string)."""
     path = raw
     for _ in range(_MAX_DECODE_ROUNDS):
-        decoded = unquote(path, errors="replace")
+        decoded = _decode_once(path)
         if decoded == path:
             break
         path = decoded
