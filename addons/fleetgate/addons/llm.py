@@ -160,6 +160,11 @@ class LlmMeter:
             result.update(tokens=usage.as_dict(), cost_usd=None if cost is None else round(cost, 8),
                           priced=cost is not None, estimated=usage.estimated)
         flow.metadata[LLM_USAGE] = result
+        if usage is not None and not flow.comment:  # one glance in mitmweb's flow list
+            price = "unpriced" if cost is None else f"${cost:.6f}"
+            est = " (estimated)" if usage.estimated else ""
+            flow.comment = (f"{llm.get('provider')} {model}: {usage.input} in / {usage.output} "
+                            f"out tokens{est}, {price}")
 
 
 class _Meter:
