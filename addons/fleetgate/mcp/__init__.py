@@ -1,0 +1,1 @@
+"""MCP traffic: JSON-RPC messages, the facts rules see, list filtering. No mitmproxy."""
