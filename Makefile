@@ -1,5 +1,5 @@
 # The front door. `make run` starts the gateway on rules/; `make test` runs every test.
-.PHONY: run web test lint check-rules
+.PHONY: run web test lint check-rules bench
 
 run:
 	@./scripts/bootstrap.sh
@@ -18,3 +18,9 @@ test:
 check-rules:
 	@./scripts/bootstrap.sh
 	.venv/bin/fleetgate rules check rules
+
+# fleetgate vs bare mitmdump vs no proxy, same run (bench/README.md). BENCH_ARGS=--quick: 1-minute smoke.
+bench:
+	@./scripts/bootstrap.sh
+	@./bench/bootstrap.sh
+	.venv/bin/python bench/run.py $(BENCH_ARGS)

@@ -9,6 +9,7 @@ A bad policy at startup raises ``OptionsError`` so mitmdump exits non-zero.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -71,6 +72,10 @@ class PolicyStore:
         self._swap(policy)
 
     def running(self) -> None:
+        # Everything loaded so far (mitmproxy, our modules, the policy) lives for the whole
+        # process: move it out of the garbage collector's sight, so full collections stay
+        # short and do not stall every open stream (bench: ~40 ms p99 stalls without this).
+        gc.freeze()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._watch())
 

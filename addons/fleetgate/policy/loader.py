@@ -29,6 +29,8 @@ from fleetgate.policy.netaddr import HostPattern, IPNetwork, parse_networks
 __all__ = ["API_VERSION", "PolicyError", "Problem", "load_policy", "policy_files"]
 
 API_VERSION = "fleetgate/v1"
+# libyaml's loader when PyYAML was built with it: ~8x faster on large rule sets (bench (g)).
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 REQUEST_ROOTS = ("jwt", "request", "llm")
 MATCH_ROOTS = ("jwt",)
 
@@ -190,8 +192,8 @@ class _Builder:
         self._file = file
         self._lines = _Lines()
         try:
-            nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
-            docs = list(yaml.safe_load_all(text))
+            nodes = list(yaml.compose_all(text, Loader=_YAML_LOADER))
+            docs = list(yaml.load_all(text, Loader=_YAML_LOADER))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None

@@ -1,0 +1,262 @@
+"""Turn the results into the markdown table (and judge the issue's targets, which are reported,
+never asserted)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# The issue's targets.
+CPU_OVERHEAD_MAX = 1.15  # full chain adds at most 15% to bare mitmdump's per-request cost
+TTFE_SLACK_MS = 5.0  # time to first streamed event within 5 ms of bare mitmdump
+DOWNLOAD_BUFFER_MAX_MIB = 10.0  # proxy RSS growth during the 50 MB download (body: 47.7 MiB)
+SOAK_FLAT_MAX_MIB = 5.0  # RSS growth, last minute vs first minute of the soak
+X = "\u00d7"  # multiplication sign
+
+
+def _num(v: Any, nd: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float | int):
+        if abs(v) >= 100:
+            return f"{v:,.0f}"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _ratio(a: Any, b: Any) -> str:
+    try:
+        if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+            return "—"
+        return f"{a / b:.2f}{X}"
+    except TypeError:
+        return "—"
+
+
+def _get(d: Any, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _met(ok: bool | None, detail: str) -> str:
+    if ok is None:
+        return f"n/a {detail}".strip()
+    return f"{'met' if ok else '**not met**'} ({detail})"
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[str] = [
+            "| scenario | metric | fleetgate | bare mitmdump | direct | fleetgate/bare | bare/direct "
+            "| target |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
+
+    def row(self, scenario: str, metric: str, fg: Any, bare: Any, direct: Any = None,
+            target: str = "", nd: int = 1, ratios: bool = True) -> None:
+        self.rows.append(
+            f"| {scenario} | {metric} | {_num(fg, nd)} | {_num(bare, nd)} | {_num(direct, nd)} | "
+            f"{_ratio(fg, bare) if ratios else '—'} | {_ratio(bare, direct) if ratios else '—'} | {target} |")
+
+
+def judge(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets: met / not met / n/a, with the numbers they were judged on."""
+    s = results.get("scenarios", {})
+    out: dict[str, Any] = {}
+    a16 = _get(s, "a", "concurrency", "16")
+    if a16:
+        fg, bare = _get(a16, "fleetgate", "proxy_cpu_ms_per_req"), _get(a16, "bare", "proxy_cpu_ms_per_req")
+        ratio = fg / bare if fg and bare else None
+        out["cpu_overhead"] = {"target": f"fleetgate/bare proxy CPU per request <= {CPU_OVERHEAD_MAX}",
+                               "value": round(ratio, 3) if ratio else None,
+                               "met": ratio <= CPU_OVERHEAD_MAX if ratio else None}
+    b = _get(s, "b", "targets")
+    if b:
+        fg, bare = _get(b, "fleetgate", "ttfe_p50_ms"), _get(b, "bare-sse", "ttfe_p50_ms")
+        diff = fg - bare if fg is not None and bare is not None else None
+        out["ttfe"] = {"target": f"fleetgate TTFE p50 <= bare + {TTFE_SLACK_MS} ms",
+                       "value_ms": round(diff, 2) if diff is not None else None,
+                       "met": diff <= TTFE_SLACK_MS if diff is not None else None}
+        fl = _get(b, "fleetgate", "ttle_p50_ms")
+        out["sse_streamed"] = {"target": "fleetgate SSE not buffered: TTFE p50 < 25% of time to last event",
+                               "value": round(fg / fl, 3) if fg and fl else None,
+                               "met": fg < 0.25 * fl if fg and fl else None}
+    f = _get(s, "f", "targets", "fleetgate", "growth_mib")
+    if f is not None:
+        out["download_unbuffered"] = {
+            "target": f"fleetgate RSS growth during the download < {DOWNLOAD_BUFFER_MAX_MIB} MiB",
+            "value_mib": f, "met": f < DOWNLOAD_BUFFER_MAX_MIB}
+    g = _get(s, "e_soak", "fleetgate", "growth_mib")
+    if g is not None:
+        out["soak_flat"] = {"target": f"fleetgate RSS growth over the soak <= {SOAK_FLAT_MAX_MIB} MiB",
+                            "value_mib": g, "met": g <= SOAK_FLAT_MAX_MIB}
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    s = results.get("scenarios", {})
+    env = results.get("environment", {})
+    targets = results.get("targets_judged") or judge(results)
+    pk = env.get("packages", {})
+    lines = [
+        "# fleetgate benchmark",
+        "",
+        f"{env.get('started_at', '')} · fleetgate `{(env.get('fleetgate_git_sha') or '?')[:12]}`"
+        f"{' (dirty tree)' if env.get('fleetgate_git_dirty') else ''} · mitmproxy {pk.get('mitmproxy')} · "
+        f"Python {env.get('python')} · httpx {pk.get('httpx')} · uvicorn {pk.get('uvicorn')} · "
+        f"{env.get('cpu_model')} {X} {env.get('cpu_count')} cores · "
+        f"run took {_num(results.get('wall_s'), 0)} s"
+        f"{' · QUICK smoke run' if results.get('quick') else ''}",
+        "",
+    ]
+    noise = results.get("other_cpu_cores") or {}
+    if noise:
+        worst = max(noise, key=lambda k: noise[k])
+        lines += [f"Other processes on the machine used up to {noise[worst]:.2f} cores during a scenario "
+                  f"(`{worst}`){'; treat that scenario with care' if noise[worst] > 0.2 else ''}.", ""]
+    t = Table()
+
+    a = _get(s, "a", "concurrency") or {}
+    for conc, r in a.items():
+        label = f"(a) {conc} agent{'s' if conc != '1' else ''}"
+        fg, bare, direct = r.get("fleetgate", {}), r.get("bare", {}), r.get("direct", {})
+        t.row(label, "requests/s", fg.get("rps"), bare.get("rps"), direct.get("rps"))
+        t.row(label, "latency p50 (ms)", fg.get("p50_ms"), bare.get("p50_ms"), direct.get("p50_ms"), nd=2)
+        t.row(label, "latency p99 (ms)", fg.get("p99_ms"), bare.get("p99_ms"), direct.get("p99_ms"), nd=2)
+        tgt = ""
+        if conc == "16" and "cpu_overhead" in targets:
+            c = targets["cpu_overhead"]
+            tgt = _met(c["met"], f"+{(c['value'] - 1) * 100:.0f}% vs ≤ +15%") if c["value"] else ""
+        t.row(label, "proxy CPU per request (ms)", fg.get("proxy_cpu_ms_per_req"),
+              bare.get("proxy_cpu_ms_per_req"), None, tgt, nd=3)
+        plain = r.get("fleetgate-nollm")
+        if plain:
+            t.row(label, "*fleetgate, upstream not an LLM provider*: requests/s", plain.get("rps"),
+                  bare.get("rps"), direct.get("rps"), "info: cost of LLM inspection + metering")
+            t.row(label, "*fleetgate, upstream not an LLM provider*: proxy CPU per request (ms)",
+                  plain.get("proxy_cpu_ms_per_req"), bare.get("proxy_cpu_ms_per_req"), None, nd=3)
+
+    b = _get(s, "b", "targets") or {}
+    if b:
+        label = f"(b) SSE {_get(s, 'b', 'events')} events {X} {_num(_get(s, 'b', 'interval_ms'), 0)} ms"
+        fg, bare, direct = b.get("fleetgate", {}), b.get("bare-sse", {}), b.get("direct", {})
+        tt = targets.get("ttfe", {})
+        tgt = (_met(tt.get("met"), f"{tt['value_ms']:+.2f} ms vs ≤ +5 ms")
+               if tt.get("value_ms") is not None else "")
+        t.row(label, "time to first event p50 (ms)", fg.get("ttfe_p50_ms"), bare.get("ttfe_p50_ms"),
+              direct.get("ttfe_p50_ms"), tgt, nd=2)
+        t.row(label, "time to first event p99 (ms)", fg.get("ttfe_p99_ms"), bare.get("ttfe_p99_ms"),
+              direct.get("ttfe_p99_ms"), nd=2)
+        st = targets.get("sse_streamed", {})
+        t.row(label, "time to last event p50 (ms)", fg.get("ttle_p50_ms"), bare.get("ttle_p50_ms"),
+              direct.get("ttle_p50_ms"), _met(st.get("met"), "not buffered") if st else "", nd=2)
+        t.row(label, "time to last event p99 (ms)", fg.get("ttle_p99_ms"), bare.get("ttle_p99_ms"),
+              direct.get("ttle_p99_ms"), nd=2)
+        buf = b.get("bare", {})
+        t.row(label, "bare mitmdump *buffering* SSE (default): first event p50 (ms)", None,
+              buf.get("ttfe_p50_ms"), direct.get("ttfe_p50_ms"), "info: what StreamPassthrough avoids", nd=1)
+
+    er = s.get("e_requests") or {}
+    if er:
+        label = f"(e) after {er.get('requests'):,} requests"
+        t.row(label, "RSS (MiB)", _get(er, "fleetgate", "after", "rss_mib"),
+              _get(er, "bare", "after", "rss_mib"))
+        t.row(label, "peak RSS, VmHWM (MiB)", _get(er, "fleetgate", "after", "hwm_mib"),
+              _get(er, "bare", "after", "hwm_mib"))
+        t.row(label, "RSS at start (MiB)", _get(er, "fleetgate", "before", "rss_mib"),
+              _get(er, "bare", "before", "rss_mib"))
+    es = s.get("e_streams") or {}
+    if es:
+        label = f"(e) {es.get('streams')} concurrent streams"
+        fg, bare = es.get("fleetgate", {}), es.get("bare-sse", {})
+        t.row(label, "peak RSS (MiB)", fg.get("peak_rss_mib"), bare.get("peak_rss_mib"))
+        t.row(label, "RSS per open stream (KiB)", fg.get("per_stream_kib"), bare.get("per_stream_kib"))
+        t.row(label, "time to first event p99, all connecting at once (ms)", fg.get("ttfe_p99_ms"),
+              bare.get("ttfe_p99_ms"), nd=1)
+    so = s.get("e_soak") or {}
+    if so:
+        label = f"(e) soak {_num(_get(so, 'plan', 'duration'), 0)} s"
+        fg, bare = so.get("fleetgate", {}), so.get("bare", {})
+        sf = targets.get("soak_flat", {})
+        t.row(label, f"RSS growth, last vs first {_num(fg.get('window_s'), 0)} s (MiB)", fg.get("growth_mib"),
+              bare.get("growth_mib"), None, _met(sf.get("met"), f"≤ {SOAK_FLAT_MAX_MIB:g} MiB") if sf else "",
+              nd=2, ratios=False)
+        t.row(label, "RSS, last window (MiB)", fg.get("last_window_mib"), bare.get("last_window_mib"))
+        t.row(label, "requests (errors)", f"{fg.get('requests', 0):,} ({fg.get('errors', 0)})",
+              f"{bare.get('requests', 0):,} ({bare.get('errors', 0)})", ratios=False)
+
+    f = _get(s, "f", "targets") or {}
+    if f:
+        label = f"(f) {(_get(s, 'f', 'bytes') or 0) / 1e6:.0f} MB download"
+        fg, bare, direct = f.get("fleetgate", {}), f.get("bare", {}), f.get("direct", {})
+        t.row(label, "time (s)", fg.get("seconds"), bare.get("seconds"), direct.get("seconds"), nd=3)
+        t.row(label, "throughput (MB/s)", fg.get("mb_per_s"), bare.get("mb_per_s"), direct.get("mb_per_s"))
+        du = targets.get("download_unbuffered", {})
+        t.row(label, "proxy RSS growth during download (MiB)", fg.get("growth_mib"), bare.get("growth_mib"),
+              None, _met(du.get("met"), f"< {DOWNLOAD_BUFFER_MAX_MIB:g} MiB") if du else "", ratios=False)
+
+    lines += t.rows
+    lines += ["",
+              "*bare mitmdump*: the same mitmdump, no scripts, `stream_large_bodies=1m`. In (b) and the "
+              "streams rows of (e) it is `stream_large_bodies=1` (*bare-sse*), because bare mitmdump buffers "
+              "a whole SSE response; the (b) *buffering* row shows that default. "
+              "Proxy CPU per request is the proxy process's user+system CPU over the run divided by the "
+              "requests answered. *direct* at 16 agents is limited by the load generator, not the upstream.",
+              ""]
+
+    g = s.get("g") or {}
+    if g:
+        sm, sc = _get(g, "in_process", "small") or {}, _get(g, "in_process", "scale") or {}
+        gw = g.get("gateway") or {}
+        thr = gw.get("throughput") or {}
+        lines += [
+            f"**(g) rules scale** — {sc.get('profiles', '?'):,} agent profiles / "
+            f"{sc.get('rules', '?'):,} rules "
+            f"({(g.get('policy_bytes') or 0) / 1024:.0f} KiB YAML), deciding for `{sc.get('agent')}` "
+            "(near the end of the list)",
+            "",
+            f"| metric | small policy ({sm.get('profiles')} profiles, {sm.get('rules')} rules) | "
+            "scale policy | scale/small |",
+            "|---|---:|---:|---:|",
+        ]
+
+        def grow(metric: str, small: Any, scale: Any, nd: int = 1) -> None:
+            lines.append(f"| {metric} | {_num(small, nd)} | {_num(scale, nd)} | {_ratio(scale, small)} |")
+
+        grow("load + validate + compile, in-process (ms)", sm.get("load_ms"), sc.get("load_ms"))
+        grow("request_facts + decide p50 (µs)", sm.get("facts_plus_decide_p50_us"),
+             sc.get("facts_plus_decide_p50_us"))
+        grow("request_facts + decide p99 (µs)", sm.get("facts_plus_decide_p99_us"),
+             sc.get("facts_plus_decide_p99_us"))
+        grow("decide only p50 (µs)", sm.get("decide_p50_us"), sc.get("decide_p50_us"))
+        fs, fsc = thr.get("fleetgate", {}), thr.get("fleetgate-scale", {})
+        grow("in the gateway: mean decision time, fleetgate_decision_seconds (µs)",
+             fs.get("in_gateway_decision_mean_us"), fsc.get("in_gateway_decision_mean_us"))
+        grow(f"in the gateway: requests/s at {fs.get('agents', '?')} agents", fs.get("rps"), fsc.get("rps"))
+        grow("in the gateway: latency p50 (ms)", fs.get("p50_ms"), fsc.get("p50_ms"), 2)
+        grow("in the gateway: proxy CPU per request (ms)", fs.get("proxy_cpu_ms_per_req"),
+             fsc.get("proxy_cpu_ms_per_req"), 3)
+        rl = gw.get("reloads") or {}
+        lines += [
+            f"| gateway start to listening (s) | — | {_num(gw.get('startup_s'), 2)} | — |",
+            "| hot reload, file written → new revision in /healthz/ready, p50 / max (ms; watcher polls "
+            f"every {gw.get('reload_poll_ms')} ms) | — | {_num(rl.get('p50_ms'), 0)} / "
+            f"{_num(rl.get('max_ms'), 0)} | — |",
+            "| longest request during a reload (ms; p50 otherwise "
+            f"{_num(rl.get('request_p50_ms_outside_reload'), 2)}) | — | "
+            f"{_num(rl.get('request_max_ms_during_reload'), 0)} | — |",
+            f"| gateway RSS idle (MiB) | {_num(_get(s, 'e_requests', 'fleetgate', 'before', 'rss_mib'))} | "
+            f"{_num(gw.get('rss_idle_mib'))} | — |",
+            "",
+        ]
+
+    pending = results.get("pending") or []
+    if pending:
+        lines += ["Not measured yet: " + "; ".join(pending) + ".", ""]
+    errors = results.get("errors") or {}
+    if errors:
+        lines += ["**Scenario failures:** " + "; ".join(f"{k}: {v}" for k, v in errors.items()), ""]
+    return "\n".join(lines)

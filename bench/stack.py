@@ -1,0 +1,199 @@
+"""Bring the benchmark up: certificates, tokens, the upstream and the three proxies."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import secrets
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import trustme
+from driver import Target
+from policy import BENCH_ROLE, small_policy, supports_llm_section
+from procs import (
+    GATEWAY_SCRIPT,
+    REPO,
+    Proxy,
+    Upstream,
+    launch_proxy,
+    proxy_argv,
+    start_upstream,
+)
+
+# The options every mitmdump gets. stream_large_bodies=1m: bodies over 1 MiB (or of unknown
+# length once 1 MiB has arrived) stream, so bare mitmdump does not buffer the 50 MB download
+# either; fleetgate's own default (fleetgate_stream_min_bytes) is the same 1 MiB.
+COMMON = {"stream_large_bodies": "1m"}
+# bare-sse: the same bare mitmdump but streaming every body. Bare mitmdump buffers a whole
+# SSE response (it has no notion of event streams; only fleetgate's StreamPassthrough streams
+# them), so this is the honest "mitmproxy with no addons" reference for time to first event.
+BARE_SSE = {"stream_large_bodies": "1"}
+NOLLM = "fleetgate-nollm"
+
+
+@dataclass
+class Bench:
+    """Everything a scenario needs."""
+
+    workdir: Path
+    upstream_ca: Path
+    confdir: Path
+    secret: bytes
+    upstream: Upstream
+    rules: Path
+    proxies: dict[str, Proxy]
+    targets: dict[str, Target]
+    proxy_verify: ssl.SSLContext
+    direct_verify: ssl.SSLContext
+    fleetgate_options: dict[str, str] = field(default_factory=dict)
+    llm: bool = False  # the rules route the upstream as an LLM provider (tree supports `llm:`)
+
+    @property
+    def base_url(self) -> str:
+        return f"https://127.0.0.1:{self.upstream.port}"
+
+    def mint(self, agent: str, **claims: Any) -> str:
+        from fleetgate.identity.mint import mint_token
+
+        return mint_token(self.secret, agent, 4 * 3600,
+                          {"agent_role": BENCH_ROLE, "agent_id": agent, **claims})
+
+    def fleetgate_argv(self, rules: Path, decision_log: Path, **extra: str) -> list[str]:
+        opts = {**COMMON, **self.fleetgate_options, "fleetgate_rules": str(rules),
+                "fleetgate_decision_log": str(decision_log), **extra}
+        return proxy_argv(self.confdir, self.upstream_ca, opts, GATEWAY_SCRIPT)
+
+
+def make_certs(workdir: Path) -> tuple[Path, Path, Path]:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    ca_pem = workdir / "upstream-ca.pem"
+    cert, key = workdir / "upstream-cert.pem", workdir / "upstream-key.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    with open(cert, "wb") as f:
+        for blob in leaf.cert_chain_pems:
+            f.write(blob.bytes())
+    leaf.private_key_pem.write_to_path(str(key))
+    return ca_pem, cert, key
+
+
+def bring_up(workdir: Path) -> Bench:
+    from fleetgate.cli import ca_init
+
+    ca_pem, cert, key = make_certs(workdir)
+    confdir = workdir / "confdir"
+    confdir.mkdir()
+    mitm_ca = ca_init(confdir, quiet=True)
+    secret = secrets.token_hex(32).encode()
+    secret_file = workdir / "jwt-hs256.secret"
+    secret_file.write_bytes(secret)
+    secret_file.chmod(0o600)
+
+    llm = supports_llm_section(workdir)
+    upstream = start_upstream(workdir, cert, key)
+    rules = workdir / "rules" / "bench.yaml"
+    rules.parent.mkdir()
+    rules.write_text(small_policy(upstream.port, llm=llm))
+
+    fg_opts = {"fleetgate_jwt_secret_file": str(secret_file),
+               "fleetgate_metrics_listen": "127.0.0.1:0"}
+    launches = [
+        launch_proxy("bare", workdir, proxy_argv(confdir, ca_pem, COMMON), False),
+        launch_proxy("bare-sse", workdir, proxy_argv(confdir, ca_pem, BARE_SSE), False),
+    ]
+    bench = Bench(workdir, ca_pem, confdir, secret, upstream, rules, {}, {},
+                  ssl.create_default_context(cafile=str(mitm_ca)),
+                  ssl.create_default_context(cafile=str(ca_pem)), fg_opts, llm)
+    launches.append(launch_proxy("fleetgate", workdir, bench.fleetgate_argv(
+        rules, workdir / "fleetgate" / "decisions.jsonl"), True))
+    if llm:
+        # The same gateway with the upstream not declared an LLM provider: the chat calls are
+        # plain HTTPS to it, so the difference to "fleetgate" is what LLM inspection and
+        # metering cost (reported as an extra row of (a)).
+        plain = workdir / "rules-nollm" / "bench.yaml"
+        plain.parent.mkdir()
+        plain.write_text(small_policy(upstream.port, llm=False))
+        launches.append(launch_proxy(NOLLM, workdir, bench.fleetgate_argv(
+            plain, workdir / NOLLM / "decisions.jsonl"), True))
+    for launch in launches:
+        bench.proxies[launch.name] = launch.wait()
+
+    base = bench.base_url
+    bench.targets["direct"] = Target("direct", base, bench.direct_verify)
+    for name, proxy in bench.proxies.items():
+        bench.targets[name] = Target(name, base, bench.proxy_verify, proxy.port, proxy.pid,
+                                     bench.mint if proxy.fleetgate else None)
+    return bench
+
+
+@contextlib.contextmanager
+def workspace(keep: bool) -> Any:
+    d = Path(tempfile.mkdtemp(prefix="fleetgate-bench-"))
+    try:
+        yield d
+    finally:
+        if not keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# -- versions -----------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_total = None
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_total = round(int(line.split()[1]) / 1024 / 1024, 1)
+    status = _git("status", "--porcelain", "--untracked-files=all", "--", "addons", "pyproject.toml")
+    return {
+        "fleetgate_git_sha": _git("rev-parse", "HEAD"),
+        "fleetgate_git_dirty": bool(status) if status is not None else None,
+        "fleetgate_uncommitted": status.splitlines() if status else [],
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "packages": {p: _version(p) for p in (
+            "fleetgate", "mitmproxy", "mitmproxy_rs", "httpx", "httpcore", "h11", "anyio", "uvicorn",
+            "httptools", "uvloop", "trustme", "cryptography", "pyOpenSSL", "PyJWT",
+            "common-expression-language", "PyYAML")},
+        "openssl": ssl.OPENSSL_VERSION,
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "mem_total_gib": mem_total,
+        "kernel": platform.release(),
+        "platform": platform.platform(),
+        "executable": sys.executable,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

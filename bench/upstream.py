@@ -1,0 +1,259 @@
+"""The benchmark's upstream: a TLS server on 127.0.0.1 that plays an LLM API, an MCP server and a
+file server. Runs in its own process (uvicorn + httptools + uvloop, one raw ASGI app) so its work
+never shares the load generator's GIL.
+
+    python bench/upstream.py --cert CERT.pem --key KEY.pem [--port 0]
+
+prints one JSON line ``{"port": N}`` on stdout once it accepts connections.
+
+Endpoints
+* ``POST /v1/chat/completions`` — OpenAI-style. ``"stream": false``: a ``chat.completion`` JSON
+  with ``usage``. ``"stream": true``: ``text/event-stream`` of ``chat.completion.chunk`` events,
+  then a final chunk carrying ``usage`` (as with ``stream_options.include_usage``) and
+  ``data: [DONE]``. Query parameters ``events`` (default 20) and ``interval_ms`` (default 10)
+  shape the stream.
+* ``POST /mcp`` — JSON-RPC 2.0 MCP server: ``initialize``, ``tools/list`` (1,000 tools with
+  input schemas, ~400 KB) and ``tools/call``. (For scenario (c), not measured yet.)
+* ``GET /download/<bytes>`` — that many bytes in 64 KiB chunks, ``application/octet-stream``,
+  with ``Content-Length`` (``?chunked=1``: without, so the body has unknown length).
+* ``GET /healthz`` — ``ok``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+import time
+from typing import Any
+from urllib.parse import parse_qs
+
+Scope = dict[str, Any]
+
+MCP_TOOLS = 1000
+DOWNLOAD_CHUNK = 64 * 1024
+_ZEROS = b"\0" * DOWNLOAD_CHUNK
+
+
+def completion(stream_id: str, prompt_tokens: int) -> bytes:
+    body = {
+        "id": stream_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": "bench-model",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog."},
+            "finish_reason": "stop",
+        }],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 10,
+                  "total_tokens": prompt_tokens + 10},
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def chunk_event(stream_id: str, created: int, i: int) -> bytes:
+    body = {"id": stream_id, "object": "chat.completion.chunk", "created": created,
+            "model": "bench-model",
+            "choices": [{"index": 0, "delta": {"content": f" token{i}"}, "finish_reason": None}]}
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def usage_event(stream_id: str, created: int, events: int) -> bytes:
+    body = {"id": stream_id, "object": "chat.completion.chunk", "created": created,
+            "model": "bench-model",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": events, "total_tokens": 12 + events}}
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def mcp_tools(n: int = MCP_TOOLS) -> list[dict[str, Any]]:
+    return [{
+        "name": f"tool_{i:04d}",
+        "description": f"Bench tool number {i}: looks something up in system {i % 37} and "
+                       "returns a short JSON summary of what it found.",
+        "inputSchema": {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "description": "what to look up"},
+                "limit": {"type": "integer", "minimum": 1, "maximum": 100},
+                "verbose": {"type": "boolean"},
+            },
+            "required": ["query"],
+        },
+    } for i in range(n)]
+
+
+class App:
+    """The raw ASGI app. Counters are for sanity checks only."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.tools = mcp_tools()
+        self.tools_list_cache: dict[Any, bytes] = {}
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        self.requests += 1
+        method, path = scope["method"], scope["path"]
+        query = {k: v[-1] for k, v in parse_qs(scope["query_string"].decode()).items()}
+        if method == "POST" and path == "/v1/chat/completions":
+            body = await read_body(receive)
+            await self.chat(body, query, send)
+        elif method == "POST" and path == "/mcp":
+            body = await read_body(receive)
+            await self.mcp(body, send)
+        elif method == "GET" and path.startswith("/download/"):
+            await self.download(path, query, send)
+        elif path == "/healthz":
+            await respond(send, 200, b"ok", b"text/plain")
+        else:
+            await respond(send, 404, b'{"error":"not found"}')
+
+    async def chat(self, body: bytes, query: dict[str, str], send: Any) -> None:
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError:
+            await respond(send, 400, b'{"error":"bad json"}')
+            return
+        stream_id = f"chatcmpl-{self.requests}"
+        if not req.get("stream"):
+            prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in req.get("messages", []))
+            await respond(send, 200, completion(stream_id, prompt_tokens))
+            return
+        events = int(query.get("events", 20))
+        interval = float(query.get("interval_ms", 10)) / 1000
+        created = int(time.time())
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+        for i in range(events):
+            await send({"type": "http.response.body", "body": chunk_event(stream_id, created, i),
+                        "more_body": True})
+            if interval > 0:
+                await asyncio.sleep(interval)
+        await send({"type": "http.response.body",
+                    "body": usage_event(stream_id, created, events) + b"data: [DONE]\n\n",
+                    "more_body": False})
+
+    async def mcp(self, body: bytes, send: Any) -> None:
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError:
+            await respond(send, 400, b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700}}')
+            return
+        rid, method = req.get("id"), req.get("method")
+        if method == "tools/list":
+            cached = self.tools_list_cache.get(rid)
+            if cached is None:
+                cached = json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"tools": self.tools}},
+                                    separators=(",", ":")).encode()
+                if len(self.tools_list_cache) < 64:
+                    self.tools_list_cache[rid] = cached
+            await respond(send, 200, cached)
+            return
+        if method == "initialize":
+            result: dict[str, Any] = {"protocolVersion": "2025-06-18",
+                                      "capabilities": {"tools": {"listChanged": False}},
+                                      "serverInfo": {"name": "bench-mcp", "version": "1.0"}}
+        elif method == "tools/call":
+            name = (req.get("params") or {}).get("name", "")
+            result = {"content": [{"type": "text", "text": f"{name}: nothing found"}], "isError": False}
+        else:
+            out = {"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "method not found"}}
+            await respond(send, 200, json.dumps(out).encode())
+            return
+        await respond(send, 200, json.dumps({"jsonrpc": "2.0", "id": rid, "result": result}).encode())
+
+    async def download(self, path: str, query: dict[str, str], send: Any) -> None:
+        try:
+            total = int(path.rsplit("/", 1)[1])
+        except ValueError:
+            await respond(send, 400, b'{"error":"bad size"}')
+            return
+        headers = [(b"content-type", b"application/octet-stream")]
+        if query.get("chunked") != "1":
+            headers.append((b"content-length", str(total).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        left = total
+        while left > 0:
+            n = min(left, DOWNLOAD_CHUNK)
+            left -= n
+            await send({"type": "http.response.body",
+                        "body": _ZEROS if n == DOWNLOAD_CHUNK else _ZEROS[:n], "more_body": left > 0})
+        if total == 0:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def read_body(receive: Any) -> bytes:
+    parts = []
+    while True:
+        msg = await receive()
+        parts.append(msg.get("body", b""))
+        if not msg.get("more_body"):
+            return b"".join(parts)
+
+
+async def respond(send: Any, status: int, body: bytes, ctype: bytes = b"application/json") -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", ctype), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cert", required=True, help="PEM certificate chain for 127.0.0.1")
+    ap.add_argument("--key", required=True, help="PEM private key")
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    sock.listen(4096)
+    port = sock.getsockname()[1]
+    loop = "uvloop"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        loop = "asyncio"
+    http = "httptools"
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        http = "h11"
+    config = uvicorn.Config(App(), loop=loop, http=http, log_level="warning", access_log=False,
+                            lifespan="on", ssl_certfile=args.cert, ssl_keyfile=args.key,
+                            timeout_keep_alive=900, backlog=4096)
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                task.result()
+                return
+            await asyncio.sleep(0.01)
+        print(json.dumps({"port": port, "loop": loop, "http": http}), flush=True)
+        await task
+
+    factory = config.get_loop_factory() if hasattr(config, "get_loop_factory") else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve())
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
