@@ -81,8 +81,11 @@ def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts,
     if why_private:
         return Decision.deny("destinations.private", why_private)
 
-    activation = Activation({"jwt": dict(claims), "request": facts.to_cel(),
-                             "llm": dict(llm) if llm is not None else dict(NOT_LLM)})
+    inputs = policy.cel_inputs
+    data: dict[str, Any] = {"jwt": dict(claims), "request": facts.to_cel(inputs)}
+    if "llm" in inputs:
+        data["llm"] = dict(llm) if llm is not None else dict(NOT_LLM)
+    activation = Activation(data)
     profiles: list[AgentProfile] = []
     for profile in policy.agents:
         try:

@@ -431,6 +431,16 @@ class _Builder:
                              f"alias {alias!r} does not lead to a priced model "
                              f"(-> {self.aliases[alias]!r}; unknown or a cycle)")
 
+    def _cel_inputs(self) -> frozenset[str]:
+        sources = [r.expr.source for r in self.rules]
+        for a in self.agents:
+            sources.append(a.match.source)
+            sources.extend(r.expr.source for r in a.rules)
+        text = "\n".join(sources)
+        # A name that appears anywhere (even in a string) keeps its input: over-including
+        # only costs time, leaving out something a rule reads would make it error (deny).
+        return frozenset(k for k in ("query", "headers", "llm") if k in text)
+
     def build(self, revision: str, files: tuple[str, ...]) -> Policy:
         return Policy(
             revision=revision,
@@ -439,6 +449,7 @@ class _Builder:
             agents=tuple(self.agents),
             revoked=Revocations(frozenset(self.revoked_agents), frozenset(self.revoked_tokens)),
             allow_private=tuple(self.allow_private),
+            cel_inputs=self._cel_inputs(),
             providers=ProviderTable(self.providers),
             pricing=self._pricing(),
         )

@@ -81,5 +81,8 @@ class Policy:
     agents: tuple[AgentProfile, ...]
     revoked: Revocations
     allow_private: tuple[IPNetwork, ...]
+    # Optional parts of the CEL input some rule reads ("query", "headers", "llm"): the rest
+    # is never converted for the engine (see RequestFacts.to_cel).
+    cel_inputs: frozenset[str] = frozenset({"query", "headers", "llm"})
     providers: ProviderTable = field(default_factory=ProviderTable)
     pricing: PricingTable = field(default_factory=PricingTable)

@@ -11,6 +11,7 @@ stay encoded (as ``%2F``/``%5C``): they never create or remove a path level.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -24,6 +25,7 @@ _MAX_DECODE_ROUNDS = 4
 _IPV4_ISH = re.compile(r"[0-9a-fx.]+")
 
 
+@functools.lru_cache(maxsize=8192)
 def normalize_host(host: str) -> str:
     """Lower-case, strip one trailing dot and IPv6 brackets; IP literals in canonical form."""
     h = host.strip().lower()
@@ -101,18 +103,25 @@ class RequestFacts:
     query: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
 
-    def to_cel(self) -> dict[str, Any]:
-        """The ``request`` variable rules see."""
-        return {
+    def to_cel(self, optional: frozenset[str] = frozenset({"query", "headers"})) -> dict[str, Any]:
+        """The ``request`` variable rules see.
+
+        ``query`` and ``headers`` are included only when named in ``optional``: handing a map
+        to the CEL engine costs ~3 µs per entry, so the policy leaves out what no rule reads.
+        """
+        out: dict[str, Any] = {
             "method": self.method,
             "scheme": self.scheme,
             "host": self.host,
             "port": self.port,
             "path": self.path,
             "raw_path": self.raw_path,
-            "query": dict(self.query),
-            "headers": dict(self.headers),
         }
+        if "query" in optional:
+            out["query"] = dict(self.query)
+        if "headers" in optional:
+            out["headers"] = dict(self.headers)
+        return out
 
 
 def request_facts(
