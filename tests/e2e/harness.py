@@ -158,7 +158,8 @@ class Upstream:
 
 
 def write_rules(path: Path, ports: list[int], extra: str = "", revoked: list[str] = (),
-                allow_private: str = '["127.0.0.1/32"]', top: str = "") -> Path:
+                allow_private: str = '["127.0.0.1/32"]', top: str = "",
+                revoked_roles: list[str] = ()) -> Path:
     """A policy letting role ``tester`` (and ``other``) reach the local upstreams.
 
     The seed's deny rules are included verbatim; ``extra`` is appended to the ``agents`` list
@@ -171,6 +172,7 @@ destinations:
   allowPrivate: {allow_private}
 revoked:
   agents: {json.dumps(list(revoked))}
+  roles: {json.dumps(list(revoked_roles))}
 authorization:
   rules:
   - deny: 'request.path.contains("delete")'

@@ -439,3 +439,34 @@ def test_large_download_is_streamed_not_buffered(gateway: Gateway, upstream: Ups
     assert received == size
     assert first_at is not None and first_at < 0.9  # did not wait for the whole body
     assert rss_kb() - before < 15 * 1024  # peak RSS grew by far less than the 20 MB body
+
+
+def test_revoking_a_role_cuts_every_agent_of_it_and_spares_the_others(
+        gateway: Gateway, upstream: Upstream, rules_file: Path) -> None:
+    events: dict[str, int] = {"other-1": 0, "other-2": 0, "tester-1": 0}
+    errors: dict[str, BaseException] = {}
+
+    def stream(name: str) -> None:
+        role = name.split("-")[0]
+        try:
+            with gateway.client(token(name, role=role), timeout=30) as c, \
+                    c.stream("GET", upstream.url + "/stream") as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        events[name] += 1
+        except Exception as exc:
+            errors[name] = exc
+
+    threads = [threading.Thread(target=stream, args=(n,)) for n in events]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: all(v >= 3 for v in events.values()), 10)
+    write_rules(rules_file, [upstream.port], revoked_roles=["other"])
+    for t in threads:
+        t.join(20)
+    assert set(errors) == {"other-1", "other-2"}, errors
+    assert events["tester-1"] == 100 and events["other-1"] < 100 and events["other-2"] < 100
+    with gateway.client(token("other-3", role="other")) as c:
+        r = c.get(upstream.url + "/after-role")
+    assert r.status_code == 403 and "role 'other' is revoked" in r.json()["fleetgate"]["reason"]
+    assert "/after-role" not in upstream.paths()

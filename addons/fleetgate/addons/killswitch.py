@@ -80,7 +80,8 @@ class KillSwitch:
             return
 
         def revoked(ident: dict[str, Any]) -> str | None:
-            return new.revoked.reason(str(ident.get("agent") or ""), ident.get("jti"))
+            return new.revoked.reason(str(ident.get("agent") or ""), ident.get("jti"),
+                                      ident.get("role"), ident.get("session"))
 
         n = self.sweep("revoked", revoked)
         if n:

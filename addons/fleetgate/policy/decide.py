@@ -73,7 +73,10 @@ def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts,
     """
     agent = str(claims.get("agent_id") or claims.get("sub") or "")
     jti = claims.get("jti")
-    revoked = policy.revoked.reason(agent, str(jti) if jti is not None else None)
+    role, session = claims.get("agent_role"), claims.get("session_id", claims.get("sid"))
+    revoked = policy.revoked.reason(agent, str(jti) if jti is not None else None,
+                                    str(role) if role is not None else None,
+                                    str(session) if session is not None else None)
     if revoked:
         return Decision.deny("revoked", f"{revoked}; ask an operator", status=403)
 

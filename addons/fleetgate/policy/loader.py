@@ -168,6 +168,8 @@ class _Builder:
         self.agents: list[AgentProfile] = []
         self.revoked_agents: set[str] = set()
         self.revoked_tokens: set[str] = set()
+        self.revoked_roles: set[str] = set()
+        self.revoked_sessions: set[str] = set()
         self.allow_private: list[IPNetwork] = []
         self.providers: list[Provider] = []
         self.prices: dict[str, tuple[Price, str]] = {}
@@ -343,11 +345,14 @@ class _Builder:
         if section is None:
             return
         if not isinstance(section, dict):
-            self.err("revoked", "revoked must be a mapping with 'agents' and/or 'tokens'")
+            self.err("revoked", "revoked must be a mapping with 'agents', 'tokens', 'roles' "
+                     "and/or 'sessions'")
             return
-        self._check_keys(section, "revoked", {"agents", "tokens"})
+        self._check_keys(section, "revoked", {"agents", "tokens", "roles", "sessions"})
         self.revoked_agents.update(self._str_list(section.get("agents"), "revoked.agents"))
         self.revoked_tokens.update(self._str_list(section.get("tokens"), "revoked.tokens"))
+        self.revoked_roles.update(self._str_list(section.get("roles"), "revoked.roles"))
+        self.revoked_sessions.update(self._str_list(section.get("sessions"), "revoked.sessions"))
 
     def _destinations(self, section: Any) -> None:
         if section is None:
@@ -447,7 +452,8 @@ class _Builder:
             files=files,
             rules=tuple(self.rules),
             agents=tuple(self.agents),
-            revoked=Revocations(frozenset(self.revoked_agents), frozenset(self.revoked_tokens)),
+            revoked=Revocations(frozenset(self.revoked_agents), frozenset(self.revoked_tokens),
+                                frozenset(self.revoked_roles), frozenset(self.revoked_sessions)),
             allow_private=tuple(self.allow_private),
             cel_inputs=self._cel_inputs(),
             providers=ProviderTable(self.providers),

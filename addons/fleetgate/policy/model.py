@@ -58,16 +58,24 @@ class AgentProfile:
 
 @dataclass(frozen=True)
 class Revocations:
-    """Identities refused outright, whatever else the policy says."""
+    """Identities refused outright, whatever else the policy says: by agent id, token id
+    (``jti``), role (``agent_role``) or session (``session_id``/``sid``)."""
 
     agents: frozenset[str] = frozenset()
     tokens: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+    sessions: frozenset[str] = frozenset()
 
-    def reason(self, agent: str, jti: str | None) -> str | None:
+    def reason(self, agent: str, jti: str | None, role: str | None = None,
+               session: str | None = None) -> str | None:
         if agent in self.agents:
             return f"agent {agent!r} is revoked"
         if jti is not None and jti in self.tokens:
             return f"token {jti!r} is revoked"
+        if role is not None and role in self.roles:
+            return f"role {role!r} is revoked"
+        if session is not None and session in self.sessions:
+            return f"session {session!r} is revoked"
         return None
 
 
