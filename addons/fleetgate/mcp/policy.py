@@ -1,0 +1,135 @@
+"""``mcpAuthorization``: which tools, prompts and resources an agent may see and use.
+
+The seed's dialect, verbatim: a list of CEL expressions, each one an allow rule
+(``- 'jwt.agent_role == "security" && mcp.tool.name.startsWith("nmap")'``). fleetgate adds
+``- deny: '<CEL>'`` entries, for argument-aware exceptions (the cloud agent's ``kubectl`` in
+every namespace but ``agent-infra``), and seed 004's capability lists (``allowed_tools`` /
+``denied_tools``, glob patterns) as a shorthand compiled to the same rules.
+
+Deny by default. Two questions, one rule set:
+
+* :func:`may_call` — at call time (``tools/call``, ``prompts/get``, ``resources/read``...):
+  any deny that is true or errors denies; otherwise an allow must be true.
+* :func:`may_list` — for a list result entry, when the call's arguments are not known yet:
+  a deny that is true hides the entry; a deny that cannot be judged without arguments
+  (an evaluation error) is left to call time; an allow must be true.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fleetgate.celexpr import Activation, CelError, compile_expr
+from fleetgate.policy.model import Effect, Rule
+
+__all__ = ["MCP_ROOTS", "McpVerdict", "compile_mcp_rules", "glob_to_cel", "may_call", "may_list"]
+
+MCP_ROOTS = ("jwt", "request", "mcp")
+
+
+@dataclass(frozen=True)
+class McpVerdict:
+    allow: bool
+    rule: str
+    reason: str
+
+
+def glob_to_cel(pattern: str) -> str:
+    """``nmap*`` -> ``mcp.tool.name.startsWith("nmap")``; other globs become a full regex."""
+    if not pattern or any(c in pattern for c in "\n\r"):
+        raise ValueError(f"bad tool pattern {pattern!r}")
+    lit = json.dumps  # a CEL string literal is a JSON string literal for these characters
+    if "*" not in pattern and "?" not in pattern:
+        return f"mcp.tool.name == {lit(pattern)}"
+    if pattern.endswith("*") and "*" not in pattern[:-1] and "?" not in pattern:
+        return f"mcp.tool.name.startsWith({lit(pattern[:-1])})"
+    rx = "^" + "".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
+                       for c in pattern) + "$"
+    return f"mcp.tool.name.matches({lit(rx)})"
+
+
+def compile_mcp_rules(owner: str, entries: Iterable[Any], allowed_tools: Iterable[str] = (),
+                      denied_tools: Iterable[str] = (), match: str | None = None) -> list[Rule]:
+    """Compile one ``mcpAuthorization.rules`` list (plus capability lists) into rules.
+
+    ``match``: the owning agent profile's selector, ANDed into the capability-list rules so
+    that they apply to that profile's agents only. Raises ``ValueError`` naming the entry.
+    """
+    rules: list[Rule] = []
+    for i, entry in enumerate(entries):
+        rid = f"{owner}.mcpAuthorization[{i}]"
+        if isinstance(entry, str):
+            effect, source, reason = Effect.ALLOW, entry, None
+        elif isinstance(entry, Mapping) and len({"allow", "deny"} & set(entry)) == 1:
+            effect = Effect.ALLOW if "allow" in entry else Effect.DENY
+            source = entry[effect.value]
+            rid = str(entry.get("id", rid))
+            reason = entry.get("reason") if isinstance(entry.get("reason"), str) else None
+            unknown = set(entry) - {"allow", "deny", "id", "reason"}
+            if unknown:
+                raise ValueError(f"{rid}: unknown key(s) {sorted(unknown)}")
+        else:
+            raise ValueError(f"{rid}: a rule is a CEL string, or a mapping with 'allow' or 'deny'")
+        try:
+            expr = compile_expr(str(source), MCP_ROOTS)
+        except CelError as exc:
+            raise ValueError(f"{rid}: CEL: {exc}") from None
+        rules.append(Rule(rid, effect, expr, reason))
+    scope = f"({match}) && " if match else ""
+    for kind, effect, patterns in (("allowed_tools", Effect.ALLOW, allowed_tools),
+                                   ("denied_tools", Effect.DENY, denied_tools)):
+        for i, pat in enumerate(patterns):
+            rid = f"{owner}.{kind}[{i}]"
+            try:
+                expr = compile_expr(f"{scope}{glob_to_cel(str(pat))}", MCP_ROOTS)
+            except CelError as exc:
+                raise ValueError(f"{rid}: CEL: {exc}") from None
+            rules.append(Rule(rid, effect, expr, f"tool pattern {pat!r} in {kind}"))
+    return rules
+
+
+def may_call(rules: Iterable[Rule], activation: Activation | Mapping[str, Any]) -> McpVerdict:
+    """Judge a call whose target and arguments are known."""
+    act = activation if isinstance(activation, Activation) else Activation(activation)
+    rules = list(rules)
+    for r in rules:
+        if r.effect is Effect.DENY:
+            try:
+                hit = r.expr.evaluate(act)
+            except CelError as exc:
+                return McpVerdict(False, r.id, f"deny rule could not be evaluated ({exc})")
+            if hit:
+                return McpVerdict(False, r.id, r.reason or f"denied by {r.id}")
+    for r in rules:
+        if r.effect is Effect.ALLOW:
+            try:
+                if r.expr.evaluate(act):
+                    return McpVerdict(True, r.id, "allowed")
+            except CelError:
+                continue
+    return McpVerdict(False, "mcp.default-deny", "no mcpAuthorization rule allows it")
+
+
+def may_list(rules: Iterable[Rule], activation: Activation | Mapping[str, Any]) -> bool:
+    """Whether a list entry is shown: some allow is true and no deny is surely true."""
+    act = activation if isinstance(activation, Activation) else Activation(activation)
+    rules = list(rules)
+    for r in rules:
+        if r.effect is Effect.DENY:
+            try:
+                if r.expr.evaluate(act):
+                    return False
+            except CelError:
+                continue  # needs the call's arguments: judged at call time
+    for r in rules:
+        if r.effect is Effect.ALLOW:
+            try:
+                if r.expr.evaluate(act):
+                    return True
+            except CelError:
+                continue
+    return False
