@@ -104,14 +104,22 @@ def may_call(rules: Iterable[Rule], activation: Activation | Mapping[str, Any]) 
                 return McpVerdict(False, r.id, f"deny rule could not be evaluated ({exc})")
             if hit:
                 return McpVerdict(False, r.id, r.reason or f"denied by {r.id}")
+    allowed_by = _first_allow(rules, act)
+    if allowed_by is not None:
+        return McpVerdict(True, allowed_by.id, "allowed")
+    return McpVerdict(False, "mcp.default-deny", "no mcpAuthorization rule allows it")
+
+
+def _first_allow(rules: list[Rule], act: Activation) -> Rule | None:
+    """The first allow rule that is true; one that errors does not allow."""
     for r in rules:
         if r.effect is Effect.ALLOW:
             try:
                 if r.expr.evaluate(act):
-                    return McpVerdict(True, r.id, "allowed")
+                    return r
             except CelError:
                 continue
-    return McpVerdict(False, "mcp.default-deny", "no mcpAuthorization rule allows it")
+    return None
 
 
 def may_list(rules: Iterable[Rule], activation: Activation | Mapping[str, Any]) -> bool:
@@ -125,11 +133,4 @@ def may_list(rules: Iterable[Rule], activation: Activation | Mapping[str, Any]) 
                     return False
             except CelError:
                 continue  # needs the call's arguments: judged at call time
-    for r in rules:
-        if r.effect is Effect.ALLOW:
-            try:
-                if r.expr.evaluate(act):
-                    return True
-            except CelError:
-                continue
-    return False
+    return _first_allow(rules, act) is not None
