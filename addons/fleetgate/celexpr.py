@@ -19,6 +19,7 @@ Two properties matter for a gateway and are enforced here, not left to the engin
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,8 +130,6 @@ def compile_expr(source: str, roots: Iterable[str]) -> Expr:
 
 
 def _macro_bound_names(source: str) -> set[str]:
-    import re
-
     return set(
         re.findall(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,", source)
     )

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from fleetgate.identity.mint import mint_token, parse_ttl
 
-REPO = Path(__file__).resolve().parent.parent.parent
 DEV_DIR = Path("certs/dev")
 CA_BASENAME = "mitmproxy"  # the names mitmproxy looks for in its confdir
 

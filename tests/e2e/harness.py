@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -381,5 +381,3 @@ def wait_until(cond: Callable[[], bool], timeout: float = 5.0, interval: float =
         time.sleep(interval)
     return cond()
 
-
-Iter = Iterator

@@ -12,7 +12,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from mitmproxy import ctx, http
 
@@ -29,9 +29,6 @@ CUT = "fleetgate.cut"
 LLM_REQUEST = "fleetgate.llm"
 LLM_USAGE = "fleetgate.llm_usage"
 HEADER = "X-Fleetgate-Decision-Id"
-
-F = TypeVar("F", bound=Callable[..., Any])
-
 
 def decision_id(flow: http.HTTPFlow) -> str:
     """The flow's decision id, created on first use."""

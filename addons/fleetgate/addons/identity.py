@@ -163,7 +163,3 @@ class AgentIdentity:
                                    "session": ident.session, "jti": ident.jti}
         flow.metadata[CLAIMS] = dict(ident.claims)
 
-
-def identity_of(flow: http.HTTPFlow) -> dict[str, Any] | None:
-    value = flow.metadata.get(IDENTITY)
-    return value if isinstance(value, dict) else None

@@ -41,9 +41,6 @@ from fleetgate.policy.normalize import normalize_host, normalize_path
 
 log = logging.getLogger(__name__)
 
-METER = "fleetgate.llm_meter"  # not JSON: kept out of metadata, in LlmMeter._meters
-
-
 class LlmInspector:
     def __init__(self, store: PolicyStore, metrics: GatewayMetrics) -> None:
         self.store = store

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -460,8 +459,3 @@ class _Builder:
             pricing=self._pricing(),
         )
 
-
-def iter_problems(exc: PolicyError) -> Iterator[str]:
-    """Human lines for ``fleetgate rules check`` and the logs."""
-    for p in exc.problems:
-        yield str(p)
