@@ -112,13 +112,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
-    from fleetgate.policy.loader import PolicyError, load_policy
+    from fleetgate.policy.loader import PolicyError, iter_problems, load_policy
 
     try:
         policy = load_policy(args.path)
     except PolicyError as exc:
-        for p in exc.problems:
-            print(str(p), file=sys.stderr)
+        for line in iter_problems(exc):
+            print(line, file=sys.stderr)
         print(f"{len(exc.problems)} problem(s); the rules would be rejected", file=sys.stderr)
         return 1
     print(f"ok: revision {policy.revision}, {len(policy.files)} file(s), "

@@ -19,7 +19,7 @@ from typing import Any
 from mitmproxy import command, ctx, exceptions
 
 from fleetgate.metrics import GatewayMetrics
-from fleetgate.policy.loader import PolicyError, fingerprint, load_policy
+from fleetgate.policy.loader import PolicyError, fingerprint, iter_problems, load_policy
 from fleetgate.policy.model import Policy
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class PolicyStore:
             if self.policy is None:
                 raise exceptions.OptionsError(
                     "fleetgate: rules are invalid, refusing to start:\n  "
-                    + "\n  ".join(str(p) for p in exc.problems)) from None
+                    + "\n  ".join(iter_problems(exc))) from None
             return
         self._fingerprint = fingerprint(Path(path))
         self._swap(policy)
@@ -126,7 +126,7 @@ class PolicyStore:
         self.metrics.policy_valid.set(1)
 
     def _failed(self, exc: PolicyError) -> None:
-        self.last_error = [str(p) for p in exc.problems]
+        self.last_error = list(iter_problems(exc))
         self.last_error_at = time.time()
         self.metrics.reloads.labels(result="error").inc()
         self.metrics.policy_valid.set(0)

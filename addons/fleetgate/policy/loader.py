@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -459,3 +460,10 @@ class _Builder:
             pricing=self._pricing(),
         )
 
+
+
+def iter_problems(exc: PolicyError) -> Iterator[str]:
+    """One human line per problem: what ``fleetgate rules check``, the reload log and
+    ``/healthz/ready`` all show."""
+    for p in exc.problems:
+        yield str(p)
