@@ -10,6 +10,8 @@ metrics address is refused even then).
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import threading
 from collections.abc import Callable, Iterable
@@ -109,6 +111,27 @@ class GatewayMetrics:
             "fleetgate_llm_requests_refused", "LLM request bodies refused before any rule ran.",
             ["reason"], registry=r)
 
+        self.mcp_messages = Counter(
+            "fleetgate_mcp_messages",
+            "MCP requests and notifications judged, by server, method, tool (or prompt / "
+            "resource), decision, rule and agent.",
+            ["server", "method", "tool", "decision", "rule", "agent"], registry=r)
+        self.mcp_hidden = Counter(
+            "fleetgate_mcp_list_entries_hidden",
+            "Entries removed from MCP list results, by server, list kind and reason "
+            "(policy, poisoning, pin).", ["server", "kind", "reason"], registry=r)
+        self.mcp_findings = Counter(
+            "fleetgate_mcp_tool_findings",
+            "Tool-poisoning findings and unapproved tool definitions, once per definition, by "
+            "server, rule and mode.", ["server", "rule", "mode"], registry=r)
+        self.mcp_refused = Counter(
+            "fleetgate_mcp_refused",
+            "MCP bodies and streams refused before any rule ran, by reason.", ["reason"],
+            registry=r)
+        self.mcp_pending = Gauge(
+            "fleetgate_mcp_tools_pending_approval",
+            "Tools (new or changed definitions) waiting for an operator's approval.", registry=r)
+
     def set_revision(self, revision: str) -> None:
         self.policy_revision.clear()
         self.policy_revision.labels(revision=revision).set(1)
@@ -130,6 +153,10 @@ class HealthServer:
         self._metrics_app = make_wsgi_app(metrics.registry)
         self._status = status
         self.json_routes: dict[str, Callable[[], dict[str, Any]]] = {}
+        # operator actions (POST, JSON body -> JSON answer); a ValueError is a 400
+        self.admin_routes: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+        # POSTs are accepted from loopback, or with "Authorization: Bearer <admin_token>"
+        self.admin_token = ""
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -167,6 +194,8 @@ class HealthServer:
                            [("Content-Type", "application/json"),
                             ("Content-Length", str(len(body)))])
             return [body]
+        if path in self.admin_routes:
+            return self._admin(path, environ, start_response)
         if path in self.json_routes:
             body = json.dumps(self.json_routes[path](), default=str).encode()
             start_response("200 OK", [("Content-Type", "application/json"),
@@ -174,3 +203,37 @@ class HealthServer:
             return [body]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics or /healthz/ready\n"]
+
+    def _admin(self, path: str, environ: dict[str, Any],
+               start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def answer(status: str, obj: dict[str, Any]) -> list[bytes]:
+            body = json.dumps(obj, default=str).encode()
+            start_response(status, [("Content-Type", "application/json"),
+                                    ("Content-Length", str(len(body)))])
+            return [body]
+
+        if environ.get("REQUEST_METHOD") != "POST":
+            return answer("405 Method Not Allowed", {"error": f"POST to {path}"})
+        auth = environ.get("HTTP_AUTHORIZATION", "")
+        peer = environ.get("REMOTE_ADDR", "")
+        token_ok = bool(self.admin_token) and hmac.compare_digest(
+            auth.encode(), f"Bearer {self.admin_token}".encode())
+        if not (token_ok or _is_loopback(peer)):
+            return answer("403 Forbidden", {"error": "admin actions need a loopback client or "
+                                            "'Authorization: Bearer <fleetgate_admin_token>'"})
+        try:
+            size = int(environ.get("CONTENT_LENGTH") or 0)
+            raw = environ["wsgi.input"].read(min(size, 1 << 20)) if size else b"{}"
+            args = json.loads(raw or b"{}")
+            if not isinstance(args, dict):
+                raise ValueError("the body must be a JSON object")
+            return answer("200 OK", self.admin_routes[path](args))
+        except ValueError as exc:
+            return answer("400 Bad Request", {"error": str(exc)})
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False

@@ -400,11 +400,10 @@ def test_explicit_id_colliding_with_a_default_id_across_files(tmp_path: Path) ->
     [
         ("localRateLimit: {tokens: 10}\n", 3, "rate limits"),
         ("policies: {localRateLimit: {tokens: 10}}\n", 3, "rate limits"),
-        ("mcpAuthorization: {rules: []}\n", 3, "MCP authorization"),
         ("agents:\n- name: a\n  match: 'true'\n  egress: {hosts: [a.com]}\n"
          "  localRateLimit: {tokens: 1}\n", 7, "rate limits"),
-        ("authorization:\n  rules:\n  - deny: 'true'\n    mcpAuthorization: x\n", 6,
-         "MCP authorization"),
+        ("authorization:\n  rules:\n  - deny: 'true'\n    localRateLimit: x\n", 6,
+         "rate limits"),
     ],
 )
 def test_not_yet_supported_keys_are_refused(tmp_path: Path, body: str, line: int,
@@ -587,3 +586,96 @@ def test_configmap_swap_detected_even_with_identical_content(tmp_path: Path) -> 
     os.replace(root / "..tmp", root / "..data")
     assert fingerprint(root) != fp1
     assert load_policy(root).revision == rev1  # same content, same revision
+
+
+# -- MCP --------------------------------------------------------------------------------
+
+SEED_MCP = """\
+# Security agent backend (seed 000, verbatim)
+mcpAuthorization:
+  rules:
+  - >-
+    jwt.agent_role == "security" && (
+      mcp.tool.name.startsWith("nmap") ||
+      mcp.tool.name.startsWith("trivy") ||
+      mcp.tool.name.startsWith("falco")
+    )
+"""
+
+
+def test_seed_mcp_authorization_loads_verbatim(tmp_path: Path) -> None:
+    policy = load_policy(write(tmp_path, "backend.yaml", SEED_MCP))
+    [rule] = policy.mcp.rules
+    assert rule.id == "backend.mcpAuthorization[0]"
+    assert rule.effect is Effect.ALLOW
+    assert rule.source == "backend.yaml:6"
+    assert policy.mcp.reveal_denied is False and policy.mcp.detect is True
+
+
+def test_mcp_servers_profiles_and_capability_lists(tmp_path: Path) -> None:
+    policy = load_policy(write(tmp_path, "p.yaml", """\
+        mcp:
+          revealDenied: true
+          servers:
+          - name: cloud-tools
+            hosts: [mcp-cloud.example.com]
+            path: /mcp
+            poisoning: report
+            mcpAuthorization:
+              rules:
+              - id: no-agent-infra
+                deny: 'mcp.tool.arguments.namespace == "agent-infra"'
+                reason: agent-infra hosts the gateway
+        agents:
+        - name: marketing
+          match: 'jwt.agent_role == "marketing"'
+          egress: {hosts: [mcp.example.com]}
+          allowed_tools: [write_blog_post, "read_*"]
+          denied_tools: [execute_code]
+          mcpAuthorization:
+            rules:
+            - 'mcp.method == "prompts/get"'
+        """))
+    [server] = policy.mcp.servers
+    assert (server.name, server.path, server.poisoning.value, server.pins.value) == (
+        "cloud-tools", "/mcp", "report", "enforce")
+    assert [r.id for r in server.rules] == ["no-agent-infra"]
+    assert server.matches("mcp-cloud.example.com", 443, "/mcp")
+    assert server.matches("mcp-cloud.example.com", 443, "/mcp/messages?session_id=1")
+    assert not server.matches("mcp-cloud.example.com", 443, "/mcpx")
+    assert not server.matches("other.example.com", 443, "/mcp")
+    assert policy.mcp.server_for("mcp-cloud.example.com", 443, "/mcp") is server
+    assert policy.mcp.reveal_denied is True
+    [profile] = policy.agents
+    assert [(r.id, r.effect.value) for r in profile.mcp_rules] == [
+        ("marketing.mcpAuthorization[0]", "allow"),
+        ("marketing.allowed_tools[0]", "allow"), ("marketing.allowed_tools[1]", "allow"),
+        ("marketing.denied_tools[0]", "deny")]
+    assert profile.mcp_rules[2].expr.source == 'mcp.tool.name.startsWith("read_")'
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "what"),
+    [
+        ("mcpAuthorization:\n  rules:\n  - 'mcp.tool.nam == 1 +'\n", 5, "CEL"),
+        ("mcpAuthorization:\n  rules:\n  - 'llm.model == \"x\"'\n", 5, "unknown variable llm"),
+        ("mcpAuthorization:\n  rules:\n  - require: 'true'\n", 5, "'allow' or 'deny'"),
+        ("mcpAuthorization:\n  rules:\n  - {deny: 'true', hosts: [a]}\n", 5, "unknown key"),
+        ("mcp:\n  servers:\n  - name: s\n    hosts: []\n", 6, "at least one host"),
+        ("mcp:\n  servers:\n  - name: s\n    hosts: [a.com]\n    poisoning: block\n", 7,
+         "enforce, report, off"),
+        ("mcp:\n  servers:\n  - name: s\n    hosts: [a.com]\n    path: mcp\n", 7, "path prefix"),
+        ("mcp:\n  revealDenied: yes please\n", 4, "true or false"),
+        ("mcp:\n  server: []\n", 4, "unknown key 'server'"),
+        ("agents:\n- name: a\n  match: 'true'\n  egress: {hosts: [a.com]}\n"
+         "  allowed_tools: ['']\n", 7, "non-empty string"),
+        ("agents:\n- name: a\n  match: 'true'\n  egress: {hosts: [a.com]}\n"
+         "  allowed_tool: [x]\n", 7, "unknown key 'allowed_tool'"),
+        ("mcpAuthorization:\n  rules:\n  - {id: dup, allow: 'true'}\n  - {id: dup, allow: 'true'}\n",
+         6, "duplicate rule id"),
+    ],
+)
+def test_bad_mcp_rules_are_located(tmp_path: Path, body: str, line: int, what: str) -> None:
+    [problem] = problems_of(write(tmp_path, "p.yaml", body))
+    assert f"p.yaml:{line}" in problem
+    assert what in problem

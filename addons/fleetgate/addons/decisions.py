@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from mitmproxy import ctx, exceptions, http
 
 from fleetgate import decisionlog
-from fleetgate.addons.flowtools import CUT, DECISION, HEADER, IDENTITY, LLM_USAGE, decision_id
+from fleetgate.addons.flowtools import CUT, DECISION, HEADER, IDENTITY, LLM_USAGE, MCP, decision_id
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.metrics import GatewayMetrics
 
@@ -112,7 +112,7 @@ class DecisionLog:
             latency_ms=(end - req.timestamp_start) * 1000 if req.timestamp_start else None,
             revision=self.store.policy.revision if self.store.policy else None,
             error=flow.error.msg if flow.error else None,
-            extra=self._llm_fields(flow),
+            extra=self._extra_fields(flow),
         )
         agent = rec["agent"] or "anonymous"
         self.metrics.requests.labels(agent=agent, role=rec["role"] or "",
@@ -120,12 +120,18 @@ class DecisionLog:
         self._write(rec)
 
     @staticmethod
-    def _llm_fields(flow: http.HTTPFlow) -> dict[str, Any] | None:
+    def _extra_fields(flow: http.HTTPFlow) -> dict[str, Any] | None:
+        extra: dict[str, Any] = {}
         usage = flow.metadata.get(LLM_USAGE)
-        if not isinstance(usage, dict):
-            return None
-        return {"llm": {k: usage.get(k) for k in ("provider", "model", "tokens", "cost_usd",
-                                                  "estimated", "priced", "outcome")}}
+        if isinstance(usage, dict):
+            extra["llm"] = {k: usage.get(k) for k in ("provider", "model", "tokens", "cost_usd",
+                                                      "estimated", "priced", "outcome")}
+        mcp = flow.metadata.get(MCP)
+        if isinstance(mcp, dict):
+            extra["mcp"] = {"server": mcp.get("server"), "transport": mcp.get("transport"),
+                            "session": mcp.get("session"), "calls": mcp.get("calls"),
+                            "hidden": mcp.get("hidden")}
+        return extra or None
 
     def _write(self, rec: dict[str, Any]) -> None:
         line = decisionlog.render(rec)

@@ -28,6 +28,10 @@ CLAIMS = "fleetgate.claims"
 CUT = "fleetgate.cut"
 LLM_REQUEST = "fleetgate.llm"
 LLM_USAGE = "fleetgate.llm_usage"
+MCP = "fleetgate.mcp"
+# Set by an addon that must read a response whole (bounded by its own limit): the
+# streaming addon then leaves the response buffered.
+NEEDS_BODY = "fleetgate.needs_body"
 HEADER = "X-Fleetgate-Decision-Id"
 
 def decision_id(flow: http.HTTPFlow) -> str:

@@ -20,8 +20,13 @@ class HealthEndpoint:
         loader.add_option("fleetgate_metrics_listen", str, "127.0.0.1:15020",
                           "host:port for /metrics, /healthz/ready and /healthz/live "
                           "(port 0 picks a free port; '' disables). Never the proxy port.")
+        loader.add_option("fleetgate_admin_token", str, "",
+                          "Bearer token for admin actions (POST /mcp/approve...) from other "
+                          "hosts than loopback; '' accepts them from loopback only.")
 
     def configure(self, updated: set[str]) -> None:
+        if "fleetgate_admin_token" in updated:
+            self.server.admin_token = ctx.options.fleetgate_admin_token
         if "fleetgate_metrics_listen" not in updated:
             return
         spec = ctx.options.fleetgate_metrics_listen

@@ -1,9 +1,9 @@
 """The one place the order of fleetgate's chain lives.
 
 Cheap checks first, then identity, then the kill switch (so it wins even when rules are
-wrong), then the LLM body facts the rules may use, the rules, metering; the decision log
-last so it sees denied flows too. Later concerns (limits, MCP) slot in between the rules and
-the log.
+wrong), then the LLM body facts the rules may use, the rules, MCP governance (it needs the
+rules' verdict and the agent's profiles), metering; the decision log last so it sees denied
+flows too. Later concerns (limits) slot in between the rules and the log.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from fleetgate.addons.health import HealthEndpoint
 from fleetgate.addons.identity import AgentIdentity
 from fleetgate.addons.killswitch import KillSwitch
 from fleetgate.addons.llm import LlmInspector, LlmMeter
+from fleetgate.addons.mcp import McpGuard
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.streaming import StreamPassthrough
 from fleetgate.llm.ledger import Ledger
@@ -38,6 +39,7 @@ def pipeline() -> list[Any]:
         identity,
         LlmInspector(store, metrics),
         HttpAuthorization(store, metrics, health),
+        McpGuard(store, metrics, health),
         kill,
         LlmMeter(store, metrics, ledger),
         StreamPassthrough(),

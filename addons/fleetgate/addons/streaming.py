@@ -14,7 +14,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from fleetgate.addons.flowtools import fail_closed
+from fleetgate.addons.flowtools import NEEDS_BODY, fail_closed
 
 STREAMED = "fleetgate.streamed"
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
@@ -48,7 +48,8 @@ class StreamPassthrough:
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.error or not flow.live or flow.response is None or flow.response.stream:
+        if (flow.error or not flow.live or flow.response is None or flow.response.stream
+                or flow.metadata.get(NEEDS_BODY)):
             return
         headers = flow.response.headers
         if should_stream(headers.get("content-type", ""), headers.get("content-length"),

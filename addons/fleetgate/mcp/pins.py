@@ -55,6 +55,7 @@ class PinStore:
         self._lock = threading.Lock()
         self._pins: dict[str, dict[str, str]] = {}
         self._pending: dict[tuple[str, str], Pending] = {}
+        self._learning: set[str] = set()
         if path is not None and path.exists():
             self._pins = self._read(path)
 
@@ -76,19 +77,28 @@ class PinStore:
             json.dump(self._pins, f, indent=2, sort_keys=True)
         os.replace(tmp, self.path)
 
-    def check(self, server: str, tools: list[dict[str, Any]]) -> dict[str, PinState]:
-        """State of each listed tool (by name); records new/changed ones as pending."""
+    def check(self, server: str, tools: list[dict[str, Any]],
+              last_page: bool = True) -> dict[str, PinState]:
+        """State of each listed tool (by name); records new/changed ones as pending.
+
+        Trust on first use covers a server's whole first listing, every page of it: the
+        server stays "learning" until a page without ``nextCursor`` (``last_page``)."""
         with self._lock:
             known = self._pins.get(server)
             if known is None and self.trust_on_first_use:
-                self._pins[server] = {str(t.get("name")): fingerprint(t) for t in tools}
-                self._save()
-                return {str(t.get("name")): PinState.PINNED for t in tools}
-            known = known or {}
+                known = self._pins[server] = {}
+                self._learning.add(server)
+            learning = server in self._learning
+            if known is None:
+                known = {}
             states: dict[str, PinState] = {}
+            changed = False
             for t in tools:
                 name, fp = str(t.get("name")), fingerprint(t)
                 pinned = known.get(name)
+                if pinned is None and learning:
+                    known[name] = pinned = fp
+                    changed = True
                 if pinned == fp:
                     states[name] = PinState.PINNED
                     self._pending.pop((server, name), None)
@@ -96,7 +106,23 @@ class PinStore:
                     state = PinState.NEW if pinned is None else PinState.CHANGED
                     states[name] = state
                     self._pending[(server, name)] = Pending(server, name, state, fp)
+            if last_page:
+                self._learning.discard(server)
+            if changed:
+                self._save()
             return states
+
+    def state(self, server: str, tool: str, fp: str) -> PinState | None:
+        """Whether ``tool`` with definition ``fp`` is approved; ``None`` when the server has
+        never been listed (nothing to compare with)."""
+        with self._lock:
+            known = self._pins.get(server)
+            if known is None:
+                return None
+            pinned = known.get(tool)
+            if pinned == fp:
+                return PinState.PINNED
+            return PinState.NEW if pinned is None else PinState.CHANGED
 
     def pending(self) -> list[Pending]:
         with self._lock:

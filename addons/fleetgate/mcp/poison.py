@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RULES", "Finding", "scan_tool"]
+__all__ = ["RULES", "Finding", "scan_patterns", "scan_tool", "shadowing"]
 
 MAX_DESCRIPTION = 2000  # characters; longer descriptions are themselves a finding
 
@@ -98,6 +98,11 @@ def _excerpt(text: str, m: re.Match[str] | None) -> str:
 def scan_tool(tool: dict[str, Any], other_tools: Iterable[str] = ()) -> list[Finding]:
     """Findings for one ``tools/list`` entry. ``other_tools``: tool names other servers
     offer, so a description that steers the model's use of them (shadowing) is caught."""
+    return scan_patterns(tool) + shadowing(tool, other_tools)
+
+
+def scan_patterns(tool: dict[str, Any]) -> list[Finding]:
+    """The findings that depend on the tool alone (cacheable by its fingerprint)."""
     findings: list[Finding] = []
     fields = [("name", tool.get("name")), ("description", tool.get("description")),
               ("title", tool.get("title"))]
@@ -116,10 +121,23 @@ def scan_tool(tool: dict[str, Any], other_tools: Iterable[str] = ()) -> list[Fin
     if isinstance(desc, str) and len(desc) > MAX_DESCRIPTION:
         findings.append(Finding("excessive-length", "description",
                                 f"{len(desc)} characters (limit {MAX_DESCRIPTION})"))
-    own = tool.get("name")
-    for other in set(other_tools):
-        if other and other != own and isinstance(desc, str) and re.search(
-                rf"(?<![\w-]){re.escape(other)}(?![\w-])", desc):
-            findings.append(Finding("shadows-other-tool", "description",
-                                    f"mentions {other!r}, a tool of another server"))
     return findings
+
+
+_WORD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*[A-Za-z0-9_]|[A-Za-z0-9_]")
+
+
+def shadowing(tool: dict[str, Any], other_tools: Iterable[str]) -> list[Finding]:
+    """A description naming another server's tool steers how the model uses that tool
+    ("when send_email is used, BCC ..."). Words are matched as a set, so the cost does not
+    grow with the number of other tools."""
+    desc = tool.get("description")
+    if not isinstance(desc, str):
+        return []
+    own = tool.get("name")
+    others = set(other_tools) - {own, ""}
+    if not others:
+        return []
+    words = set(_WORD.findall(desc))
+    return [Finding("shadows-other-tool", "description", f"mentions {name!r}, a tool of another "
+                    "server") for name in sorted(words & others)]

@@ -26,7 +26,8 @@ from typing import Any
 from fleetgate.celexpr import Activation, CelError, compile_expr
 from fleetgate.policy.model import Effect, Rule
 
-__all__ = ["MCP_ROOTS", "McpVerdict", "compile_mcp_rules", "glob_to_cel", "may_call", "may_list"]
+__all__ = ["MCP_ROOTS", "McpVerdict", "compile_capability", "compile_mcp_entry", "compile_mcp_rules",
+           "glob_to_cel", "may_call", "may_deny", "may_list"]
 
 MCP_ROOTS = ("jwt", "request", "mcp")
 
@@ -52,43 +53,53 @@ def glob_to_cel(pattern: str) -> str:
     return f"mcp.tool.name.matches({lit(rx)})"
 
 
+def compile_mcp_entry(entry: Any, rule_id: str) -> Rule:
+    """One ``mcpAuthorization.rules`` entry: a CEL string (allow), or a mapping with
+    ``allow`` or ``deny`` (+ optional ``id``, ``reason``). Raises ``ValueError``."""
+    if isinstance(entry, str):
+        effect, source, reason = Effect.ALLOW, entry, None
+    elif isinstance(entry, Mapping) and len({"allow", "deny"} & set(entry)) == 1:
+        effect = Effect.ALLOW if "allow" in entry else Effect.DENY
+        source = entry[effect.value]
+        if isinstance(source, bool):  # `allow: true` in plain YAML
+            source = "true" if source else "false"
+        rule_id = str(entry.get("id", rule_id))
+        reason = entry.get("reason") if isinstance(entry.get("reason"), str) else None
+        unknown = set(entry) - {"allow", "deny", "id", "reason"}
+        if unknown:
+            raise ValueError(f"{rule_id}: unknown key(s) {sorted(unknown)}; expected allow or "
+                             "deny, id, reason")
+    else:
+        raise ValueError(f"{rule_id}: a rule is a CEL string, or a mapping with 'allow' or 'deny'")
+    try:
+        expr = compile_expr(str(source), MCP_ROOTS)
+    except CelError as exc:
+        raise ValueError(f"{rule_id}: CEL: {exc}") from None
+    return Rule(rule_id, effect, expr, reason)
+
+
+def compile_capability(kind: str, pattern: str, rule_id: str, match: str | None = None) -> Rule:
+    """One ``allowed_tools`` / ``denied_tools`` glob as an allow / deny rule."""
+    effect = {"allowed_tools": Effect.ALLOW, "denied_tools": Effect.DENY}[kind]
+    scope = f"({match}) && " if match else ""
+    try:
+        expr = compile_expr(f"{scope}{glob_to_cel(str(pattern))}", MCP_ROOTS)
+    except CelError as exc:
+        raise ValueError(f"{rule_id}: CEL: {exc}") from None
+    return Rule(rule_id, effect, expr, f"tool pattern {pattern!r} in {kind}")
+
+
 def compile_mcp_rules(owner: str, entries: Iterable[Any], allowed_tools: Iterable[str] = (),
                       denied_tools: Iterable[str] = (), match: str | None = None) -> list[Rule]:
     """Compile one ``mcpAuthorization.rules`` list (plus capability lists) into rules.
 
-    ``match``: the owning agent profile's selector, ANDed into the capability-list rules so
-    that they apply to that profile's agents only. Raises ``ValueError`` naming the entry.
+    ``match``: a selector ANDed into the capability-list rules, for use outside an agent
+    profile. Raises ``ValueError`` naming the entry.
     """
-    rules: list[Rule] = []
-    for i, entry in enumerate(entries):
-        rid = f"{owner}.mcpAuthorization[{i}]"
-        if isinstance(entry, str):
-            effect, source, reason = Effect.ALLOW, entry, None
-        elif isinstance(entry, Mapping) and len({"allow", "deny"} & set(entry)) == 1:
-            effect = Effect.ALLOW if "allow" in entry else Effect.DENY
-            source = entry[effect.value]
-            rid = str(entry.get("id", rid))
-            reason = entry.get("reason") if isinstance(entry.get("reason"), str) else None
-            unknown = set(entry) - {"allow", "deny", "id", "reason"}
-            if unknown:
-                raise ValueError(f"{rid}: unknown key(s) {sorted(unknown)}")
-        else:
-            raise ValueError(f"{rid}: a rule is a CEL string, or a mapping with 'allow' or 'deny'")
-        try:
-            expr = compile_expr(str(source), MCP_ROOTS)
-        except CelError as exc:
-            raise ValueError(f"{rid}: CEL: {exc}") from None
-        rules.append(Rule(rid, effect, expr, reason))
-    scope = f"({match}) && " if match else ""
-    for kind, effect, patterns in (("allowed_tools", Effect.ALLOW, allowed_tools),
-                                   ("denied_tools", Effect.DENY, denied_tools)):
-        for i, pat in enumerate(patterns):
-            rid = f"{owner}.{kind}[{i}]"
-            try:
-                expr = compile_expr(f"{scope}{glob_to_cel(str(pat))}", MCP_ROOTS)
-            except CelError as exc:
-                raise ValueError(f"{rid}: CEL: {exc}") from None
-            rules.append(Rule(rid, effect, expr, f"tool pattern {pat!r} in {kind}"))
+    rules = [compile_mcp_entry(e, f"{owner}.mcpAuthorization[{i}]") for i, e in enumerate(entries)]
+    for kind, patterns in (("allowed_tools", allowed_tools), ("denied_tools", denied_tools)):
+        rules.extend(compile_capability(kind, p, f"{owner}.{kind}[{i}]", match)
+                     for i, p in enumerate(patterns))
     return rules
 
 
@@ -134,3 +145,17 @@ def may_list(rules: Iterable[Rule], activation: Activation | Mapping[str, Any]) 
             except CelError:
                 continue  # needs the call's arguments: judged at call time
     return _first_allow(rules, act) is not None
+
+
+def may_deny(rules: Iterable[Rule], activation: Activation) -> McpVerdict:
+    """Methods that act on no tool, prompt or resource (``initialize``, ``ping``, list calls,
+    notifications): allowed unless a deny rule is true. A deny rule that cannot be evaluated
+    here reads a call's fields (``mcp.tool.arguments``...) and is about calls, not these."""
+    for r in rules:
+        if r.effect is Effect.DENY:
+            try:
+                if r.expr.evaluate(activation):
+                    return McpVerdict(False, r.id, r.reason or f"denied by {r.id}")
+            except CelError:
+                continue
+    return McpVerdict(True, "mcp.protocol", "protocol message")

@@ -23,7 +23,17 @@ import yaml
 from fleetgate.celexpr import CelError, compile_expr
 from fleetgate.llm.pricing import Price, PricingTable, price_from_dict
 from fleetgate.llm.providers import Provider, ProviderTable, provider_from_dict
-from fleetgate.policy.model import AgentProfile, Effect, Policy, Revocations, Rule
+from fleetgate.mcp.policy import compile_capability, compile_mcp_entry
+from fleetgate.policy.model import (
+    AgentProfile,
+    Effect,
+    McpMode,
+    McpServer,
+    McpSettings,
+    Policy,
+    Revocations,
+    Rule,
+)
 from fleetgate.policy.netaddr import HostPattern, IPNetwork, parse_networks
 
 __all__ = ["API_VERSION", "PolicyError", "Problem", "load_policy", "policy_files"]
@@ -35,8 +45,10 @@ REQUEST_ROOTS = ("jwt", "request", "llm")
 MATCH_ROOTS = ("jwt",)
 
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "authorization", "agents", "revoked", "llm",
-             "destinations"}
-_AGENT_KEYS = {"name", "match", "egress", "authorization", "description"}
+             "destinations", "mcpAuthorization", "mcp"}
+_AGENT_KEYS = {"name", "match", "egress", "authorization", "description", "mcpAuthorization",
+               "allowed_tools", "denied_tools"}
+_MCP_SERVER_KEYS = {"name", "hosts", "path", "poisoning", "pins", "mcpAuthorization"}
 _RULE_KEYS = {"allow", "deny", "require", "id", "reason", "hosts"}
 
 # Keys from the seed dialect that later releases implement. Until then they are refused
@@ -44,7 +56,6 @@ _RULE_KEYS = {"allow", "deny", "require", "id", "reason", "hosts"}
 _NOT_YET = {
     "policies": "rate limits ('policies.localRateLimit') are not supported by this version",
     "localRateLimit": "rate limits are not supported by this version",
-    "mcpAuthorization": "MCP authorization is not supported by this version",
 }
 
 
@@ -177,6 +188,10 @@ class _Builder:
         self.aliases: dict[str, str] = {}
         self.rule_ids: dict[str, str] = {}
         self.agent_names: dict[str, str] = {}
+        self.mcp_rules: list[Rule] = []
+        self.mcp_servers: list[McpServer] = []
+        self.mcp_reveal: bool | None = None
+        self.mcp_detect: bool | None = None
         self._file = ""
         self._lines = _Lines()
 
@@ -224,6 +239,10 @@ class _Builder:
             self.rules.extend(self._authorization(doc["authorization"], "authorization", owner))
         for i, agent in enumerate(self._list(doc.get("agents", []), "agents")):
             self._agent(agent, f"agents[{i}]")
+        if "mcpAuthorization" in doc:
+            self.mcp_rules.extend(self._mcp_authorization(
+                doc["mcpAuthorization"], "mcpAuthorization", Path(self._file).stem))
+        self._mcp(doc.get("mcp"))
         self._revoked(doc.get("revoked"))
         self._destinations(doc.get("destinations"))
         self._llm(doc.get("llm"))
@@ -338,8 +357,104 @@ class _Builder:
                     self.err(f"{path}.egress.hosts[{i}]", str(exc))
         rules = (self._authorization(entry["authorization"], f"{path}.authorization", name)
                  if "authorization" in entry else [])
+        mcp_rules = (self._mcp_authorization(entry["mcpAuthorization"], f"{path}.mcpAuthorization",
+                                             name) if "mcpAuthorization" in entry else [])
+        for kind in ("allowed_tools", "denied_tools"):
+            for i, pattern in enumerate(self._str_list(entry.get(kind), f"{path}.{kind}")):
+                rule = self._register(f"{name}.{kind}[{i}]", f"{path}.{kind}[{i}]",
+                                      lambda rid, k=kind, pat=pattern: compile_capability(k, pat, rid))
+                if rule is not None:
+                    mcp_rules.append(rule)
         self.agents.append(AgentProfile(name=name, match=match, egress=tuple(egress),
-                                        rules=tuple(rules), source=self.src(path)))
+                                        rules=tuple(rules), source=self.src(path),
+                                        mcp_rules=tuple(mcp_rules)))
+
+    # -- MCP ------------------------------------------------------------------------
+
+    def _register(self, rule_id: str, path: str, build: Any) -> Rule | None:
+        """Build one MCP rule with ``build(rule_id)``; record its id; report problems."""
+        try:
+            rule: Rule = build(rule_id)
+        except ValueError as exc:
+            self.err(path, str(exc))
+            return None
+        if rule.id in self.rule_ids:
+            self.err(f"{path}", f"duplicate rule id {rule.id!r} (first at {self.rule_ids[rule.id]})")
+            return None
+        self.rule_ids[rule.id] = self.src(path)
+        return Rule(rule.id, rule.effect, rule.expr, rule.reason, self.src(path))
+
+    def _mcp_authorization(self, section: Any, path: str, owner: str) -> list[Rule]:
+        """The seed's ``mcpAuthorization: rules: [...]``: CEL strings allow; fleetgate adds
+        ``{deny: CEL}`` entries (argument-aware exceptions) with optional id and reason."""
+        if not isinstance(section, dict):
+            self.err(path, "must be a mapping with a 'rules' list")
+            return []
+        self._check_keys(section, path, {"rules"})
+        rules = []
+        for i, entry in enumerate(self._list(section.get("rules"), f"{path}.rules")):
+            rule = self._register(f"{owner}.mcpAuthorization[{i}]", f"{path}.rules[{i}]",
+                                  lambda rid, e=entry: compile_mcp_entry(e, rid))
+            if rule is not None:
+                rules.append(rule)
+        return rules
+
+    def _mcp(self, section: Any) -> None:
+        if section is None:
+            return
+        if not isinstance(section, dict):
+            self.err("mcp", "mcp must be a mapping with 'servers', 'revealDenied', 'detect'")
+            return
+        self._check_keys(section, "mcp", {"servers", "revealDenied", "detect"})
+        for key, attr in (("revealDenied", "mcp_reveal"), ("detect", "mcp_detect")):
+            if key in section:
+                if not isinstance(section[key], bool):
+                    self.err(f"mcp.{key}", f"{key} must be true or false")
+                elif getattr(self, attr) is not None and getattr(self, attr) != section[key]:
+                    self.err(f"mcp.{key}", f"mcp.{key} is set differently in two files")
+                else:
+                    setattr(self, attr, section[key])
+        names = {s.name for s in self.mcp_servers}
+        for i, entry in enumerate(self._list(section.get("servers"), "mcp.servers")):
+            where = f"mcp.servers[{i}]"
+            if not isinstance(entry, dict):
+                self.err(where, "a server is a mapping {name, hosts, path, poisoning, pins, "
+                         "mcpAuthorization}")
+                continue
+            self._check_keys(entry, where, _MCP_SERVER_KEYS)
+            name = entry.get("name")
+            if not isinstance(name, str) or not name.strip():
+                self.err(f"{where}.name", "every MCP server needs a 'name'")
+                continue
+            if name in names:
+                self.err(f"{where}.name", f"duplicate MCP server name {name!r}")
+                continue
+            names.add(name)
+            hosts: list[HostPattern] = []
+            for j, host in enumerate(self._str_list(entry.get("hosts"), f"{where}.hosts")):
+                try:
+                    hosts.append(HostPattern(host))
+                except ValueError as exc:
+                    self.err(f"{where}.hosts[{j}]", str(exc))
+            if not hosts:
+                self.err(f"{where}.hosts", "an MCP server needs at least one host")
+            mpath = entry.get("path", "")
+            if not isinstance(mpath, str) or (mpath and not mpath.startswith("/")):
+                self.err(f"{where}.path", "path must be a path prefix starting with '/'")
+                mpath = ""
+            modes: dict[str, McpMode] = {}
+            for key in ("poisoning", "pins"):
+                value = entry.get(key, "enforce")
+                try:
+                    modes[key] = McpMode(value)
+                except ValueError:
+                    self.err(f"{where}.{key}", f"{key} must be one of enforce, report, off")
+                    modes[key] = McpMode.ENFORCE
+            rules = (self._mcp_authorization(entry["mcpAuthorization"], f"{where}.mcpAuthorization",
+                                             name) if "mcpAuthorization" in entry else [])
+            self.mcp_servers.append(McpServer(
+                name=name, hosts=tuple(hosts), path=mpath, poisoning=modes["poisoning"],
+                pins=modes["pins"], rules=tuple(rules), source=self.src(where)))
 
     def _revoked(self, section: Any) -> None:
         if section is None:
@@ -458,6 +573,9 @@ class _Builder:
             cel_inputs=self._cel_inputs(),
             providers=ProviderTable(self.providers),
             pricing=self._pricing(),
+            mcp=McpSettings(servers=tuple(self.mcp_servers), rules=tuple(self.mcp_rules),
+                            reveal_denied=bool(self.mcp_reveal),
+                            detect=True if self.mcp_detect is None else self.mcp_detect),
         )
 
 

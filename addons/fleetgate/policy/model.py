@@ -15,7 +15,8 @@ from fleetgate.llm.pricing import PricingTable
 from fleetgate.llm.providers import ProviderTable
 from fleetgate.policy.netaddr import HostPattern, IPNetwork
 
-__all__ = ["AgentProfile", "Effect", "Policy", "Revocations", "Rule"]
+__all__ = ["AgentProfile", "Effect", "McpMode", "McpServer", "McpSettings", "Policy", "Revocations",
+           "Rule"]
 
 
 class Effect(StrEnum):
@@ -54,6 +55,53 @@ class AgentProfile:
     egress: tuple[HostPattern, ...]
     rules: tuple[Rule, ...]
     source: str = ""
+    # mcpAuthorization rules and allowed_tools/denied_tools of this profile: they apply
+    # to MCP traffic of the agents this profile selects.
+    mcp_rules: tuple[Rule, ...] = ()
+
+
+class McpMode(StrEnum):
+    """What a tool-poisoning finding or an unapproved tool definition does."""
+
+    ENFORCE = "enforce"  # hide the tool (and refuse calls to it)
+    REPORT = "report"    # show it, log and count the finding
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class McpServer:
+    """An ``mcp.servers[]`` entry: an MCP endpoint and how its tools are vetted."""
+
+    name: str
+    hosts: tuple[HostPattern, ...]
+    path: str = ""  # path prefix; empty: every path on the hosts
+    poisoning: McpMode = McpMode.ENFORCE
+    pins: McpMode = McpMode.ENFORCE
+    rules: tuple[Rule, ...] = ()
+    source: str = ""
+    declared: bool = True  # False: found by its MCP headers, not listed in the rules
+
+    def matches(self, host: str, port: int, path: str) -> bool:
+        if not any(h.matches(host, port) for h in self.hosts):
+            return False
+        p = self.path.rstrip("/")
+        return not p or path == p or path.startswith(p + "/") or path.startswith(p + "?")
+
+
+@dataclass(frozen=True)
+class McpSettings:
+    """The ``mcp`` section and the top-level ``mcpAuthorization`` rules."""
+
+    servers: tuple[McpServer, ...] = ()
+    rules: tuple[Rule, ...] = ()  # top-level mcpAuthorization: every server, every agent
+    reveal_denied: bool = False  # False: a denied tool answers as if it did not exist
+    detect: bool = True  # undeclared servers are recognised by their MCP headers
+
+    def server_for(self, host: str, port: int, path: str) -> McpServer | None:
+        for s in self.servers:
+            if s.matches(host, port, path):
+                return s
+        return None
 
 
 @dataclass(frozen=True)
@@ -94,3 +142,4 @@ class Policy:
     cel_inputs: frozenset[str] = frozenset({"query", "headers", "llm"})
     providers: ProviderTable = field(default_factory=ProviderTable)
     pricing: PricingTable = field(default_factory=PricingTable)
+    mcp: McpSettings = field(default_factory=McpSettings)

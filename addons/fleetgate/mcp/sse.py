@@ -1,0 +1,142 @@
+"""Server-sent events, re-framed one event at a time.
+
+MCP servers answer on event streams (streamable HTTP POST and GET streams, the older HTTP+SSE
+transport). The gateway must rewrite some events (a ``tools/list`` result filtered for the
+agent, a denied call's placeholder turned into its error) without ever holding more than the
+event being read: :class:`SseRewriter` is fed raw chunks, returns at once every complete
+event (unchanged bytes when the transform leaves it alone) and keeps only the incomplete tail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Event", "SseError", "SseRewriter"]
+
+
+class SseError(Exception):
+    """The stream cannot be re-framed safely (an event beyond the size limit)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One parsed event: its type (``message`` by default), data lines joined by ``\\n``,
+    and its ``id`` if any."""
+
+    type: str
+    data: str
+    id: str | None
+
+
+# transform(event) -> replacement data for the event (str), or None to keep it as it was
+Transform = Callable[[Event], str | None]
+
+
+def _boundary(buf: bytes | bytearray, start: int) -> tuple[int, int] | None:
+    """(end of event, start of next) for the first blank line at or after ``start``."""
+    best: tuple[int, int] | None = None
+    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r", b"\r\n\n", b"\n\r\n"):
+        i = buf.find(sep, start)
+        if i != -1 and (best is None or i < best[0]):
+            best = (i, i + len(sep))
+    return best
+
+
+def parse_event(raw: bytes) -> Event | None:
+    """Parse one event's lines (no trailing blank line); ``None`` for comment-only blocks."""
+    etype, eid, data, seen = "message", None, [], False
+    for line in raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if not line or line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "data":
+            data.append(value)
+            seen = True
+        elif field == "event":
+            etype = value or "message"
+            seen = True
+        elif field == "id":
+            eid = value
+            seen = True
+    if not seen:
+        return None
+    return Event(etype, "\n".join(data), eid)
+
+
+def render_event(event: Event, data: str) -> bytes:
+    """An event with new data, in canonical framing (``\\n`` line ends, blank line after)."""
+    lines = []
+    if event.type != "message":
+        lines.append(f"event: {event.type}")
+    if event.id is not None:
+        lines.append(f"id: {event.id}")
+    lines.extend(f"data: {part}" for part in data.split("\n"))
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+class SseRewriter:
+    """Feed chunks in, get complete (possibly rewritten) events out.
+
+    ``max_event`` bounds the bytes held for one event; a larger event raises
+    :class:`SseError` (the caller cuts the stream: it cannot be judged).
+    """
+
+    def __init__(self, transform: Transform, max_event: int) -> None:
+        self.transform = transform
+        self.max_event = max_event
+        self._buf = bytearray()
+        self._scan = 0  # where the search for the next blank line resumes
+        self.events = 0
+        self.rewritten = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        self._buf += chunk
+        out = bytearray()
+        pos = 0
+        while True:
+            found = _boundary(self._buf, max(pos, self._scan))
+            if found is None:
+                break
+            end, nxt = found
+            raw = bytes(self._buf[pos:end])
+            out += self._one(raw, bytes(self._buf[pos:nxt]))
+            pos = nxt
+        del self._buf[:pos]
+        # a separator may straddle this chunk's end: resume a few bytes before it
+        self._scan = max(0, len(self._buf) - 3)
+        if len(self._buf) > self.max_event:
+            raise SseError(f"an event exceeds {self.max_event} bytes")
+        return bytes(out)
+
+    def _one(self, raw: bytes, original: bytes) -> bytes:
+        event = parse_event(raw)
+        if event is None:
+            return original  # comment / keep-alive
+        self.events += 1
+        new = self.transform(event)
+        if new is None:
+            return original
+        self.rewritten += 1
+        return render_event(event, new)
+
+    def finish(self) -> bytes:
+        """End of stream: an unterminated last event is judged too, never passed unread."""
+        if not self._buf:
+            return b""
+        raw = bytes(self._buf)
+        self._buf.clear()
+        self._scan = 0
+        event = parse_event(raw)
+        if event is None:
+            return raw
+        self.events += 1
+        new = self.transform(event)
+        if new is None:
+            return raw
+        self.rewritten += 1
+        return render_event(event, new)
