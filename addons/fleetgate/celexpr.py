@@ -120,7 +120,8 @@ def compile_expr(source: str, roots: Iterable[str]) -> Expr:
     # first identifier in the source text that is not a bound name is a real root, so we
     # accept bound names when they appear as a macro's first argument.
     bound = _macro_bound_names(source)
-    unknown_vars = sorted(v for v in refs["variables"] if v not in allowed and v not in bound)
+    unknown_vars = sorted(v for v in refs["variables"]
+                          if v not in allowed and v not in bound and v not in _TYPE_NAMES)
     if unknown_vars:
         raise CelError(
             f"unknown variable {', '.join(unknown_vars)}; available: {', '.join(sorted(allowed))}"
@@ -133,6 +134,11 @@ def compile_expr(source: str, roots: Iterable[str]) -> Expr:
     if unknown_fns:
         raise CelError(f"unknown function {', '.join(unknown_fns)}")
     return Expr(source=source, _program=program, variables=frozenset(refs["variables"]))
+
+
+# CEL type denotations (``type(x) == string``): the engine reports them as variables.
+_TYPE_NAMES = frozenset({"string", "int", "uint", "double", "bool", "bytes", "list", "map",
+                         "null_type", "type"})
 
 
 def _macro_bound_names(source: str) -> set[str]:

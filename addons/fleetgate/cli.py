@@ -123,7 +123,10 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
         return 1
     print(f"ok: revision {policy.revision}, {len(policy.files)} file(s), "
           f"{len(policy.agents)} agent profile(s), {len(policy.rules)} global rule(s), "
-          f"{len(policy.revoked.agents) + len(policy.revoked.tokens)} revocation(s)")
+          f"{len(policy.revoked.agents) + len(policy.revoked.tokens)} revocation(s), "
+          f"{len(policy.mcp.servers)} MCP server(s), "
+          f"{len(policy.mcp.rules) + sum(len(s.rules) for s in policy.mcp.servers)
+             + sum(len(a.mcp_rules) for a in policy.agents)} MCP rule(s)")
     return 0
 
 

@@ -1,0 +1,71 @@
+"""The SSE re-framer: events out as soon as they are complete, rewritten or byte-identical."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fleetgate.mcp.sse import Event, SseError, SseRewriter, parse_event
+
+
+def upper(event: Event) -> str | None:
+    return event.data.upper() if event.data.startswith("x") else None
+
+
+STREAM = (b": keep-alive\n\n"
+          b"event: endpoint\ndata: /messages/?session_id=abc\n\n"
+          b"id: 7\r\ndata: xyz\r\n\r\n"
+          b"data: {\"jsonrpc\":\"2.0\"}\n\n")
+
+
+def test_events_pass_unchanged_unless_rewritten() -> None:
+    seen: list[Event] = []
+
+    def record(e: Event) -> str | None:
+        seen.append(e)
+        return upper(e)
+
+    rw = SseRewriter(record, 1000)
+    out = rw.feed(STREAM) + rw.finish()
+    assert [(e.type, e.data, e.id) for e in seen] == [
+        ("endpoint", "/messages/?session_id=abc", None), ("message", "xyz", "7"),
+        ("message", '{"jsonrpc":"2.0"}', None)]
+    assert out == (b": keep-alive\n\nevent: endpoint\ndata: /messages/?session_id=abc\n\n"
+                   b"id: 7\ndata: XYZ\n\n" b"data: {\"jsonrpc\":\"2.0\"}\n\n")
+    assert (rw.events, rw.rewritten) == (3, 1)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 64])
+def test_any_chunking_gives_the_same_output(size: int) -> None:
+    whole = SseRewriter(upper, 1000)
+    expected = whole.feed(STREAM) + whole.finish()
+    rw = SseRewriter(upper, 1000)
+    out = b"".join(rw.feed(STREAM[i:i + size]) for i in range(0, len(STREAM), size)) + rw.finish()
+    assert out == expected
+
+
+def test_an_event_is_released_as_soon_as_it_is_complete() -> None:
+    rw = SseRewriter(upper, 1000)
+    assert rw.feed(b"data: x1\n") == b""
+    assert rw.feed(b"\n") == b"data: X1\n\n"
+    assert rw.feed(b"data: a") == b""
+    assert rw.finish() == b"data: a"  # unterminated tail: judged, kept as it was
+
+
+def test_unterminated_tail_is_still_judged() -> None:
+    rw = SseRewriter(upper, 1000)
+    rw.feed(b"data: xtail")
+    assert rw.finish() == b"data: XTAIL\n\n"
+
+
+def test_oversized_event_is_an_error() -> None:
+    rw = SseRewriter(upper, 16)
+    with pytest.raises(SseError):
+        rw.feed(b"data: " + b"a" * 40)
+
+
+def test_multiline_data_and_json() -> None:
+    e = parse_event(b"event: message\ndata: {\"a\":\ndata: 1}")
+    assert e is not None and json.loads(e.data) == {"a": 1}
+    assert parse_event(b": only a comment") is None
