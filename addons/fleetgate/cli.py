@@ -13,6 +13,7 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from fleetgate.identity.mint import mint_token, parse_ttl
 
@@ -76,6 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"fleetgate_metrics_listen={args.metrics}",
         f"fleetgate_decision_log={args.decision_log}",
     ]
+    if args.state_dir:
+        state = Path(args.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        opts.append(f"fleetgate_mcp_pins={state / 'mcp-pins.json'}")
     if args.dev:
         cert = ca_init(confdir, quiet=True)
         secret = dev_secret(confdir / "jwt-hs256.secret")
@@ -161,6 +166,47 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """GET (or POST ``body`` to) the running gateway's admin API."""
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url.rstrip("/") + path, data=data,
+                                 headers={"Content-Type": "application/json"})
+    token = os.environ.get("FLEETGATE_ADMIN_TOKEN")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        raise SystemExit(f"fleetgate: {url}{path}: HTTP {exc.code}: {detail}") from None
+    except OSError as exc:
+        raise SystemExit(f"fleetgate: cannot reach the gateway's admin API at {url}: {exc}") from None
+
+
+def cmd_mcp_pins(args: argparse.Namespace) -> int:
+    report = _admin(args.admin, "/mcp/pins")
+    pending = report.get("pending") or []
+    print(f"{sum(len(t) for t in (report.get('pins') or {}).values())} pinned tool(s), "
+          f"{len(pending)} pending approval")
+    for p in pending:
+        print(f"  pending  {p['server']}  {p['tool']}  {p['state']}  sha256:{p['sha256'][:12]}")
+    if args.all:
+        for server, tools in sorted((report.get("pins") or {}).items()):
+            for tool, digest in sorted(tools.items()):
+                print(f"  pinned   {server}  {tool}  sha256:{digest[:12]}")
+    return 0
+
+
+def cmd_mcp_approve(args: argparse.Namespace) -> int:
+    _admin(args.admin, "/mcp/approve", {"server": args.server, "tool": args.tool})
+    print(f"approved {args.tool} of {args.server}")
+    return 0
+
+
 def cmd_ca_init(args: argparse.Namespace) -> int:
     ca_init(Path(args.dir))
     return 0
@@ -181,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dev", action="store_true",
                      help="create a development CA and HS256 secret under --confdir if missing")
     run.add_argument("--web", action="store_true", help="run mitmweb (UI on 127.0.0.1:8081)")
+    run.add_argument("--state-dir", default="state",
+                     help="where state that must survive restarts lives (MCP tool pins); "
+                          "'' keeps it in memory")
     run.add_argument("mitmproxy_args", nargs=argparse.REMAINDER,
                      help="after '--': more mitmdump arguments")
     run.set_defaults(func=cmd_run)
@@ -202,6 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--audience")
     mint.add_argument("--secret-file", help=f"default: {DEV_DIR}/jwt-hs256.secret")
     mint.set_defaults(func=cmd_token_mint)
+
+    mcp = sub.add_parser("mcp", help="MCP tool pins of a running gateway").add_subparsers(
+        dest="mcp_cmd", required=True)
+    pins = mcp.add_parser("pins", help="list tools waiting for approval (--all: and pins)")
+    pins.add_argument("--all", action="store_true")
+    pins.set_defaults(func=cmd_mcp_pins)
+    approve = mcp.add_parser("approve", help="approve a pending tool definition")
+    approve.add_argument("server")
+    approve.add_argument("tool")
+    approve.set_defaults(func=cmd_mcp_approve)
+    for sp in (pins, approve):
+        sp.add_argument("--admin", default="http://127.0.0.1:15020",
+                        help="the gateway's metrics/admin URL (token: $FLEETGATE_ADMIN_TOKEN)")
 
     ca = sub.add_parser("ca", help="certificate authority").add_subparsers(
         dest="ca_cmd", required=True)
