@@ -468,7 +468,13 @@ class _StreamRewriter:
     def _event(self, event: Event) -> str | None:
         return self.guard.rewrite_event(self.flow, self.scope, self.meta, event)
 
-    def __call__(self, data: bytes) -> bytes:
+    def __call__(self, data: bytes) -> list[bytes]:
+        # A list, never b"": mitmproxy frames every returned bytes object as an HTTP/1 chunk,
+        # and an empty one is the zero-length chunk that ends the body.
+        out = self._feed(data)
+        return [out] if out else []
+
+    def _feed(self, data: bytes) -> bytes:
         if self.dead:
             return b""
         try:

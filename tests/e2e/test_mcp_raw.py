@@ -1,0 +1,216 @@
+"""MCP through a real mitmdump, sent by hand as a jailbroken agent would (raw httpx), against
+a minimal JSON-RPC upstream that records every message reaching it.
+
+The SDK-driven end-to-end tests are in ``test_mcp_sdk.py``; these pin the wire-level edges:
+direct denials never reaching the server, batch placeholders, stateless header checks,
+compressed/duplicate-key/oversized bodies, JSON (sized and chunked) and SSE answers, session
+ownership.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import GatewayFactory
+
+from harness import Seen, Upstream, token, write_rules
+
+TOOLS = [{"name": n, "description": f"{n} does its job", "inputSchema": {"type": "object"}}
+         for n in ("nmap_scan", "trivy_image", "terraform_apply", "kubectl")]
+
+MCP_RULES = """
+mcp:
+  servers:
+  - name: tools
+    hosts: ["127.0.0.1:{port}"]
+    mcpAuthorization:
+      rules:
+      - >-
+        jwt.agent_role == "tester" && (mcp.tool.name.startsWith("nmap") ||
+        mcp.tool.name.startsWith("trivy") || mcp.tool.name.startsWith("kubectl"))
+      - id: tools.not-agent-infra
+        deny: 'mcp.tool.name == "kubectl" && mcp.tool.arguments.namespace == "agent-infra"'
+        reason: agent-infra hosts the gateway
+"""
+
+
+def rpc_answer(msg: dict[str, Any]) -> dict[str, Any] | None:
+    if "id" not in msg:
+        return None
+    method = msg.get("method")
+    if method == "tools/list":
+        result: dict[str, Any] = {"tools": TOOLS, "nextCursor": "page-2"}
+    elif method == "tools/call":
+        result = {"content": [{"type": "text", "text": f"ran {msg['params']['name']}"}]}
+    else:
+        result = {}
+    return {"jsonrpc": "2.0", "id": msg["id"], "result": result}
+
+
+def mcp_route(mode: str):  # type: ignore[no-untyped-def]
+    """JSON-RPC answers as application/json with a length, chunked JSON, or an SSE stream."""
+
+    def handler(h: BaseHTTPRequestHandler, seen: Seen) -> None:
+        body = json.loads(seen.body)
+        answers = ([a for a in map(rpc_answer, body) if a] if isinstance(body, list)
+                   else rpc_answer(body))
+        if answers is None or answers == []:
+            h.send_response(202)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        h.send_response(200)
+        h.send_header("Mcp-Session-Id", "sess-1")
+        if mode == "sse":
+            items = answers if isinstance(answers, list) else [answers]
+            payload = b"".join(f"event: message\ndata: {json.dumps(a)}\n\n".encode() for a in items)
+            h.send_header("Content-Type", "text/event-stream")
+        else:
+            payload = json.dumps(answers).encode()
+            h.send_header("Content-Type", "application/json")
+        if mode == "json":
+            h.send_header("Content-Length", str(len(payload)))
+            h.end_headers()
+            h.wfile.write(payload)
+        else:
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            for i in range(0, len(payload), 50):  # small chunks: events straddle them
+                part = payload[i:i + 50]
+                h.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                h.wfile.flush()
+            h.wfile.write(b"0\r\n\r\n")
+
+    return handler
+
+
+@pytest.fixture
+def gw(make_gateway: GatewayFactory, upstream: Upstream, tmp_path: Path):  # type: ignore[no-untyped-def]
+    upstream.route("/mcp", mcp_route("json"))
+    upstream.route("/mcp-chunked", mcp_route("chunked"))
+    upstream.route("/mcp-sse", mcp_route("sse"))
+    rules = write_rules(tmp_path / "rules.yaml", [upstream.port],
+                        top=MCP_RULES.format(port=upstream.port))
+    return make_gateway(rules)
+
+
+def post(gw: Any, upstream: Upstream, body: Any, path: str = "/mcp", sub: str = "agent-1",
+         headers: dict[str, str] | None = None, raw: bytes | None = None) -> httpx.Response:
+    with gw.client(token(sub=sub, role="tester")) as c:
+        return c.post(upstream.url + path, content=raw if raw is not None else json.dumps(body),
+                      headers={"Content-Type": "application/json",
+                               "Accept": "application/json, text/event-stream", **(headers or {})})
+
+
+def call(rid: Any, tool: str, **args: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rid, "method": "tools/call",
+            "params": {"name": tool, "arguments": args}}
+
+
+def calls_seen(upstream: Upstream) -> list[Any]:
+    out = []
+    for s in upstream.seen:
+        if s.method == "POST" and s.body:
+            body = json.loads(s.body)
+            out.extend(body if isinstance(body, list) else [body])
+    return [(m.get("method"), (m.get("params") or {}).get("name")) for m in out]
+
+
+@pytest.mark.parametrize("path", ["/mcp", "/mcp-chunked", "/mcp-sse"])
+def test_tools_list_is_filtered_in_every_answer_form(gw: Any, upstream: Upstream, path: str) -> None:
+    r = post(gw, upstream, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, path)
+    assert r.status_code == 200
+    if path == "/mcp-sse":
+        [line] = [ln for ln in r.text.splitlines() if ln.startswith("data: ")]
+        answer = json.loads(line[6:])
+    else:
+        answer = r.json()
+    assert [t["name"] for t in answer["result"]["tools"]] == ["nmap_scan", "trivy_image", "kubectl"]
+    assert answer["result"]["nextCursor"] == "page-2"
+    assert "fleetgate_mcp_list_entries_hidden_total" in gw.metrics()
+
+
+def test_denied_call_never_reaches_the_server(gw: Any, upstream: Upstream) -> None:
+    r = post(gw, upstream, call(9, "terraform_apply", dir="/prod"))
+    assert r.status_code == 200
+    assert r.json()["error"]["message"] == "Unknown tool: terraform_apply"
+    assert r.json()["id"] == 9 and r.headers["x-fleetgate-decision-id"]
+    assert ("tools/call", "terraform_apply") not in calls_seen(upstream)
+    assert calls_seen(upstream) == []
+    rec = gw.wait_for_decision(lambda d: d.get("mcp") is not None)
+    assert rec["result"] == "deny" and rec["rule"] == "mcp.default-deny"
+    assert rec["mcp"]["calls"][0]["target"] == "terraform_apply"
+
+
+def test_argument_rule_blocks_only_agent_infra(gw: Any, upstream: Upstream) -> None:
+    ok = post(gw, upstream, call(1, "kubectl", namespace="default"))
+    assert ok.json()["result"]["content"][0]["text"] == "ran kubectl"
+    no = post(gw, upstream, call(2, "kubectl", namespace="agent-infra"))
+    assert no.json()["error"]["code"] == -32602
+    assert calls_seen(upstream) == [("tools/call", "kubectl")]
+
+
+@pytest.mark.parametrize("path", ["/mcp", "/mcp-sse"])
+def test_batch_with_a_denied_element(gw: Any, upstream: Upstream, path: str) -> None:
+    r = post(gw, upstream, [call(1, "nmap_scan"), call(2, "terraform_apply")], path)
+    if path == "/mcp-sse":
+        answers = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: ")]
+    else:
+        answers = r.json()
+    by_id = {a["id"]: a for a in answers}
+    assert by_id[1]["result"]["content"][0]["text"] == "ran nmap_scan"
+    assert by_id[2]["error"]["message"] == "Unknown tool: terraform_apply"
+    # the server saw the allowed call and a ping: never the denied tool
+    assert calls_seen(upstream) == [("tools/call", "nmap_scan"), ("ping", None)]
+
+
+def test_stateless_header_that_disagrees_is_refused(gw: Any, upstream: Upstream) -> None:
+    r = post(gw, upstream, call(4, "nmap_scan"),
+             headers={"Mcp-Method": "tools/call", "Mcp-Name": "trivy_image"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == -32020
+    assert r.json()["id"] == 4
+    ok = post(gw, upstream, call(5, "nmap_scan"),
+              headers={"Mcp-Method": "tools/call", "Mcp-Name": "nmap_scan"})
+    assert "result" in ok.json()
+    assert calls_seen(upstream) == [("tools/call", "nmap_scan")]
+
+
+@pytest.mark.parametrize(("raw", "status"), [
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"nmap_scan"},'
+     b'"params":{"name":"terraform_apply"}}', 400),
+    (b"this is not json", 400),
+    (b'{"jsonrpc":"2.0","id":1}', 400),
+])
+def test_unreadable_bodies_are_refused_unforwarded(gw: Any, upstream: Upstream, raw: bytes,
+                                                   status: int) -> None:
+    r = post(gw, upstream, None, raw=raw)
+    assert r.status_code == status and "error" in r.json()
+    assert calls_seen(upstream) == []
+
+
+def test_gzip_body_is_judged_and_bomb_refused(gw: Any, upstream: Upstream) -> None:
+    r = post(gw, upstream, None, raw=gzip.compress(json.dumps(call(1, "terraform_apply")).encode()),
+             headers={"Content-Encoding": "gzip"})
+    assert r.json()["error"]["message"] == "Unknown tool: terraform_apply"
+    bomb = gzip.compress(b"[" + b" " * 40_000_000 + b"]")
+    r = post(gw, upstream, None, raw=bomb, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 413
+    assert calls_seen(upstream) == []
+
+
+def test_a_session_belongs_to_the_agent_that_opened_it(gw: Any, upstream: Upstream) -> None:
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}
+    r = post(gw, upstream, init, sub="parent")
+    assert r.headers["mcp-session-id"] == "sess-1"
+    assert "result" in post(gw, upstream, call(1, "nmap_scan"), sub="parent",
+                            headers={"Mcp-Session-Id": "sess-1"}).json()
+    other = post(gw, upstream, call(2, "nmap_scan"), sub="child",
+                 headers={"Mcp-Session-Id": "sess-1"})
+    assert other.status_code == 403 and "another agent" in other.json()["error"]["message"]
+    assert calls_seen(upstream).count(("tools/call", "nmap_scan")) == 1
