@@ -47,9 +47,9 @@ def test_duplicate_keys_are_refused_before_any_judgement() -> None:
 def test_call_facts_name_the_target() -> None:
     (m,), _ = msgs('{"jsonrpc":"2.0","id":1,"method":"tools/call","params":'
                    '{"name":"kubectl_apply","arguments":{"namespace":"agent-infra"}}}')
-    f = mcp_facts(m, "mcp.example.com", "/mcp", "sess-1")
+    f = mcp_facts(m, "mcp.example.com", "/mcp", "sess-1", "cloud-tools")
     assert f["tool"] == {"name": "kubectl_apply", "arguments": {"namespace": "agent-infra"}}
-    assert f["server"] == {"host": "mcp.example.com", "path": "/mcp"}
+    assert f["server"] == {"host": "mcp.example.com", "path": "/mcp", "name": "cloud-tools"}
     assert f["session_id"] == "sess-1" and f["listing"] is False
     assert f["prompt"]["name"] == "" and f["resource"]["uri"] == ""
     assert target_kind("tools/call") == "tool" and target_kind("initialize") is None

@@ -162,7 +162,7 @@ def check_headers(headers: Mapping[str, str], messages: list[Message], batch: bo
 
 def _judge(msg: Message, scope: McpScope, act: Activation) -> tuple[CallRecord, str | None]:
     method = msg.method or ""
-    facts = mcp_facts(msg, scope.host, scope.path, scope.session_id)
+    facts = mcp_facts(msg, scope.host, scope.path, scope.session_id, scope.server)
     act.set("mcp", facts)
     kind = target_kind(method)
     verdict = may_call(scope.rules, act) if kind else may_deny(scope.rules, act)
@@ -238,7 +238,8 @@ def _filter_list(method: str, result: dict[str, Any], scope: McpScope, act: Acti
         name = str(item.get("name") or item.get("uri") or item.get("uriTemplate") or "")
         why = verdicts.get(name) if kind == "tool" else None
         if why is None:
-            act.set("mcp", item_facts(method, kind, item, scope.host, scope.path, scope.session_id))
+            act.set("mcp", item_facts(method, kind, item, scope.host, scope.path, scope.session_id,
+                                      scope.server))
             if not may_list(scope.rules, act):
                 why = "no mcpAuthorization rule allows it"
         if why is None:

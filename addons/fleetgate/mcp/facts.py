@@ -36,22 +36,22 @@ def target_kind(method: str | None) -> str | None:
 
 
 def base_facts(method: str, server_host: str, server_path: str,
-               session_id: str | None) -> dict[str, Any]:
+               session_id: str | None, server_name: str = "") -> dict[str, Any]:
     return {
         "method": method,
         "tool": {"name": "", "arguments": {}},
         "prompt": {"name": "", "arguments": {}},
         "resource": {"uri": ""},
-        "server": {"host": server_host, "path": server_path},
+        "server": {"host": server_host, "path": server_path, "name": server_name or server_host},
         "session_id": session_id or "",
         "listing": False,
     }
 
 
 def mcp_facts(msg: Message, server_host: str, server_path: str,
-              session_id: str | None) -> dict[str, Any]:
+              session_id: str | None, server_name: str = "") -> dict[str, Any]:
     """Facts for one request message."""
-    facts = base_facts(msg.method or "", server_host, server_path, session_id)
+    facts = base_facts(msg.method or "", server_host, server_path, session_id, server_name)
     p = msg.params
     kind = target_kind(msg.method)
     if kind == "tool":
@@ -75,9 +75,9 @@ def mcp_facts(msg: Message, server_host: str, server_path: str,
 
 
 def item_facts(method: str, kind: str, item: dict[str, Any], server_host: str,
-               server_path: str, session_id: str | None) -> dict[str, Any]:
+               server_path: str, session_id: str | None, server_name: str = "") -> dict[str, Any]:
     """Facts for one entry of a list result: would this agent be allowed to use it?"""
-    facts = base_facts(method, server_host, server_path, session_id)
+    facts = base_facts(method, server_host, server_path, session_id, server_name)
     facts["listing"] = True
     if kind == "tool":
         facts["tool"] = {"name": str(item.get("name") or ""), "arguments": {}}
