@@ -214,3 +214,25 @@ def test_a_session_belongs_to_the_agent_that_opened_it(gw: Any, upstream: Upstre
                  headers={"Mcp-Session-Id": "sess-1"})
     assert other.status_code == 403 and "another agent" in other.json()["error"]["message"]
     assert calls_seen(upstream).count(("tools/call", "nmap_scan")) == 1
+
+
+def test_an_event_stream_that_is_not_mcp_passes_untouched(make_gateway: GatewayFactory,
+                                                          upstream: Upstream, tmp_path: Path) -> None:
+    """With no server declared, a GET event stream is sniffed for the older MCP transport's
+    ``endpoint`` event; any other stream (here: non-JSON data) is passed as it is."""
+    def plain(h: BaseHTTPRequestHandler, seen: Seen) -> None:
+        payload = b"".join(f"event: tick\ndata: tick {i} <not json>\n\n".encode() for i in range(20))
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
+
+    upstream.route("/ticks", plain)
+    gw = make_gateway(write_rules(tmp_path / "rules.yaml", [upstream.port]))
+    with gw.client(token(sub="a", role="tester")) as c:
+        r = c.get(upstream.url + "/ticks", headers={"Accept": "text/event-stream"})
+    assert r.status_code == 200
+    assert r.text.count("data: tick") == 20 and "tick 19 <not json>" in r.text
+    rec = gw.wait_for_decision(lambda d: d.get("path") == "/ticks")
+    assert "mcp" not in rec

@@ -127,10 +127,13 @@ class McpGuard:
             return server
         h = req.headers
         accept = h.get("accept", "").lower()
-        if any(k in h for k in _MCP_HEADERS) or (
-                req.method == "POST" and "text/event-stream" in accept
-                and "application/json" in accept):
-            name = host if req.port == 443 else f"{host}:{req.port}"
+        name = host if req.port == 443 else f"{host}:{req.port}"
+        sid, in_query = self._session_id(flow)
+        if (any(k in h for k in _MCP_HEADERS)
+                or (req.method == "POST" and "text/event-stream" in accept
+                    and "application/json" in accept)
+                or (req.method == "GET" and "text/event-stream" in accept)  # sniffed: see below
+                or (in_query and sid and self.sessions.get(name, sid) is not None)):
             return McpServer(name=name, hosts=(), declared=False)
         return None
 
@@ -190,6 +193,11 @@ class McpGuard:
         agent = str((flow.metadata.get(IDENTITY) or {}).get("agent") or "")
         meta: dict[str, Any] = {"server": server.name, "declared": server.declared,
                                 "session": sid, "calls": [], "hidden": []}
+        if not server.declared and req.method == "GET" and not any(k in req.headers
+                                                                  for k in _MCP_HEADERS):
+            # An event stream from an undeclared host may be the older MCP transport (its GET
+            # carries no MCP header): it is MCP only if its first event is ``endpoint``.
+            meta["sniff"] = True
         flow.metadata[MCP] = meta
         # Answers must be readable as they pass: no compression on MCP responses.
         req.headers["accept-encoding"] = "identity"
@@ -210,22 +218,22 @@ class McpGuard:
             in_query and "text/event-stream" not in req.headers.get("accept", "").lower())
         meta["transport"] = "sse-legacy" if legacy else "streamable-http"
         scope = self._scope(policy, flow, server, sid)
+        # an undeclared server recognised only by the client's Accept header: a body that is
+        # not JSON-RPC means this is not MCP after all (only the HTTP rules apply)
+        guessed = not server.declared and session is None and not any(
+            k in req.headers for k in _MCP_HEADERS)
+        body: Any = None
         try:
             raw = decode_body(req.raw_content or b"", req.headers.get("content-encoding", ""),
                               ctx.options.fleetgate_mcp_max_body)
             body = parse_json(raw)
             messages, batch = parse_messages(body)
             check_headers({k.lower(): v for k, v in req.headers.items()}, messages, batch)
-        except BodyError as exc:
-            self.metrics.mcp_refused.labels(reason=f"body-{exc.status}").inc()
-            self._refuse(flow, exc.status, PARSE_ERROR if exc.status == 400 else INVALID_REQUEST,
-                         exc.message, "mcp.body", None, meta)
-            return
-        except McpError as exc:
-            self.metrics.mcp_refused.labels(reason=str(exc.code)).inc()
-            rid = body.get("id") if isinstance(body, dict) else None
-            rule = "mcp.header-mismatch" if exc.code == -32020 else "mcp.body"
-            self._refuse(flow, 400, exc.code, exc.message, rule, rid, meta)
+        except (BodyError, McpError) as exc:
+            if guessed:
+                flow.metadata.pop(MCP, None)
+                return
+            self._refuse_unreadable(flow, exc, body, meta)
             return
         plan = judge_request(messages, batch, scope, answer_directly=not legacy)
         for rec in plan.records:
@@ -256,6 +264,18 @@ class McpGuard:
         if plan.forward is not None:
             req.headers.pop("content-encoding", None)
             req.content = json.dumps(plan.forward).encode()
+
+    def _refuse_unreadable(self, flow: http.HTTPFlow, exc: BodyError | McpError, body: Any,
+                           meta: dict[str, Any]) -> None:
+        if isinstance(exc, BodyError):
+            self.metrics.mcp_refused.labels(reason=f"body-{exc.status}").inc()
+            self._refuse(flow, exc.status, PARSE_ERROR if exc.status == 400 else INVALID_REQUEST,
+                         exc.message, "mcp.body", None, meta)
+            return
+        self.metrics.mcp_refused.labels(reason=str(exc.code)).inc()
+        rid = body.get("id") if isinstance(body, dict) else None
+        rule = "mcp.header-mismatch" if exc.code == -32020 else "mcp.body"
+        self._refuse(flow, 400, exc.code, exc.message, rule, rid, meta)
 
     def _refuse(self, flow: http.HTTPFlow, status: int, code: int, message: str, rule: str,
                 rid: Any, meta: dict[str, Any]) -> None:
@@ -297,6 +317,9 @@ class McpGuard:
         ctype = _ctype(resp.headers)
         limit = ctx.options.fleetgate_mcp_max_body
         encoding = resp.headers.get("content-encoding", "")
+        if meta.get("sniff") and ctype != "text/event-stream":
+            flow.metadata.pop(MCP, None)  # a GET of something else: not the older MCP transport
+            return
         if ctype == "text/event-stream":
             resp.headers.pop("content-encoding", None)
             resp.headers.pop("content-length", None)
@@ -360,6 +383,14 @@ class McpGuard:
 
     def rewrite_event(self, flow: http.HTTPFlow, scope: McpScope, meta: dict[str, Any],
                       event: Event) -> str | None:
+        if meta.get("sniff"):
+            if meta.get("not_mcp"):
+                return None
+            if event.type != "endpoint":
+                meta["not_mcp"] = True  # some other event stream: passed through untouched
+                flow.metadata.pop(MCP, None)
+                return None
+            meta["sniff"] = False
         if event.type == "endpoint":  # older transport: where this session's POSTs go
             query = parse_qs(urlsplit(event.data.strip()).query)
             sid = next((query[k][0] for k in ("session_id", "sessionId") if query.get(k)), None)
