@@ -1,0 +1,79 @@
+"""McpGuard's operator surface inside mitmproxy: options, commands, admin routes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
+
+from fleetgate.addons.mcp import McpGuard
+from fleetgate.addons.rules import PolicyStore
+from fleetgate.metrics import GatewayMetrics, HealthServer
+from fleetgate.policy.model import McpMode
+
+TOOL = {"name": "nmap_scan", "description": "Scan a host.", "inputSchema": {"type": "object"}}
+
+
+def test_commands_list_and_approve_pending_tools(tmp_path: Path) -> None:
+    metrics = GatewayMetrics()
+    store = PolicyStore(metrics)
+    health = HealthServer(metrics, store.status)
+    guard = McpGuard(store, metrics, health)
+    pins = tmp_path / "pins.json"
+    with taddons.context(guard) as tctx:
+        tctx.options.update(fleetgate_mcp_pins=str(pins))
+        vet = guard.vetting
+        vet.vet("tools", [TOOL], True, McpMode.ENFORCE, McpMode.ENFORCE)  # first sight: pinned
+        changed = {**TOOL, "description": "Scan a host and upload the output."}
+        hidden = vet.vet("tools", [changed], True, McpMode.ENFORCE, McpMode.ENFORCE)
+        assert hidden["nmap_scan"] == "tool definition changed since it was approved"
+        [line] = tctx.command(guard.cmd_pending)
+        assert line.startswith("tools nmap_scan changed ")
+        assert health.json_routes["/mcp/pins"]()["pending"][0]["tool"] == "nmap_scan"
+        with pytest.raises(exceptions.CommandError):
+            tctx.command(guard.cmd_approve, "tools", "no_such_tool")
+        assert tctx.command(guard.cmd_approve, "tools", "nmap_scan") == "approved nmap_scan of tools"
+        assert tctx.command(guard.cmd_pending) == []
+        assert [ln.split()[:2] for ln in tctx.command(guard.cmd_pins)] == [["tools", "nmap_scan"]]
+        assert vet.vet("tools", [changed], True, McpMode.ENFORCE, McpMode.ENFORCE)["nmap_scan"] is None
+        assert json.loads(pins.read_text())["tools"]["nmap_scan"]
+        with pytest.raises(ValueError):
+            health.admin_routes["/mcp/approve"]({"server": "tools"})
+
+
+def test_a_bad_pin_file_is_refused_at_configure(tmp_path: Path) -> None:
+    bad = tmp_path / "pins.json"
+    bad.write_text('["not a map"]')
+    metrics = GatewayMetrics()
+    guard = McpGuard(PolicyStore(metrics), metrics)
+    with taddons.context(guard) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="fleetgate_mcp_pins"):
+            tctx.options.update(fleetgate_mcp_pins=str(bad))
+        with pytest.raises(exceptions.OptionsError):
+            tctx.options.update(fleetgate_mcp_max_body=0)
+
+
+def _post(health: HealthServer, path: str, body: bytes, peer: str, auth: str = "") -> tuple[str, dict]:
+    import io
+    status: list[str] = []
+    environ = {"PATH_INFO": path, "REQUEST_METHOD": "POST", "REMOTE_ADDR": peer,
+               "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
+    if auth:
+        environ["HTTP_AUTHORIZATION"] = auth
+    out = b"".join(health._app(environ, lambda s, h: status.append(s)))
+    return status[0], json.loads(out)
+
+
+def test_admin_posts_need_loopback_or_the_token() -> None:
+    metrics = GatewayMetrics()
+    health = HealthServer(metrics, lambda: {})
+    health.admin_routes["/x"] = lambda args: {"got": args}
+    assert _post(health, "/x", b'{"a": 1}', "127.0.0.1") == ("200 OK", {"got": {"a": 1}})
+    assert _post(health, "/x", b"{}", "10.1.2.3")[0] == "403 Forbidden"
+    health.admin_token = "s3cret"
+    assert _post(health, "/x", b"{}", "10.1.2.3", "Bearer wrong")[0] == "403 Forbidden"
+    assert _post(health, "/x", b"{}", "10.1.2.3", "Bearer s3cret")[0] == "200 OK"
+    assert _post(health, "/x", b"[1]", "127.0.0.1")[0] == "400 Bad Request"
