@@ -5,6 +5,7 @@ and the older HTTP+SSE transport."""
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,37 @@ CLOUD = {"terraform_plan", "terraform_apply", "kubectl", "helm_list", "istioctl_
 GENERAL = {"ssh_exec", "docker_ps"}
 
 
-def fleet_rules(path: Path, port: int, poisoning: str = "enforce", pins: str = "enforce") -> Path:
-    """The seed's rules for one MCP server hosting every tool, three specialist profiles."""
+SEED_RULES = """\
+# seed 000, verbatim
+- >-
+  jwt.agent_role == "security" && (
+    mcp.tool.name.startsWith("nmap") ||
+    mcp.tool.name.startsWith("trivy") ||
+    mcp.tool.name.startsWith("falco")
+  )
+- >-
+  jwt.agent_role == "cloud" && (
+    mcp.tool.name.startsWith("terraform") ||
+    mcp.tool.name.startsWith("kubectl") ||
+    mcp.tool.name.startsWith("istioctl") ||
+    mcp.tool.name.startsWith("helm")
+  )
+- id: tools.not-agent-infra
+  deny: >-
+    mcp.tool.arguments.exists(k, type(mcp.tool.arguments[k]) == string &&
+      mcp.tool.arguments[k].contains("agent-infra"))
+  reason: agent-infra hosts the gateway
+- 'jwt.agent_role == "tester" && mcp.tool.name == "add_numbers"'
+"""
+
+
+def fleet_rules(path: Path, port: int, poisoning: str = "enforce", pins: str = "enforce",
+                declared: bool = True) -> Path:
+    """The seed's rules for one MCP server hosting every tool, three specialist profiles.
+    ``declared=False``: the seed's own form, a top-level ``mcpAuthorization`` and no server."""
     host = f'"127.0.0.1:{port}"'
-    top = f"""
+    if declared:
+        top = f"""
 mcp:
   servers:
   - name: tools
@@ -36,27 +64,9 @@ mcp:
     pins: {pins}
     mcpAuthorization:
       rules:
-      # seed 000, verbatim
-      - >-
-        jwt.agent_role == "security" && (
-          mcp.tool.name.startsWith("nmap") ||
-          mcp.tool.name.startsWith("trivy") ||
-          mcp.tool.name.startsWith("falco")
-        )
-      - >-
-        jwt.agent_role == "cloud" && (
-          mcp.tool.name.startsWith("terraform") ||
-          mcp.tool.name.startsWith("kubectl") ||
-          mcp.tool.name.startsWith("istioctl") ||
-          mcp.tool.name.startsWith("helm")
-        )
-      - id: tools.not-agent-infra
-        deny: >-
-          mcp.tool.arguments.exists(k, type(mcp.tool.arguments[k]) == string &&
-            mcp.tool.arguments[k].contains("agent-infra"))
-        reason: agent-infra hosts the gateway
-      - 'jwt.agent_role == "tester" && mcp.tool.name == "add_numbers"'
-"""
+{textwrap.indent(SEED_RULES, " " * 6)}"""
+    else:
+        top = f"\nmcpAuthorization:\n  rules:\n{textwrap.indent(SEED_RULES, '  ')}"
     profiles = "".join(f"""
 - name: {role}
   match: 'jwt.agent_role == "{role}"'
@@ -238,23 +248,7 @@ def test_the_seed_form_governs_an_undeclared_server_on_every_transport(
     """Seed 000's snippet as a top-level ``mcpAuthorization`` and no ``mcp.servers``: the
     server is recognised by the MCP client's own traffic (streamable HTTP's headers, the older
     transport's ``endpoint`` event), and a plain event stream from the same host is left alone."""
-    top = """
-mcpAuthorization:
-  rules:
-  - >-
-    jwt.agent_role == "security" && (
-      mcp.tool.name.startsWith("nmap") ||
-      mcp.tool.name.startsWith("trivy") ||
-      mcp.tool.name.startsWith("falco")
-    )
-"""
-    extra = f"""
-- name: security
-  match: 'jwt.agent_role == "security"'
-  egress: {{hosts: ["127.0.0.1:{server.port}"]}}
-  authorization: {{rules: [{{allow: 'true'}}]}}
-"""
-    gw = make_gateway(write_rules(tmp_path / "rules.yaml", [server.port], extra=extra, top=top))
+    gw = make_gateway(fleet_rules(tmp_path / "rules.yaml", server.port, declared=False))
     sec = agent(gw, "security")
     assert {t.name for t in list_tools(server.url, transport, **sec)} == SECURITY
     with pytest.raises(McpError):

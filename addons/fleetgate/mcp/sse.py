@@ -131,12 +131,4 @@ class SseRewriter:
         raw = bytes(self._buf)
         self._buf.clear()
         self._scan = 0
-        event = parse_event(raw)
-        if event is None:
-            return raw
-        self.events += 1
-        new = self.transform(event)
-        if new is None:
-            return raw
-        self.rewritten += 1
-        return render_event(event, new)
+        return self._one(raw, raw)

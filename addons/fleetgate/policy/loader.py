@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,13 +275,19 @@ class _Builder:
         return out
 
     def _authorization(self, section: Any, path: str, owner: str) -> list[Rule]:
+        return self._rules_section(section, path, lambda entry, where, i: self._rule(
+            entry, where, f"{owner}.authorization[{i}]"))
+
+    def _rules_section(self, section: Any, path: str,
+                       build: Callable[[Any, str, int], Rule | None]) -> list[Rule]:
+        """``{rules: [...]}``, each entry built by ``build(entry, key path, index)``."""
         if not isinstance(section, dict):
             self.err(path, "must be a mapping with a 'rules' list")
             return []
         self._check_keys(section, path, {"rules"})
         rules = []
         for i, entry in enumerate(self._list(section.get("rules"), f"{path}.rules")):
-            rule = self._rule(entry, f"{path}.rules[{i}]", f"{owner}.authorization[{i}]")
+            rule = build(entry, f"{path}.rules[{i}]", i)
             if rule is not None:
                 rules.append(rule)
         return rules
@@ -387,17 +393,8 @@ class _Builder:
     def _mcp_authorization(self, section: Any, path: str, owner: str) -> list[Rule]:
         """The seed's ``mcpAuthorization: rules: [...]``: CEL strings allow; fleetgate adds
         ``{deny: CEL}`` entries (argument-aware exceptions) with optional id and reason."""
-        if not isinstance(section, dict):
-            self.err(path, "must be a mapping with a 'rules' list")
-            return []
-        self._check_keys(section, path, {"rules"})
-        rules = []
-        for i, entry in enumerate(self._list(section.get("rules"), f"{path}.rules")):
-            rule = self._register(f"{owner}.mcpAuthorization[{i}]", f"{path}.rules[{i}]",
-                                  lambda rid, e=entry: compile_mcp_entry(e, rid))
-            if rule is not None:
-                rules.append(rule)
-        return rules
+        return self._rules_section(section, path, lambda entry, where, i: self._register(
+            f"{owner}.mcpAuthorization[{i}]", where, lambda rid: compile_mcp_entry(entry, rid)))
 
     def _mcp(self, section: Any) -> None:
         if section is None:
