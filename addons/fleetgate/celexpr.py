@@ -27,7 +27,7 @@ from typing import Any
 import cel
 from cel import stdlib as _cel_stdlib
 
-__all__ = ["Activation", "CelError", "Expr", "compile_expr"]
+__all__ = ["Activation", "CelError", "Expr", "compile_expr", "rename_fields"]
 
 # Functions the Rust engine implements natively (core spec + macros + operators).
 _NATIVE_FUNCTIONS = frozenset(
@@ -155,3 +155,51 @@ def _clean(text: str) -> str:
     """Keep the engine's message compact: one line plus the caret diagram if present."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return " ".join(lines[:1]) if lines else "invalid expression"
+
+
+# A CEL string literal: raw or not, single/double quoted, triple quoted, with escapes.
+_TRIPLE_1 = "'" * 3
+_TRIPLE_2 = '"' * 3
+_CEL_STRING = re.compile(
+    r"[rR]?(?:"
+    + _TRIPLE_1 + r"(?:\\.|[^\\])*?" + _TRIPLE_1 + "|"
+    + _TRIPLE_2 + r"(?:\\.|[^\\])*?" + _TRIPLE_2 + "|"
+    + r"'(?:\\.|[^'\\\n])*'" + "|"
+    + r'"(?:\\.|[^"\\\n])*"'
+    + ")", re.S)
+
+
+def rename_fields(source: str, renames: Mapping[str, str],
+                  forbidden: re.Pattern[str] | None = None) -> str | None:
+    """``source`` with each dotted field path in ``renames`` (``mcp.tool.name``) replaced by
+    a plain variable (``__tool_name``), outside string literals; ``None`` when the result
+    would not mean the same (``forbidden`` still matches the code, e.g. another way to reach
+    the renamed field).
+
+    Used to judge 1,000 list entries cheaply: converting a map for the engine costs ~3.7 µs
+    per entry, a string ~2 µs, so the entry's name travels alone.
+    """
+    out: list[str] = []
+    pos = 0
+    patterns = [(re.compile(r"(?<![\w.])" + r"\s*\.\s*".join(map(re.escape, path.split(".")))
+                            + r"(?!\w)"), var) for path, var in renames.items()]
+
+    def code(segment: str) -> str | None:
+        for rx, var in patterns:
+            segment = rx.sub(var, segment)
+        if forbidden is not None and forbidden.search(segment):
+            return None
+        return segment
+
+    for m in _CEL_STRING.finditer(source):
+        seg = code(source[pos:m.start()])
+        if seg is None:
+            return None
+        out.append(seg)
+        out.append(m.group(0))
+        pos = m.end()
+    seg = code(source[pos:])
+    if seg is None:
+        return None
+    out.append(seg)
+    return "".join(out)

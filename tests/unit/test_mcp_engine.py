@@ -260,3 +260,43 @@ def test_first_listing_is_trusted_across_pages_then_new_tools_wait() -> None:
     late = {"name": "nmap_late", "description": "appeared later", "inputSchema": {}}
     assert rewrite_message(listing([late]), {}, {}, s, [])["result"]["tools"] == []
     assert [p.tool for p in pins.pending()] == ["nmap_late"]
+
+
+RENAMABLE = [
+    'jwt.agent_role == "security" && mcp.tool.name.startsWith("nmap")',
+    'mcp.tool.name in ["kubectl", "trivy_image"] && mcp.server.name == "tools"',
+    'mcp.tool.name.matches("^(ssh|nmap)_.*$") && "mcp.tool.name" != mcp.tool.name',
+    {"deny": 'mcp.tool.name == "trivy_image" && mcp.listing'},
+    {"deny": 'mcp.tool.name == "kubectl" && mcp.tool.arguments.namespace == "agent-infra"'},
+    'mcp.prompt.name == "" && mcp.tool.name == "terraform_plan"',
+]
+NOT_RENAMABLE = [
+    'mcp.tool["name"] == "ssh_exec"',
+    'has(mcp.tool.name) && mcp.tool.name == "terraform_plan"',
+    {"deny": 'mcp.tool == {"name": "nmap_scan", "arguments": {}}'},
+]
+
+
+@pytest.mark.parametrize("rules", [RENAMABLE, RENAMABLE + NOT_RENAMABLE], ids=["fast", "mixed"])
+@pytest.mark.parametrize("role", ["security", "cloud"])
+def test_list_variants_judge_exactly_like_the_full_facts(rules: list[Any], role: str) -> None:
+    from dataclasses import replace
+
+    from fleetgate.mcp.policy import fast_listing
+    compiled = tuple(compile_mcp_rules("b", rules))
+    assert fast_listing(compiled) is (rules == RENAMABLE)
+    slow = tuple(replace(r, list_expr=None) for r in compiled)
+    claims = {"sub": "a", "agent_role": role}
+    fast_scope = McpScope(claims, {}, "tools", "h", "/mcp", None, compiled)
+    slow_scope = McpScope(claims, {}, "tools", "h", "/mcp", None, slow)
+    tools = [*TOOLS, {"name": "ssh_exec_2", "inputSchema": {}}]
+    fast_out = rewrite_message(listing(tools), {}, {}, fast_scope, [])
+    slow_out = rewrite_message(listing(tools), {}, {}, slow_scope, [])
+    assert fast_out["result"]["tools"] == slow_out["result"]["tools"]
+
+
+def test_rename_fields_leaves_strings_alone() -> None:
+    from fleetgate.celexpr import rename_fields
+    src = 'r"""mcp.tool.name""" == mcp.tool.name || "a\\"mcp.tool.name" == mcp . tool . name'
+    assert rename_fields(src, {"mcp.tool.name": "__t"}) == (
+        'r"""mcp.tool.name""" == __t || "a\\"mcp.tool.name" == __t')

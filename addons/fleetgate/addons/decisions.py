@@ -130,7 +130,7 @@ class DecisionLog:
         if isinstance(mcp, dict):
             extra["mcp"] = {"server": mcp.get("server"), "transport": mcp.get("transport"),
                             "session": mcp.get("session"), "calls": mcp.get("calls"),
-                            "hidden": mcp.get("hidden")}
+                            "hidden": mcp.get("hidden"), "hidden_count": mcp.get("hidden_count", 0)}
         return extra or None
 
     def _write(self, rec: dict[str, Any]) -> None:

@@ -379,7 +379,7 @@ class McpGuard:
         new = rewrite_message(obj, meta.get("methods") or {}, meta.get("substitutions") or {},
                               scope, hidden)
         self._hidden(flow, scope, meta, hidden)
-        return None if new is obj else json.dumps(new).encode()
+        return None if new is obj else json.dumps(new, separators=(",", ":")).encode()
 
     def rewrite_event(self, flow: http.HTTPFlow, scope: McpScope, meta: dict[str, Any],
                       event: Event) -> str | None:
@@ -417,7 +417,7 @@ class McpGuard:
         hidden: list[tuple[str, str]] = []
         new = rewrite_message(obj, methods, subs, scope, hidden)
         self._hidden(flow, scope, meta, hidden)
-        return None if new is obj else json.dumps(new)
+        return None if new is obj else json.dumps(new, separators=(",", ":"))
 
     def _hidden(self, flow: http.HTTPFlow, scope: McpScope, meta: dict[str, Any],
                 hidden: list[tuple[str, str]]) -> None:
@@ -425,10 +425,11 @@ class McpGuard:
             reason = ("poisoning" if why.startswith("tool poisoning") else
                       "pin" if "approv" in why else "policy")
             self.metrics.mcp_hidden.labels(server=scope.server, kind="entry", reason=reason).inc()
-            if len(meta["hidden"]) < 200:
+            meta["hidden_count"] = meta.get("hidden_count", 0) + 1
+            if len(meta["hidden"]) < 20:  # the log line names the first few; metrics count all
                 meta["hidden"].append({"name": name, "why": why})
         if hidden and not flow.comment:
-            flow.comment = f"MCP {scope.server}: {len(meta['hidden'])} list entries hidden"
+            flow.comment = f"MCP {scope.server}: {meta['hidden_count']} list entries hidden"
 
     # -- vetting reports and operator actions -----------------------------------------
 

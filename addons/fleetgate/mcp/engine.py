@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleetgate.celexpr import Activation
-from fleetgate.mcp.facts import LIST_METHODS, item_facts, mcp_facts, target_kind
+from fleetgate.mcp.facts import LIST_METHODS, base_facts, item_facts, mcp_facts, target_kind
 from fleetgate.mcp.messages import FORBIDDEN, HEADER_MISMATCH, McpError, Message
-from fleetgate.mcp.policy import McpVerdict, may_call, may_deny, may_list
+from fleetgate.mcp.policy import LIST_VARS, McpVerdict, fast_listing, may_call, may_deny, may_list
 from fleetgate.mcp.vetting import Vetting
 from fleetgate.policy.model import McpMode, Rule
 
@@ -233,14 +233,26 @@ def _filter_list(method: str, result: dict[str, Any], scope: McpScope, act: Acti
     if kind == "tool" and scope.vetting is not None:
         verdicts = scope.vetting.vet(scope.server, valid, not result.get("nextCursor"),
                                      scope.poisoning, scope.pins)
+    fast = fast_listing(scope.rules)
+    if fast:  # the facts are the same for every entry but its name: set them once
+        act.set("mcp", base_facts(method, scope.host, scope.path, scope.session_id, scope.server,
+                                  listing=True))
+        for var in LIST_VARS.values():
+            act.set(var, "")
+    name_var = {"tool": "__tool_name", "prompt": "__prompt_name"}.get(kind, "__resource_uri")
     kept = []
     for item in valid:
         name = str(item.get("name") or item.get("uri") or item.get("uriTemplate") or "")
         why = verdicts.get(name) if kind == "tool" else None
         if why is None:
-            act.set("mcp", item_facts(method, kind, item, scope.host, scope.path, scope.session_id,
-                                      scope.server))
-            if not may_list(scope.rules, act):
+            if fast:
+                target = name if kind != "resource" else str(item.get("uri")
+                                                             or item.get("uriTemplate") or "")
+                act.set(name_var, target)
+            else:
+                act.set("mcp", item_facts(method, kind, item, scope.host, scope.path,
+                                          scope.session_id, scope.server))
+            if not may_list(scope.rules, act, listing=fast):
                 why = "no mcpAuthorization rule allows it"
         if why is None:
             kept.append(item)

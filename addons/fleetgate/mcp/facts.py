@@ -36,7 +36,7 @@ def target_kind(method: str | None) -> str | None:
 
 
 def base_facts(method: str, server_host: str, server_path: str,
-               session_id: str | None, server_name: str = "") -> dict[str, Any]:
+               session_id: str | None, server_name: str = "", listing: bool = False) -> dict[str, Any]:
     return {
         "method": method,
         "tool": {"name": "", "arguments": {}},
@@ -44,7 +44,7 @@ def base_facts(method: str, server_host: str, server_path: str,
         "resource": {"uri": ""},
         "server": {"host": server_host, "path": server_path, "name": server_name or server_host},
         "session_id": session_id or "",
-        "listing": False,
+        "listing": listing,
     }
 
 

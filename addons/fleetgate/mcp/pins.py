@@ -77,8 +77,8 @@ class PinStore:
             json.dump(self._pins, f, indent=2, sort_keys=True)
         os.replace(tmp, self.path)
 
-    def check(self, server: str, tools: list[dict[str, Any]],
-              last_page: bool = True) -> dict[str, PinState]:
+    def check(self, server: str, tools: list[dict[str, Any]], last_page: bool = True,
+              fingerprints: list[str] | None = None) -> dict[str, PinState]:
         """State of each listed tool (by name); records new/changed ones as pending.
 
         Trust on first use covers a server's whole first listing, every page of it: the
@@ -93,8 +93,9 @@ class PinStore:
                 known = {}
             states: dict[str, PinState] = {}
             changed = False
-            for t in tools:
-                name, fp = str(t.get("name")), fingerprint(t)
+            fps = fingerprints if fingerprints is not None else [fingerprint(t) for t in tools]
+            for t, fp in zip(tools, fps, strict=True):
+                name = str(t.get("name"))
                 pinned = known.get(name)
                 if pinned is None and learning:
                     known[name] = pinned = fp

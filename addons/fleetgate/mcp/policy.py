@@ -23,13 +23,33 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fleetgate.celexpr import Activation, CelError, compile_expr
+from fleetgate.celexpr import Activation, CelError, Expr, compile_expr, rename_fields
 from fleetgate.policy.model import Effect, Rule
 
 __all__ = ["MCP_ROOTS", "McpVerdict", "compile_capability", "compile_mcp_entry", "compile_mcp_rules",
            "glob_to_cel", "may_call", "may_deny", "may_list"]
 
 MCP_ROOTS = ("jwt", "request", "mcp")
+
+# List filtering judges up to thousands of entries per answer. Each rule also gets a variant
+# reading the entry's name from a plain string variable, so only that string is converted
+# per entry (~2 µs) instead of the whole ``mcp`` map (~40 µs).
+LIST_VARS = {"mcp.tool.name": "__tool_name", "mcp.prompt.name": "__prompt_name",
+             "mcp.resource.uri": "__resource_uri"}
+# after renaming, any other way to reach those fields makes the variant unsafe
+_LIST_UNSAFE = re.compile(r"\bmcp\b(?!\s*\.)|\bmcp\s*\.\s*(tool|prompt|resource)\b"
+                          r"(?!\s*\.\s*arguments\b)")
+
+
+def list_variant(source: str) -> Expr | None:
+    """The list-filtering form of an MCP rule, or ``None`` (then the full facts are used)."""
+    text = rename_fields(source, LIST_VARS, _LIST_UNSAFE)
+    if text is None:
+        return None
+    try:
+        return compile_expr(text, (*MCP_ROOTS, *LIST_VARS.values()))
+    except CelError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -75,7 +95,7 @@ def compile_mcp_entry(entry: Any, rule_id: str) -> Rule:
         expr = compile_expr(str(source), MCP_ROOTS)
     except CelError as exc:
         raise ValueError(f"{rule_id}: CEL: {exc}") from None
-    return Rule(rule_id, effect, expr, reason)
+    return Rule(rule_id, effect, expr, reason, list_expr=list_variant(expr.source))
 
 
 def compile_capability(kind: str, pattern: str, rule_id: str, match: str | None = None) -> Rule:
@@ -86,7 +106,8 @@ def compile_capability(kind: str, pattern: str, rule_id: str, match: str | None 
         expr = compile_expr(f"{scope}{glob_to_cel(str(pattern))}", MCP_ROOTS)
     except CelError as exc:
         raise ValueError(f"{rule_id}: CEL: {exc}") from None
-    return Rule(rule_id, effect, expr, f"tool pattern {pattern!r} in {kind}")
+    return Rule(rule_id, effect, expr, f"tool pattern {pattern!r} in {kind}",
+                list_expr=list_variant(expr.source))
 
 
 def compile_mcp_rules(owner: str, entries: Iterable[Any], allowed_tools: Iterable[str] = (),
@@ -121,30 +142,41 @@ def may_call(rules: Iterable[Rule], activation: Activation | Mapping[str, Any]) 
     return McpVerdict(False, "mcp.default-deny", "no mcpAuthorization rule allows it")
 
 
-def _first_allow(rules: list[Rule], act: Activation) -> Rule | None:
+def _first_allow(rules: list[Rule], act: Activation, listing: bool = False) -> Rule | None:
     """The first allow rule that is true; one that errors does not allow."""
     for r in rules:
         if r.effect is Effect.ALLOW:
+            expr = r.list_expr if listing and r.list_expr is not None else r.expr
             try:
-                if r.expr.evaluate(act):
+                if expr.evaluate(act):
                     return r
             except CelError:
                 continue
     return None
 
 
-def may_list(rules: Iterable[Rule], activation: Activation | Mapping[str, Any]) -> bool:
-    """Whether a list entry is shown: some allow is true and no deny is surely true."""
+def fast_listing(rules: Iterable[Rule]) -> bool:
+    """Whether every rule has a list variant (see :data:`LIST_VARS`)."""
+    return all(r.list_expr is not None for r in rules)
+
+
+def may_list(rules: Iterable[Rule], activation: Activation | Mapping[str, Any],
+             listing: bool = False) -> bool:
+    """Whether a list entry is shown: some allow is true and no deny is surely true.
+
+    ``listing``: evaluate the rules' list variants (the activation then holds the entry's
+    name in the :data:`LIST_VARS` variables; every rule must have a variant)."""
     act = activation if isinstance(activation, Activation) else Activation(activation)
     rules = list(rules)
     for r in rules:
         if r.effect is Effect.DENY:
+            expr = r.list_expr if listing and r.list_expr is not None else r.expr
             try:
-                if r.expr.evaluate(act):
+                if expr.evaluate(act):
                     return False
             except CelError:
                 continue  # needs the call's arguments: judged at call time
-    return _first_allow(rules, act) is not None
+    return _first_allow(rules, act, listing) is not None
 
 
 def may_deny(rules: Iterable[Rule], activation: Activation) -> McpVerdict:

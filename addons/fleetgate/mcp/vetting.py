@@ -76,12 +76,13 @@ class Vetting:
     def vet(self, server: str, tools: list[dict[str, Any]], last_page: bool,
             poisoning: McpMode, pins: McpMode) -> dict[str, str | None]:
         """Why each listed tool must be hidden from the model (``None``: show it)."""
-        states = (self.pins.check(server, tools, last_page) if pins is not McpMode.OFF else {})
+        fps = [fingerprint(t) for t in tools]
+        states = (self.pins.check(server, tools, last_page, fps) if pins is not McpMode.OFF else {})
         others = self._others(server) if poisoning is not McpMode.OFF else set()
         out: dict[str, str | None] = {}
         seen: dict[str, tuple[str, list[Finding]]] = {}
-        for tool in tools:
-            name, fp = str(tool.get("name") or ""), fingerprint(tool)
+        for tool, fp in zip(tools, fps, strict=True):
+            name = str(tool.get("name") or "")
             findings: list[Finding] = []
             if poisoning is not McpMode.OFF:
                 findings = self._patterns(fp, tool) + shadowing(tool, others)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -388,7 +388,7 @@ class _Builder:
             self.err(f"{path}", f"duplicate rule id {rule.id!r} (first at {self.rule_ids[rule.id]})")
             return None
         self.rule_ids[rule.id] = self.src(path)
-        return Rule(rule.id, rule.effect, rule.expr, rule.reason, self.src(path))
+        return replace(rule, source=self.src(path))
 
     def _mcp_authorization(self, section: Any, path: str, owner: str) -> list[Rule]:
         """The seed's ``mcpAuthorization: rules: [...]``: CEL strings allow; fleetgate adds

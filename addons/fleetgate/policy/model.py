@@ -41,6 +41,9 @@ class Rule:
     reason: str | None = None
     source: str = ""  # "file:line", for operators
     hosts: tuple[HostPattern, ...] = ()  # empty: applies to every destination
+    # MCP rules: the same expression reading the list entry's name from a plain variable
+    # (see fleetgate.mcp.policy.list_variant); None when it cannot be rewritten safely.
+    list_expr: Expr | None = None
 
     def applies_to(self, host: str, port: int) -> bool:
         return not self.hosts or any(h.matches(host, port) for h in self.hosts)
