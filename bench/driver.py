@@ -27,8 +27,14 @@ CHAT_BODY = (b'{"model":"bench-model","messages":[{"role":"system","content":"Yo
              b'{"role":"user","content":"Say hello in five words."}],"max_tokens":16}')
 STREAM_BODY = (b'{"model":"bench-model","stream":true,"stream_options":{"include_usage":true},'
                b'"messages":[{"role":"user","content":"Count to twenty."}]}')
+MCP_PATH = "/mcp"
 MCP_LIST_BODY = b'{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}'
+MCP_CALL_TOOL = "trivy_describe_image"  # allowed for the bench agents (policy.MCP_ALLOWED_PREFIXES)
+MCP_CALL_BODY = (b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"trivy_describe_image",'
+                 b'"arguments":{"name":"shop/api:1.4.2","scope":"payments","limit":20}}}')
 JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
+# What an MCP streamable-HTTP client sends: it takes either answer form.
+MCP_HEADERS = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
 SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 
 
@@ -94,6 +100,34 @@ def chat_op(base_url: str) -> Op:
         r = await c.post(url, content=CHAT_BODY, headers=JSON_HEADERS)
         if r.status_code != 200 or not r.content.endswith(b"}"):
             raise BenchError(f"chat: HTTP {r.status_code}: {r.text[:300]}")
+
+    return op
+
+
+def mcp_list_op(base_url: str, tools: int, sse: bool = False) -> Op:
+    """MCP ``tools/list``; the answer must carry exactly ``tools`` tools (counted by their
+    ``inputSchema`` keys, cheaply: the full parse is done once, in scenario (c)'s probe)."""
+    url = base_url + MCP_PATH + ("?sse=1" if sse else "")
+    ctype = "text/event-stream" if sse else "application/json"
+
+    async def op(c: httpx.AsyncClient) -> None:
+        r = await c.post(url, content=MCP_LIST_BODY, headers=MCP_HEADERS)
+        n = r.content.count(b'"inputSchema"')
+        if r.status_code != 200 or n != tools or not r.headers.get("content-type", "").startswith(ctype):
+            raise BenchError(f"tools/list: HTTP {r.status_code} {r.headers.get('content-type')}, {n} tools, "
+                             f"expected {tools}: {r.text[:300]}")
+
+    return op
+
+
+def mcp_call_op(base_url: str) -> Op:
+    """MCP ``tools/call`` of :data:`MCP_CALL_TOOL` (small JSON answer)."""
+    url = base_url + MCP_PATH
+
+    async def op(c: httpx.AsyncClient) -> None:
+        r = await c.post(url, content=MCP_CALL_BODY, headers=MCP_HEADERS)
+        if r.status_code != 200 or b'"result"' not in r.content or b'"error"' in r.content:
+            raise BenchError(f"tools/call: HTTP {r.status_code}: {r.text[:300]}")
 
     return op
 
@@ -296,13 +330,14 @@ class SoakPlan:
 async def soak(target: Target, plan: SoakPlan) -> dict[str, Any]:
     """Paced mixed load on one proxy while its RSS is sampled: mostly small chat calls, an SSE
     stream every 25th request, a request the rules deny every 50th (bare: a 404), an MCP
-    tools/list (~350 KB) every 100th; each agent reconnects (new tunnel, fleetgate: new JWT)
-    every ``reconnect_every`` seconds, so per-connection state is created and dropped."""
+    tools/list (~385 KB, 1,000 tools; fleetgate filters it to the agent's 120) every 100th;
+    each agent reconnects (new tunnel, fleetgate: new JWT) every ``reconnect_every`` seconds,
+    so per-connection state is created and dropped."""
     assert target.pid
     chat = chat_op(target.base_url)
     stream = stream_op(target.base_url, 5, 5)
     deny_url = target.base_url + "/admin/delete-everything"
-    mcp_url = target.base_url + "/mcp"
+    mcp_url = target.base_url + MCP_PATH
     lat: list[float] = []
     counts = {"requests": 0, "errors": 0, "reconnects": 0, "streams": 0, "denied": 0, "mcp": 0}
     first_error: list[str] = []
@@ -355,8 +390,8 @@ async def soak(target: Target, plan: SoakPlan) -> dict[str, Any]:
                         counts["denied"] += 1
                     elif k % 100 == 37:
                         r = await client.post(mcp_url, content=MCP_LIST_BODY, headers=JSON_HEADERS)
-                        if r.status_code != 200 or len(r.content) < 100_000:
-                            raise BenchError(f"mcp: HTTP {r.status_code}")
+                        if r.status_code != 200 or r.content.count(b'"inputSchema"') < 100:
+                            raise BenchError(f"mcp: HTTP {r.status_code}: {r.text[:300]}")
                         counts["mcp"] += 1
                     else:
                         await chat(client)

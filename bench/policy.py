@@ -32,12 +32,51 @@ def llm_section(upstream_port: int) -> str:
 """
 
 
-def supports_llm_section(workdir: Path) -> bool:
-    """Whether this fleetgate tree accepts the rules' ``llm:`` section (LLM metering)."""
+# Scenario (c): the tool families of the upstream's MCP server (bench/upstream.py) the bench
+# agents may use, in the shape of the seed's security-tools rule: 3 of 25 families, 120 of the
+# 1,000 tools. The other rules are the fleet's other roles (never true for a bench agent, but
+# evaluated for every hidden tool, as in production) and the seed's argument-aware breaker.
+MCP_SERVER = "bench-tools"
+MCP_ALLOWED_PREFIXES = ("nmap", "trivy", "falco")
+
+
+def mcp_section(upstream_port: int) -> str:
+    """Declare the upstream's ``/mcp`` an MCP server with per-role ``mcpAuthorization``."""
+    allowed = " ||\n          ".join(f'mcp.tool.name.startsWith("{p}")' for p in MCP_ALLOWED_PREFIXES)
+    return f"""mcp:
+  servers:
+  - name: {MCP_SERVER}
+    hosts: ["127.0.0.1:{upstream_port}"]
+    path: /mcp
+    mcpAuthorization:
+      rules:
+      - >-
+        jwt.agent_role == "{BENCH_ROLE}" && (
+          {allowed}
+        )
+      - >-
+        jwt.agent_role == "cloud" && (
+          mcp.tool.name.startsWith("terraform") || mcp.tool.name.startsWith("kubectl") ||
+          mcp.tool.name.startsWith("istioctl") || mcp.tool.name.startsWith("helm")
+        )
+      - >-
+        jwt.agent_role == "network" && (
+          mcp.tool.name.startsWith("dig") || mcp.tool.name.startsWith("traceroute") ||
+          mcp.tool.name.startsWith("tcpdump")
+        )
+      - id: {MCP_SERVER}.not-agent-infra
+        deny: >-
+          mcp.tool.arguments.exists(k, type(mcp.tool.arguments[k]) == string &&
+            mcp.tool.arguments[k].contains("agent-infra"))
+        reason: agent-infra hosts fleetgate itself; no tool call may name it
+"""
+
+
+def _loads(workdir: Path, text: str) -> bool:
     from fleetgate.policy.loader import PolicyError, load_policy
 
-    probe = workdir / "llm-probe.yaml"
-    probe.write_text(small_policy(443, llm=True))
+    probe = workdir / "section-probe.yaml"
+    probe.write_text(text)
     try:
         load_policy(probe)
         return True
@@ -47,10 +86,21 @@ def supports_llm_section(workdir: Path) -> bool:
         probe.unlink()
 
 
-def small_policy(upstream_port: int, llm: bool = False) -> str:
+def supports_llm_section(workdir: Path) -> bool:
+    """Whether this fleetgate tree accepts the rules' ``llm:`` section (LLM metering)."""
+    return _loads(workdir, small_policy(443, llm=True, mcp=False))
+
+
+def supports_mcp_section(workdir: Path) -> bool:
+    """Whether this fleetgate tree accepts the rules' ``mcp:`` section (MCP governance)."""
+    return _loads(workdir, small_policy(443, llm=False, mcp=True))
+
+
+def small_policy(upstream_port: int, llm: bool = False, mcp: bool = True) -> str:
     """What the gateway runs in scenarios (a)-(f): the seed's global deny rules, four decoy
-    profiles like rules/fleet.yaml's specialists, the ``bench`` profile the agents match, and
-    (``llm``) the upstream declared as an LLM provider."""
+    profiles like rules/fleet.yaml's specialists, the ``bench`` profile the agents match,
+    (``llm``) the upstream declared as an LLM provider and (``mcp``) its ``/mcp`` declared as
+    an MCP server whose rules let the bench agents use 120 of its 1,000 tools."""
     up = f"127.0.0.1:{upstream_port}"
     decoys = "".join(f"""- name: {role}
   match: 'jwt.agent_role == "{role}"'
@@ -81,7 +131,7 @@ destinations:
       allow: 'request.method == "POST" && request.path in ["/v1/chat/completions", "/mcp"]'
     - id: bench.download
       allow: 'request.method == "GET" && request.path.startsWith("/download/")'
-""" + (llm_section(upstream_port) if llm else "")
+""" + (llm_section(upstream_port) if llm else "") + (mcp_section(upstream_port) if mcp else "")
 
 
 RULES_PER_AGENT = 5

@@ -238,7 +238,9 @@ class Proxy:
 
     def ready(self) -> dict[str, Any]:
         assert self.metrics_port
-        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/healthz/ready", timeout=10).json()
+        ready: dict[str, Any] = httpx.get(f"http://127.0.0.1:{self.metrics_port}/healthz/ready",
+                                          timeout=10).json()
+        return ready
 
     def metrics(self) -> str:
         assert self.metrics_port

@@ -96,6 +96,68 @@ def judge(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _mcp_rows(t: Table, c: dict[str, Any]) -> None:
+    """(c): tools/list of the 1,000-tool server (filtered by fleetgate), tools/call, and the list
+    as one SSE event."""
+    total, allowed = c.get("tools_offered"), c.get("tools_allowed")
+    prefixes = ", ".join(f"`{p}*`" for p in c.get("allowed_prefixes") or [])
+
+    def perf(label: str, r: dict[str, Any], first_rows: list[tuple[str, Any, Any, Any, str, bool]]) -> None:
+        fg, bare, direct = r.get("fleetgate", {}), r.get("bare", {}), r.get("direct", {})
+        t.row(label, "requests/s", fg.get("rps"), bare.get("rps"), direct.get("rps"))
+        t.row(label, "latency p50 (ms)", fg.get("p50_ms"), bare.get("p50_ms"), direct.get("p50_ms"), nd=2)
+        t.row(label, "latency p99 (ms)", fg.get("p99_ms"), bare.get("p99_ms"), direct.get("p99_ms"), nd=2)
+        t.row(label, "proxy CPU per request (ms)", fg.get("proxy_cpu_ms_per_req"),
+              bare.get("proxy_cpu_ms_per_req"), None, nd=3)
+        for metric, f, b, d, tgt, ratios in first_rows:
+            t.row(label, metric, f, b, d, tgt, ratios=ratios)
+
+    probe = c.get("probe") or {}
+    pf, pb, pd = probe.get("fleetgate", {}), probe.get("bare", {}), probe.get("direct", {})
+
+    def count(p: dict[str, Any], form: str) -> Any:
+        n = _get(p, f"list_{form}", "tools")
+        return f"{n:,}" if isinstance(n, int) else None
+
+    def size(p: dict[str, Any], form: str) -> Any:
+        n = _get(p, f"list_{form}", "bytes")
+        return n / 1000 if isinstance(n, int) else None
+
+    def filtered(form: str) -> str:
+        f, b = _get(pf, f"list_{form}", "tools"), _get(pb, f"list_{form}", "tools")
+        if f is None or b is None:
+            return ""
+        ok = f == allowed and b == total and _get(pf, f"list_{form}", "exactly_the_allowed_tools")
+        return (f"filtered: exactly the {allowed:,} tools the rules allow ({prefixes})" if ok
+                else "**not filtered as expected**")
+
+    for i, (conc, r) in enumerate((c.get("list") or {}).items()):
+        label = f"(c) MCP tools/list, {total:,} tools, JSON, {conc} agent{'s' if conc != '1' else ''}"
+        extra = [] if i else [
+            ("tools in the answer", count(pf, "json"), count(pb, "json"), count(pd, "json"),
+             filtered("json"), False),
+            ("answer size (kB)", size(pf, "json"), size(pb, "json"), size(pd, "json"), "", True),
+            ("decision-log bytes per tools/list", pf.get("decision_log_bytes_per_list"), None, None,
+             f"info: the record names {pf.get('decision_log_hidden_entries')} of the "
+             f"{(total or 0) - (allowed or 0):,} hidden tools", False),
+        ]
+        perf(label, r, extra)
+    for conc, r in (c.get("call") or {}).items():
+        label = f"(c) MCP tools/call `{c.get('call_tool')}`, {conc} agent{'s' if conc != '1' else ''}"
+        perf(label, r, [])
+    for i, (conc, r) in enumerate((c.get("list_sse") or {}).items()):
+        label = f"(c) MCP tools/list as one SSE event, {conc} agent{'s' if conc != '1' else ''}"
+        extra = [] if i else [("tools in the answer", count(pf, "sse"), count(pb, "sse"), count(pd, "sse"),
+                               filtered("sse"), False)]
+        perf(label, r, extra)
+    refused = _get(pf, "call_not_allowed", "refused")
+    if refused is not None:
+        code = _get(pf, "call_not_allowed", "answer", "code")
+        t.row(f"(c) MCP tools/call `{_get(pf, 'call_not_allowed', 'tool')}` (not allowed)", "answer",
+              f"JSON-RPC error {code}" if refused else "**result: not refused**",
+              "result (forwarded)", "result", ratios=False)
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results.get("scenarios", {})
     env = results.get("environment", {})
@@ -159,6 +221,10 @@ def markdown(results: dict[str, Any]) -> str:
         t.row(label, "bare mitmdump *buffering* SSE (default): first event p50 (ms)", None,
               buf.get("ttfe_p50_ms"), direct.get("ttfe_p50_ms"), "info: what StreamPassthrough avoids", nd=1)
 
+    c = s.get("c") or {}
+    if c:
+        _mcp_rows(t, c)
+
     er = s.get("e_requests") or {}
     if er:
         label = f"(e) after {er.get('requests'):,} requests"
@@ -202,7 +268,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["",
               "*bare mitmdump*: the same mitmdump, no scripts, `stream_large_bodies=1m`. In (b) and the "
               "streams rows of (e) it is `stream_large_bodies=1` (*bare-sse*), because bare mitmdump buffers "
-              "a whole SSE response; the (b) *buffering* row shows that default. "
+              "a whole SSE response; the (b) *buffering* row shows that default. In (c) bare mitmdump "
+              "passes the MCP answers unread (it returns all 1,000 tools), fleetgate judges and filters "
+              "them for the agent. "
               "Proxy CPU per request is the proxy process's user+system CPU over the run divided by the "
               "requests answered. *direct* at 16 agents is limited by the load generator, not the upstream.",
               ""]

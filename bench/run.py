@@ -59,16 +59,16 @@ def loop_factory() -> tuple[Any, str]:
     try:
         import uvloop
 
-        return uvloop.new_event_loop, f"uvloop {uvloop.__version__}"
+        return uvloop.new_event_loop, f"uvloop {getattr(uvloop, '__version__', '?')}"
     except ImportError:
         return None, "asyncio"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="fleetgate vs bare mitmdump vs direct")
-    ap.add_argument("--quick", action="store_true", help="~1-minute smoke run (small counts, short soak)")
+    ap.add_argument("--quick", action="store_true", help="~1.5-minute smoke run (small counts, short soak)")
     ap.add_argument("--soak", type=float, default=None, help="soak seconds (default 300; --quick: 20)")
-    ap.add_argument("--only", default="", help="comma-separated scenario keys: a,b,e,f,g "
+    ap.add_argument("--only", default="", help="comma-separated scenario keys: a,b,c,e,f,g "
                                                "(e = e_requests,e_streams,e_soak)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             results["setup"] = {
                 "upstream": {"port": bench.upstream.port, **bench.upstream.info},
                 "llm_provider_routed": bench.llm,
+                "mcp_server_declared": bench.mcp,
                 "proxies": {n: {"argv": p.argv, "startup_s": round(p.started_s, 2)}
                             for n, p in bench.proxies.items()},
             }

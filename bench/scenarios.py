@@ -1,15 +1,16 @@
 """The scenarios of the benchmark issue. Each takes the running :class:`stack.Bench` and a
 :class:`Plan` and returns a JSON-able dict; ``report.py`` turns them into the table.
 
-(a) small non-streaming LLM call, (b) streaming, (e) memory, (f) 50 MB download, (g) rules
-scale are implemented. (c) and (d) measure features that have not landed yet: see
-:data:`PENDING`.
+(a) small non-streaming LLM call, (b) streaming, (c) MCP tools/list and tools/call, (e) memory,
+(f) 50 MB download, (g) rules scale are implemented. (d) measures a feature that has not landed
+yet: see :data:`PENDING`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import statistics
 import time
@@ -20,6 +21,11 @@ from typing import Any
 
 import httpx
 from driver import (
+    MCP_CALL_BODY,
+    MCP_CALL_TOOL,
+    MCP_HEADERS,
+    MCP_LIST_BODY,
+    MCP_PATH,
     SSE_HEADERS,
     STREAM_BODY,
     BenchError,
@@ -31,13 +37,15 @@ from driver import (
     close_all,
     closed_loop,
     download_op,
+    mcp_call_op,
+    mcp_list_op,
     mem,
     ms,
     pct,
     soak,
     stream_op,
 )
-from policy import scale_agent_id, scale_policy, write_atomic
+from policy import MCP_ALLOWED_PREFIXES, MCP_SERVER, scale_agent_id, scale_policy, write_atomic
 from procs import launch_proxy, mem_kib, reset_peak, rss_mib
 from stack import NOLLM, Bench
 
@@ -56,6 +64,11 @@ class Plan:
     b_interval_ms: float = 10
     b_rounds: int = 6
     b_slice: float = 1.5
+    c_concurrency: tuple[int, ...] = (1, 8)
+    c_sse_concurrency: tuple[int, ...] = (1,)
+    c_warmup: float = 0.5
+    c_rounds: int = 3
+    c_slice: float = 2.0
     e_requests: int = 10_000
     e_agents: int = 16
     e_streams: int = 200
@@ -77,7 +90,8 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(a_warmup=0.5, a_rounds=1, a_slice=1.5, b_rounds=1, b_slice=1.5,
+        return cls(a_warmup=0.5, a_rounds=1, a_slice=1.5, b_rounds=1, b_slice=1.5, c_warmup=0.3, c_rounds=1,
+                   c_slice=1.0,
                    e_requests=1000, e_streams=50, e_stream_events=8, f_bytes=20 * 1000 * 1000, f_reps=1,
                    g_agents=200, g_loads=1, g_decisions=300, g_reloads=1, g_slice=1.0, soak=15.0,
                    soak_warmup=2.0, soak_sample=1.0, soak_reconnect=5.0)
@@ -146,6 +160,112 @@ async def scenario_b(b: Bench, plan: Plan) -> dict[str, Any]:
             "proxy_cpu_util": summary(run).get("proxy_cpu_util"),
             **({"first_error": run.first_error} if run.first_error else {}),
         }
+    return out
+
+
+# -- (c) MCP -------------------------------------------------------------------------------
+
+
+def _mcp_catalogue() -> tuple[int, list[str]]:
+    """How many tools the upstream offers, and the names the bench agents may use."""
+    from upstream import mcp_tools
+
+    tools = mcp_tools()
+    return len(tools), [t["name"] for t in tools if t["name"].startswith(MCP_ALLOWED_PREFIXES)]
+
+
+def _rpc_answer(r: httpx.Response) -> Any:
+    """The JSON-RPC message of an answer: a JSON body, or the data of its one SSE event."""
+    if r.headers.get("content-type", "").startswith("text/event-stream"):
+        data = [ln[5:].strip() for ln in r.text.splitlines() if ln.startswith("data:")]
+        if len(data) != 1:
+            raise BenchError(f"expected one SSE event, got {len(data)}")
+        return json.loads(data[0])
+    return r.json()
+
+
+async def _mcp_probe(b: Bench, t: Target, allowed: list[str], total: int) -> dict[str, Any]:
+    """The sanity check before the clock starts: one tools/list of each answer form parsed in
+    full (how many tools, are they exactly the allowed ones, so none was hidden by pins or the
+    poisoning scan), the allowed call, and a call of a tool the agent may not use (fleetgate
+    must answer it with a JSON-RPC error). For fleetgate also the decision-log bytes each
+    tools/list costs."""
+    out: dict[str, Any] = {}
+    url = t.base_url + MCP_PATH
+    log = b.workdir / "fleetgate" / "decisions.jsonl"
+    async with t.client("mcp-probe") as c:
+        for form, suffix in (("json", ""), ("sse", "?sse=1")):
+            r = await c.post(url + suffix, content=MCP_LIST_BODY, headers=MCP_HEADERS)
+            if r.status_code != 200:
+                raise BenchError(f"{t.name}: tools/list ({form}): HTTP {r.status_code}: {r.text[:300]}")
+            msg = _rpc_answer(r)
+            names = [x.get("name") for x in (msg.get("result") or {}).get("tools") or []]
+            out[f"list_{form}"] = {"tools": len(names), "bytes": len(r.content),
+                                   "content_type": r.headers.get("content-type"),
+                                   "content_length": r.headers.get("content-length"),
+                                   "exactly_the_allowed_tools": sorted(names) == sorted(allowed),
+                                   **({"error": msg["error"]} if "error" in msg else {})}
+        r = await c.post(url, content=MCP_CALL_BODY, headers=MCP_HEADERS)
+        msg = r.json()
+        out["call"] = {"tool": MCP_CALL_TOOL, "status": r.status_code, "bytes": len(r.content),
+                       "ok": "result" in msg, **({"error": msg["error"]} if "error" in msg else {})}
+        denied = MCP_CALL_BODY.replace(MCP_CALL_TOOL.encode(), b"kubectl_delete_namespace")
+        r = await c.post(url, content=denied, headers=MCP_HEADERS)
+        msg = r.json()
+        out["call_not_allowed"] = {"tool": "kubectl_delete_namespace", "status": r.status_code,
+                                   "refused": "error" in msg,
+                                   "answer": msg.get("error") or "result"}
+        if t.name == "fleetgate" and log.exists():
+            n = 5
+            size0 = log.stat().st_size
+            for _ in range(n):
+                await c.post(url, content=MCP_LIST_BODY, headers=MCP_HEADERS)
+            await asyncio.sleep(0.2)
+            out["decision_log_bytes_per_list"] = round((log.stat().st_size - size0) / n)
+            last = json.loads(log.read_text().splitlines()[-1])
+            out["decision_log_hidden_entries"] = len((last.get("mcp") or {}).get("hidden") or [])
+    fg = t.name == "fleetgate"
+    want = len(allowed) if fg else total
+    for form in ("json", "sse"):
+        got = out[f"list_{form}"]
+        if got["tools"] != want or (fg and not got["exactly_the_allowed_tools"]):
+            raise BenchError(f"{t.name}: tools/list ({form}) returned {got['tools']} tools, expected {want}"
+                             f"{' (exactly the allowed ones)' if fg else ''}: {got}")
+    if not out["call"]["ok"]:
+        raise BenchError(f"{t.name}: tools/call {MCP_CALL_TOOL} failed: {out['call']}")
+    if fg and not out["call_not_allowed"]["refused"]:
+        raise BenchError(f"fleetgate let the agent call a tool it may not use: {out['call_not_allowed']}")
+    return out
+
+
+async def scenario_c(b: Bench, plan: Plan) -> dict[str, Any]:
+    """MCP governance: tools/list of a 1,000-tool server filtered per agent, answered as JSON
+    (and as one SSE event), and tools/call of an allowed tool; fleetgate vs bare vs direct."""
+    if not b.mcp:
+        raise BenchError("this fleetgate tree's rules have no mcp: section (MCP governance)")
+    total, allowed = _mcp_catalogue()
+    names = ["direct", "bare", "fleetgate"]
+    expect = {"direct": total, "bare": total, "fleetgate": len(allowed)}
+    out: dict[str, Any] = {"server": MCP_SERVER, "tools_offered": total, "tools_allowed": len(allowed),
+                           "allowed_prefixes": list(MCP_ALLOWED_PREFIXES), "call_tool": MCP_CALL_TOOL,
+                           "probe": {}, "list": {}, "call": {}, "list_sse": {}}
+    # The first listing through fleetgate pins the server's tools (trust on first use); the
+    # probe makes it, so the timed runs see the steady state.
+    for name in names:
+        out["probe"][name] = await _mcp_probe(b, b.targets[name], allowed, total)
+
+    def timed(op_for: Callable[[Target], Any], agents: int) -> Awaitable[dict[str, Run]]:
+        return interleaved(b, names, agents, op_for, plan.c_warmup, plan.c_rounds, plan.c_slice)
+
+    for agents in plan.c_concurrency:
+        runs = await timed(lambda t: mcp_list_op(t.base_url, expect[t.name]), agents)
+        out["list"][str(agents)] = {n: summary(r) for n, r in runs.items()}
+    for agents in plan.c_concurrency:
+        runs = await timed(lambda t: mcp_call_op(t.base_url), agents)
+        out["call"][str(agents)] = {n: summary(r) for n, r in runs.items()}
+    for agents in plan.c_sse_concurrency:
+        runs = await timed(lambda t: mcp_list_op(t.base_url, expect[t.name], sse=True), agents)
+        out["list_sse"][str(agents)] = {n: summary(r) for n, r in runs.items()}
     return out
 
 
@@ -477,6 +597,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("e_requests", "(e) memory after N small requests", memory_requests),
     Scenario("a", "(a) small non-streaming LLM call", scenario_a),
     Scenario("b", "(b) streaming", scenario_b),
+    Scenario("c", "(c) MCP tools/list and tools/call", scenario_c),
     Scenario("e_streams", "(e) memory with concurrent streams", memory_streams),
     Scenario("f", "(f) 50 MB streamed download", scenario_f),
     Scenario("g", "(g) rules scale", scenario_g),
@@ -486,8 +607,6 @@ SCENARIOS: list[Scenario] = [
 # Scenarios of the issue that arrive with the features they measure: they are listed in the
 # report as not measured yet, never faked. Add a Scenario above when the feature lands.
 PENDING: list[tuple[str, str]] = [
-    ("c", "(c) MCP tools/list with 1,000 tools filtered per agent, and tools/call: arrives with "
-          "MCP governance (the upstream already serves POST /mcp)"),
     ("d", "(d) kill switch, command to last in-flight stream cut with 100 open streams: arrives "
           "with the kill-switch issue"),
 ]

@@ -19,7 +19,7 @@ from typing import Any
 
 import trustme
 from driver import Target
-from policy import BENCH_ROLE, small_policy, supports_llm_section
+from policy import BENCH_ROLE, small_policy, supports_llm_section, supports_mcp_section
 from procs import (
     GATEWAY_SCRIPT,
     REPO,
@@ -57,6 +57,7 @@ class Bench:
     direct_verify: ssl.SSLContext
     fleetgate_options: dict[str, str] = field(default_factory=dict)
     llm: bool = False  # the rules route the upstream as an LLM provider (tree supports `llm:`)
+    mcp: bool = False  # the rules declare the upstream's /mcp an MCP server (tree supports `mcp:`)
 
     @property
     def base_url(self) -> str:
@@ -100,10 +101,11 @@ def bring_up(workdir: Path) -> Bench:
     secret_file.chmod(0o600)
 
     llm = supports_llm_section(workdir)
+    mcp = supports_mcp_section(workdir)
     upstream = start_upstream(workdir, cert, key)
     rules = workdir / "rules" / "bench.yaml"
     rules.parent.mkdir()
-    rules.write_text(small_policy(upstream.port, llm=llm))
+    rules.write_text(small_policy(upstream.port, llm=llm, mcp=mcp))
 
     fg_opts = {"fleetgate_jwt_secret_file": str(secret_file),
                "fleetgate_metrics_listen": "127.0.0.1:0"}
@@ -113,7 +115,7 @@ def bring_up(workdir: Path) -> Bench:
     ]
     bench = Bench(workdir, ca_pem, confdir, secret, upstream, rules, {}, {},
                   ssl.create_default_context(cafile=str(mitm_ca)),
-                  ssl.create_default_context(cafile=str(ca_pem)), fg_opts, llm)
+                  ssl.create_default_context(cafile=str(ca_pem)), fg_opts, llm, mcp)
     launches.append(launch_proxy("fleetgate", workdir, bench.fleetgate_argv(
         rules, workdir / "fleetgate" / "decisions.jsonl"), True))
     if llm:
@@ -122,7 +124,7 @@ def bring_up(workdir: Path) -> Bench:
         # metering cost (reported as an extra row of (a)).
         plain = workdir / "rules-nollm" / "bench.yaml"
         plain.parent.mkdir()
-        plain.write_text(small_policy(upstream.port, llm=False))
+        plain.write_text(small_policy(upstream.port, llm=False, mcp=mcp))
         launches.append(launch_proxy(NOLLM, workdir, bench.fleetgate_argv(
             plain, workdir / NOLLM / "decisions.jsonl"), True))
     for launch in launches:

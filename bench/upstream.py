@@ -12,8 +12,11 @@ Endpoints
   then a final chunk carrying ``usage`` (as with ``stream_options.include_usage``) and
   ``data: [DONE]``. Query parameters ``events`` (default 20) and ``interval_ms`` (default 10)
   shape the stream.
-* ``POST /mcp`` — JSON-RPC 2.0 MCP server: ``initialize``, ``tools/list`` (1,000 tools with
-  input schemas, ~400 KB) and ``tools/call``. (For scenario (c), not measured yet.)
+* ``POST /mcp`` — JSON-RPC 2.0 MCP server (stateless streamable HTTP): ``initialize``,
+  ``tools/list`` (1,000 tools in 25 families such as ``nmap_*``, ``kubectl_*``, each with a
+  one-sentence description and a small input schema, ~385 KB) and ``tools/call`` (a small JSON
+  answer). Answers are ``application/json`` with Content-Length; ``?sse=1``: one ``message``
+  event of ``text/event-stream`` instead. Scenario (c) and the soak.
 * ``GET /download/<bytes>`` — that many bytes in 64 KiB chunks, ``application/octet-stream``,
   with ``Content-Length`` (``?chunked=1``: without, so the body has unknown length).
 * ``GET /healthz`` — ``ok``.
@@ -69,21 +72,72 @@ def usage_event(stream_id: str, created: int, events: int) -> bytes:
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
-def mcp_tools(n: int = MCP_TOOLS) -> list[dict[str, Any]]:
-    return [{
-        "name": f"tool_{i:04d}",
-        "description": f"Bench tool number {i}: looks something up in system {i % 37} and "
-                       "returns a short JSON summary of what it found.",
-        "inputSchema": {
-            "type": "object",
-            "properties": {
-                "query": {"type": "string", "description": "what to look up"},
-                "limit": {"type": "integer", "minimum": 1, "maximum": 100},
-                "verbose": {"type": "boolean"},
-            },
-            "required": ["query"],
-        },
-    } for i in range(n)]
+# The MCP server's catalogue: 25 tool families (a CLI or service each) x 10 verbs x 4 objects =
+# 1,000 tools, named like "trivy_describe_image". Descriptions are plain and clean: nothing a
+# tool-poisoning scanner should flag (no URLs, no instructions, no file paths, no credentials).
+MCP_FAMILIES: list[tuple[str, str, tuple[str, str, str, str]]] = [
+    ("nmap", "network scanner", ("host", "port", "service", "script")),
+    ("trivy", "vulnerability scanner", ("image", "filesystem", "repository", "sbom")),
+    ("falco", "runtime security monitor", ("rule", "alert", "event", "output")),
+    ("terraform", "infrastructure-as-code tool", ("plan", "state", "module", "workspace")),
+    ("kubectl", "Kubernetes command line", ("pod", "deployment", "service", "namespace")),
+    ("helm", "Kubernetes package manager", ("release", "chart", "repository", "value")),
+    ("istioctl", "service mesh command line", ("proxy", "gateway", "route", "policy")),
+    ("dig", "DNS lookup tool", ("record", "zone", "resolver", "delegation")),
+    ("traceroute", "network path tracer", ("path", "hop", "probe", "route")),
+    ("tcpdump", "packet capture tool", ("capture", "filter", "interface", "packet")),
+    ("github", "code hosting service", ("repository", "issue", "pull_request", "workflow")),
+    ("jira", "issue tracker", ("issue", "project", "sprint", "board")),
+    ("slack", "team chat service", ("channel", "message", "thread", "reminder")),
+    ("postgres", "relational database", ("table", "index", "query", "role")),
+    ("s3", "object storage service", ("bucket", "object", "lifecycle", "inventory")),
+    ("grafana", "dashboard service", ("dashboard", "panel", "folder", "annotation")),
+    ("prometheus", "metrics database", ("metric", "target", "rule", "series")),
+    ("pagerduty", "on-call service", ("incident", "schedule", "service", "escalation")),
+    ("docker", "container engine", ("container", "image", "volume", "network")),
+    ("argocd", "GitOps deployment tool", ("application", "project", "sync", "cluster")),
+    ("sentry", "error tracking service", ("issue", "event", "release", "project")),
+    ("elastic", "search engine", ("index", "document", "mapping", "alias")),
+    ("confluence", "team wiki", ("page", "space", "comment", "attachment")),
+    ("jenkins", "build server", ("job", "build", "node", "pipeline")),
+    ("redis", "key-value store", ("key", "stream", "channel", "slowlog")),
+]
+MCP_VERBS: dict[str, str] = {
+    "list": "List the {o}s known to the {w}, newest first, with a one-line status for each.",
+    "get": "Fetch one {o} from the {w} by name and return its fields as a JSON object.",
+    "describe": "Describe a {o} of the {w} in detail, including recent changes and its owner.",
+    "create": "Create a {o} in the {w} from the given fields. Fails if it already exists.",
+    "update": "Change the fields of an existing {o} in the {w}; fields not given are kept.",
+    "delete": "Remove a {o} from the {w}. Returns what was removed so it can be restored.",
+    "search": "Search the {o}s of the {w} for a phrase and return the best matches.",
+    "export": "Export the {o}s of the {w} as JSON lines, for offline analysis.",
+    "validate": "Check a {o} of the {w} for mistakes without changing anything.",
+    "watch": "Wait up to the given number of seconds for a {o} of the {w} to change.",
+}
+
+
+def mcp_tools() -> list[dict[str, Any]]:
+    """The 1,000 tool definitions of ``tools/list`` (~385 KB of JSON)."""
+    tools = []
+    for family, what, objects in MCP_FAMILIES:
+        for verb, text in MCP_VERBS.items():
+            for obj in objects:
+                noun = obj.replace("_", " ")
+                tools.append({
+                    "name": f"{family}_{verb}_{obj}",
+                    "description": text.format(o=noun, w=what),
+                    "inputSchema": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string", "description": f"which {noun}"},
+                            "scope": {"type": "string", "description": "project, namespace or account"},
+                            "limit": {"type": "integer", "minimum": 1, "maximum": 500},
+                        },
+                        "required": ["name"] if verb not in ("list", "search", "export") else [],
+                    },
+                })
+    assert len(tools) == MCP_TOOLS
+    return tools
 
 
 class App:
@@ -92,7 +146,7 @@ class App:
     def __init__(self) -> None:
         self.requests = 0
         self.tools = mcp_tools()
-        self.tools_list_cache: dict[Any, bytes] = {}
+        self.tools_list_cache: dict[str, bytes] = {}  # JSON-RPC id -> answer
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -113,7 +167,7 @@ class App:
             await self.chat(body, query, send)
         elif method == "POST" and path == "/mcp":
             body = await read_body(receive)
-            await self.mcp(body, send)
+            await self.mcp(body, query, send)
         elif method == "GET" and path.startswith("/download/"):
             await self.download(path, query, send)
         elif path == "/healthz":
@@ -146,7 +200,11 @@ class App:
                     "body": usage_event(stream_id, created, events) + b"data: [DONE]\n\n",
                     "more_body": False})
 
-    async def mcp(self, body: bytes, send: Any) -> None:
+    async def mcp(self, body: bytes, query: dict[str, str], send: Any) -> None:
+        """JSON-RPC over HTTP POST (MCP streamable HTTP, stateless: no session id). The answer is
+        ``application/json`` with a Content-Length, or with ``?sse=1`` one ``message`` event of
+        ``text/event-stream`` (chunked), as a streamable-HTTP server may choose either."""
+        sse = query.get("sse") == "1"
         try:
             req = json.loads(body or b"{}")
         except ValueError:
@@ -154,26 +212,43 @@ class App:
             return
         rid, method = req.get("id"), req.get("method")
         if method == "tools/list":
-            cached = self.tools_list_cache.get(rid)
+            key = json.dumps(rid)
+            cached = self.tools_list_cache.get(key)
             if cached is None:
                 cached = json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"tools": self.tools}},
                                     separators=(",", ":")).encode()
                 if len(self.tools_list_cache) < 64:
-                    self.tools_list_cache[rid] = cached
-            await respond(send, 200, cached)
+                    self.tools_list_cache[key] = cached
+            await self.mcp_answer(send, cached, sse)
             return
         if method == "initialize":
             result: dict[str, Any] = {"protocolVersion": "2025-06-18",
                                       "capabilities": {"tools": {"listChanged": False}},
                                       "serverInfo": {"name": "bench-mcp", "version": "1.0"}}
         elif method == "tools/call":
-            name = (req.get("params") or {}).get("name", "")
-            result = {"content": [{"type": "text", "text": f"{name}: nothing found"}], "isError": False}
+            params = req.get("params") or {}
+            name = params.get("name", "")
+            args = params.get("arguments") or {}
+            summary = {"tool": name, "name": args.get("name"), "matches": 3,
+                       "findings": [{"id": "CVE-2024-0001", "severity": "medium"},
+                                    {"id": "CVE-2024-0002", "severity": "low"}]}
+            result = {"content": [{"type": "text", "text": json.dumps(summary)}], "isError": False}
         else:
             out = {"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "method not found"}}
-            await respond(send, 200, json.dumps(out).encode())
+            await self.mcp_answer(send, json.dumps(out).encode(), sse)
             return
-        await respond(send, 200, json.dumps({"jsonrpc": "2.0", "id": rid, "result": result}).encode())
+        await self.mcp_answer(send, json.dumps({"jsonrpc": "2.0", "id": rid, "result": result}).encode(),
+                              sse)
+
+    @staticmethod
+    async def mcp_answer(send: Any, payload: bytes, sse: bool) -> None:
+        if not sse:
+            await respond(send, 200, payload)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+        await send({"type": "http.response.body", "body": b"event: message\ndata: " + payload + b"\n\n",
+                    "more_body": False})
 
     async def download(self, path: str, query: dict[str, str], send: Any) -> None:
         try:
