@@ -90,17 +90,23 @@ class Expr:
 
         Raises :class:`CelError` for any engine failure or a non-boolean result.
         """
+        result = self.value(activation)
+        if not isinstance(result, bool):
+            raise CelError(f"expression returned {type(result).__name__}, not bool")
+        return result
+
+    def value(self, activation: Activation | Mapping[str, Any]) -> Any:
+        """The expression's value, whatever its type (a rate limit's ``key``: a string).
+
+        Raises :class:`CelError` for any engine failure."""
         if not isinstance(activation, Activation):
             activation = Activation(activation)
         try:
-            result = self._program.execute(activation._ctx)
+            return self._program.execute(activation._ctx)
         except KeyError as exc:
             raise CelError(f"no such field {exc}") from None
         except Exception as exc:  # the engine raises ValueError/TypeError/RuntimeError
             raise CelError(_first_line(str(exc)) or type(exc).__name__) from None
-        if not isinstance(result, bool):
-            raise CelError(f"expression returned {type(result).__name__}, not bool")
-        return result
 
 
 def compile_expr(source: str, roots: Iterable[str]) -> Expr:

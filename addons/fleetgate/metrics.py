@@ -132,6 +132,10 @@ class GatewayMetrics:
             "fleetgate_mcp_tools_pending_approval",
             "Tools (new or changed definitions) waiting for an operator's approval.", registry=r)
 
+        self.ratelimit_rejections = Counter(
+            "fleetgate_ratelimit_rejections",
+            "Requests refused by a localRateLimit, by limit id.", ["limit"], registry=r)
+
     def set_revision(self, revision: str) -> None:
         self.policy_revision.clear()
         self.policy_revision.labels(revision=revision).set(1)

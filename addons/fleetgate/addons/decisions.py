@@ -16,6 +16,7 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate import decisionlog
 from fleetgate.addons.flowtools import CUT, DECISION, HEADER, IDENTITY, LLM_USAGE, MCP, decision_id
+from fleetgate.addons.limits import LIMITS
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.metrics import GatewayMetrics
 
@@ -131,6 +132,9 @@ class DecisionLog:
             extra["mcp"] = {"server": mcp.get("server"), "transport": mcp.get("transport"),
                             "session": mcp.get("session"), "calls": mcp.get("calls"),
                             "hidden": mcp.get("hidden"), "hidden_count": mcp.get("hidden_count", 0)}
+        limits = flow.metadata.get(LIMITS)
+        if isinstance(limits, list):
+            extra["limits"] = limits
         return extra or None
 
     def _write(self, rec: dict[str, Any]) -> None:

@@ -243,6 +243,7 @@ class McpGuard:
                 decision="allow" if rec.allow else "deny", rule=rec.rule,
                 agent=self.agent_labels(agent)).inc()
         meta["methods"], meta["substitutions"] = plan.methods, plan.substitutions
+        meta["facts"] = plan.facts
         if sid and legacy:  # the answers will come on the session's GET stream
             self.sessions.expect(server.name, sid, plan.methods, plan.substitutions)
         denied = plan.denied

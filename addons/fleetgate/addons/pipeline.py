@@ -3,7 +3,8 @@
 Cheap checks first, then identity, then the kill switch (so it wins even when rules are
 wrong), then the LLM body facts the rules may use, the rules, MCP governance (it needs the
 rules' verdict and the agent's profiles), metering; the decision log last so it sees denied
-flows too. Later concerns (limits) slot in between the rules and the log.
+flows too. Rate limits take from their buckets once the rules and MCP allowed the flow, and
+settle after the meter counted the answer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fleetgate.addons.guard import ConnectionGuard
 from fleetgate.addons.health import HealthEndpoint
 from fleetgate.addons.identity import AgentIdentity
 from fleetgate.addons.killswitch import KillSwitch
+from fleetgate.addons.limits import RateLimiter
 from fleetgate.addons.llm import LlmInspector, LlmMeter
 from fleetgate.addons.mcp import McpGuard
 from fleetgate.addons.rules import PolicyStore
@@ -42,6 +44,8 @@ def pipeline() -> list[Any]:
         McpGuard(store, metrics, health),
         kill,
         LlmMeter(store, metrics, ledger),
+        # after the meter: it settles token reservations from the usage the meter recorded
+        RateLimiter(store, metrics, health),
         StreamPassthrough(),
         HealthEndpoint(health),
         DecisionLog(store, metrics),

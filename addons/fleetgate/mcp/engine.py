@@ -96,6 +96,8 @@ class RequestPlan:
     substitutions: dict[str, dict[str, Any]] = field(default_factory=dict)
     # id key -> method, to know which list a result answers
     methods: dict[str, str] = field(default_factory=dict)
+    # the ``mcp`` facts of the first request or notification (rate-limit keys and conditions)
+    facts: dict[str, Any] | None = None
 
     @property
     def denied(self) -> list[CallRecord]:
@@ -193,6 +195,8 @@ def judge_request(messages: list[Message], batch: bool, scope: McpScope,
             continue
         record, kind = _judge(msg, scope, act)
         plan.records.append(record)
+        if plan.facts is None:
+            plan.facts = act.data["mcp"]
         if msg.is_request:
             plan.methods[id_key(msg.id)] = record.method
         if record.allow:

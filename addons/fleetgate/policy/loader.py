@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 from fleetgate.celexpr import CelError, compile_expr
+from fleetgate.identity.mint import parse_ttl
+from fleetgate.limits.bucket import BucketSpec, LimitKind
 from fleetgate.llm.pricing import Price, PricingTable, price_from_dict
 from fleetgate.llm.providers import Provider, ProviderTable, provider_from_dict
 from fleetgate.mcp.policy import compile_capability, compile_mcp_entry
@@ -31,6 +33,7 @@ from fleetgate.policy.model import (
     McpServer,
     McpSettings,
     Policy,
+    RateLimit,
     Revocations,
     Rule,
 )
@@ -45,17 +48,20 @@ REQUEST_ROOTS = ("jwt", "request", "llm")
 MATCH_ROOTS = ("jwt",)
 
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "authorization", "agents", "revoked", "llm",
-             "destinations", "mcpAuthorization", "mcp"}
+             "destinations", "mcpAuthorization", "mcp", "policies"}
 _AGENT_KEYS = {"name", "match", "egress", "authorization", "description", "mcpAuthorization",
-               "allowed_tools", "denied_tools"}
+               "allowed_tools", "denied_tools", "policies"}
+_LIMIT_KEYS = {"maxTokens", "tokensPerFill", "fillInterval", "type", "id", "key", "when"}
+# what a limit's key / when may read: the request, and what it asks of an LLM or MCP server
+LIMIT_ROOTS = ("jwt", "request", "llm", "mcp")
 _MCP_SERVER_KEYS = {"name", "hosts", "path", "poisoning", "pins", "mcpAuthorization"}
 _RULE_KEYS = {"allow", "deny", "require", "id", "reason", "hosts"}
 
 # Keys from the seed dialect that later releases implement. Until then they are refused
 # by name, so an operator never believes a limit is enforced when it is not.
 _NOT_YET = {
-    "policies": "rate limits ('policies.localRateLimit') are not supported by this version",
-    "localRateLimit": "rate limits are not supported by this version",
+    "localRateLimit": "localRateLimit goes under 'policies:' (policies: {localRateLimit: [...]})",
+    "budgets": "budgets are not supported by this version",
 }
 
 
@@ -192,6 +198,8 @@ class _Builder:
         self.mcp_servers: list[McpServer] = []
         self.mcp_reveal: bool | None = None
         self.mcp_detect: bool | None = None
+        self.limits: list[RateLimit] = []
+        self.limit_ids: dict[str, str] = {}
         self._file = ""
         self._lines = _Lines()
 
@@ -243,6 +251,8 @@ class _Builder:
             self.mcp_rules.extend(self._mcp_authorization(
                 doc["mcpAuthorization"], "mcpAuthorization", Path(self._file).stem))
         self._mcp(doc.get("mcp"))
+        if "policies" in doc:
+            self.limits.extend(self._policies(doc["policies"], "policies", Path(self._file).stem))
         self._revoked(doc.get("revoked"))
         self._destinations(doc.get("destinations"))
         self._llm(doc.get("llm"))
@@ -252,7 +262,7 @@ class _Builder:
     def _check_keys(self, obj: dict[str, Any], path: str, allowed: set[str]) -> None:
         for key in obj:
             where = f"{path}.{key}" if path else str(key)
-            if key in _NOT_YET:
+            if key in _NOT_YET and key not in allowed:
                 self.err(where, _NOT_YET[key])
             elif key not in allowed:
                 self.err(where, f"unknown key {key!r}; expected one of {sorted(allowed)}")
@@ -371,9 +381,74 @@ class _Builder:
                                       lambda rid, k=kind, pat=pattern: compile_capability(k, pat, rid))
                 if rule is not None:
                     mcp_rules.append(rule)
+        limits = (self._policies(entry["policies"], f"{path}.policies", name)
+                  if "policies" in entry else [])
         self.agents.append(AgentProfile(name=name, match=match, egress=tuple(egress),
                                         rules=tuple(rules), source=self.src(path),
-                                        mcp_rules=tuple(mcp_rules)))
+                                        mcp_rules=tuple(mcp_rules), limits=tuple(limits)))
+
+    # -- rate limits ----------------------------------------------------------------
+
+    def _policies(self, section: Any, path: str, owner: str) -> list[RateLimit]:
+        """The seed's ``policies: {localRateLimit: [...]}``."""
+        if not isinstance(section, dict):
+            self.err(path, "policies must be a mapping with a 'localRateLimit' list")
+            return []
+        self._check_keys(section, path, {"localRateLimit"})
+        out = []
+        for i, entry in enumerate(self._list(section.get("localRateLimit"),
+                                             f"{path}.localRateLimit")):
+            limit = self._limit(entry, f"{path}.localRateLimit[{i}]",
+                                f"{owner}.localRateLimit[{i}]")
+            if limit is not None:
+                out.append(limit)
+        return out
+
+    def _limit(self, entry: Any, path: str, default_id: str) -> RateLimit | None:
+        if not isinstance(entry, dict):
+            self.err(path, "a limit is a mapping {maxTokens, tokensPerFill, fillInterval, type}")
+            return None
+        self._check_keys(entry, path, _LIMIT_KEYS)
+        nums: dict[str, int] = {}
+        for key in ("maxTokens", "tokensPerFill"):
+            v = entry.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                self.err(f"{path}.{key}", f"{key} must be a positive integer")
+                return None
+            nums[key] = v
+        interval = entry.get("fillInterval")
+        try:
+            seconds = (float(interval) if isinstance(interval, int | float)
+                       and not isinstance(interval, bool) else float(parse_ttl(str(interval))))
+            if seconds <= 0:
+                raise ValueError("must be > 0")
+        except ValueError:
+            self.err(f"{path}.fillInterval", f"fillInterval must be a duration such as 1s, 1m, "
+                     f"1h (got {interval!r})")
+            return None
+        try:
+            kind = LimitKind(entry.get("type", "requests"))
+        except ValueError:
+            self.err(f"{path}.type", "type must be 'requests' or 'tokens'")
+            return None
+        lid = entry.get("id", default_id)
+        if not isinstance(lid, str) or not lid:
+            self.err(f"{path}.id", "id must be a non-empty string")
+            return None
+        if lid in self.limit_ids:
+            self.err(f"{path}.id", f"duplicate limit id {lid!r} (first at {self.limit_ids[lid]})")
+            return None
+        self.limit_ids[lid] = self.src(path)
+        exprs: dict[str, Any] = {}
+        for key in ("key", "when"):
+            if key in entry:
+                try:
+                    exprs[key] = compile_expr(entry[key], LIMIT_ROOTS)
+                except CelError as exc:
+                    self.err(f"{path}.{key}", f"CEL: {exc}")
+                    return None
+        spec = BucketSpec(nums["maxTokens"], nums["tokensPerFill"], seconds, kind)
+        return RateLimit(lid, spec, exprs.get("key"), exprs.get("when"), self.src(path))
 
     # -- MCP ------------------------------------------------------------------------
 
@@ -570,6 +645,7 @@ class _Builder:
             cel_inputs=self._cel_inputs(),
             providers=ProviderTable(self.providers),
             pricing=self._pricing(),
+            limits=tuple(self.limits),
             mcp=McpSettings(servers=tuple(self.mcp_servers), rules=tuple(self.mcp_rules),
                             reveal_denied=bool(self.mcp_reveal),
                             detect=True if self.mcp_detect is None else self.mcp_detect),

@@ -11,12 +11,22 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from fleetgate.celexpr import Expr
+from fleetgate.limits.bucket import BucketSpec
 from fleetgate.llm.pricing import PricingTable
 from fleetgate.llm.providers import ProviderTable
 from fleetgate.policy.netaddr import HostPattern, IPNetwork
 
-__all__ = ["AgentProfile", "Effect", "McpMode", "McpServer", "McpSettings", "Policy", "Revocations",
-           "Rule"]
+__all__ = [
+    "AgentProfile",
+    "Effect",
+    "McpMode",
+    "McpServer",
+    "McpSettings",
+    "Policy",
+    "RateLimit",
+    "Revocations",
+    "Rule",
+]
 
 
 class Effect(StrEnum):
@@ -50,6 +60,18 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """A ``policies.localRateLimit`` entry. ``key`` (CEL, a string) picks the bucket; ``None``
+    means one bucket per identity (agent id). ``when`` (CEL) limits it to some traffic."""
+
+    id: str
+    spec: BucketSpec
+    key: Expr | None = None
+    when: Expr | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class AgentProfile:
     """An ``agents[]`` entry: which identities it selects and what they may do."""
 
@@ -61,6 +83,8 @@ class AgentProfile:
     # mcpAuthorization rules and allowed_tools/denied_tools of this profile: they apply
     # to MCP traffic of the agents this profile selects.
     mcp_rules: tuple[Rule, ...] = ()
+    # policies.localRateLimit of this profile: every one must pass for its agents' flows
+    limits: tuple[RateLimit, ...] = ()
 
 
 class McpMode(StrEnum):
@@ -146,3 +170,4 @@ class Policy:
     providers: ProviderTable = field(default_factory=ProviderTable)
     pricing: PricingTable = field(default_factory=PricingTable)
     mcp: McpSettings = field(default_factory=McpSettings)
+    limits: tuple[RateLimit, ...] = ()  # top-level policies.localRateLimit: every agent

@@ -1,0 +1,1 @@
+"""Rate limits (token buckets) and budgets. No mitmproxy."""
