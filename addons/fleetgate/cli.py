@@ -81,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         state = Path(args.state_dir)
         state.mkdir(parents=True, exist_ok=True)
         opts.append(f"fleetgate_mcp_pins={state / 'mcp-pins.json'}")
+        opts.append(f"fleetgate_state_dir={state}")
     if args.dev:
         cert = ca_init(confdir, quiet=True)
         secret = dev_secret(confdir / "jwt-hs256.secret")
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="create a development CA and HS256 secret under --confdir if missing")
     run.add_argument("--web", action="store_true", help="run mitmweb (UI on 127.0.0.1:8081)")
     run.add_argument("--state-dir", default="state",
-                     help="where state that must survive restarts lives (MCP tool pins); "
+                     help="where state that must survive restarts lives (budget spend, MCP "
+                          "tool pins); "
                           "'' keeps it in memory")
     run.add_argument("mitmproxy_args", nargs=argparse.REMAINDER,
                      help="after '--': more mitmdump arguments")

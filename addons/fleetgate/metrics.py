@@ -136,6 +136,20 @@ class GatewayMetrics:
             "fleetgate_ratelimit_rejections",
             "Requests refused by a localRateLimit, by limit id.", ["limit"], registry=r)
 
+        self.budget_rejections = Counter(
+            "fleetgate_budget_rejections", "LLM calls refused by a hard budget, by budget id.",
+            ["budget"], registry=r)
+        self.budget_soft = Counter(
+            "fleetgate_budget_soft_exceeded",
+            "Times a soft budget was crossed (once per crossing), by budget id.", ["budget"],
+            registry=r)
+        self.budget_spend_usd = Gauge(
+            "fleetgate_budget_spend_usd", "Spend in the current budget window, by budget and key "
+            "(key bounded to 1,000 values).", ["budget", "key"], registry=r)
+        self.budget_spend_tokens = Gauge(
+            "fleetgate_budget_spend_tokens", "Tokens in the current budget window, by budget and "
+            "key.", ["budget", "key"], registry=r)
+
     def set_revision(self, revision: str) -> None:
         self.policy_revision.clear()
         self.policy_revision.labels(revision=revision).set(1)

@@ -15,7 +15,7 @@ import pytest
 from conftest import GatewayFactory
 from llm_upstream import Control, install, llm_rules_extra
 
-from harness import Gateway, Upstream, ssl_context, token, write_rules
+from harness import Gateway, Upstream, ssl_context, token, wait_until, write_rules
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -215,3 +215,102 @@ policies:
     assert "result" in post(gw, upstream, call(8, "trivy_image")).json()
     assert "result" in post(gw, upstream, {"jsonrpc": "2.0", "id": 9, "method": "tools/list"}).json()
     assert calls_seen(upstream).count(("tools/call", "nmap_scan")) == 2
+
+
+# -- budgets ----------------------------------------------------------------------------
+
+
+def budget_gateway(make_gateway: GatewayFactory, tmp_path: Path, upstream: Upstream, budgets: str,
+                   **options: str) -> tuple[Gateway, Path]:
+    rules = tmp_path / "rules"
+    rules.mkdir(exist_ok=True)
+    shutil.copy(REPO / "rules" / "pricing.yaml", rules / "pricing.yaml")
+    path = write_rules(rules / "llm.yaml", [upstream.port],
+                       top=llm_rules_extra(upstream.port) + budgets)
+    return make_gateway(rules, **options), path
+
+
+def test_fifty_concurrent_calls_cannot_overspend_a_budget(
+        make_gateway: GatewayFactory, tmp_path: Path, upstream: Upstream, ctl: Control) -> None:
+    # how many tokens one call reserves (estimate + max_tokens), measured through the gateway
+    gw, rules = budget_gateway(make_gateway, tmp_path, upstream, """
+budgets:
+- {id: probe, per: fleet, period: day, tokens: {hard: 100000000}}
+""")
+    c = client(gw, upstream, "probe-agent", "tester")
+    chat(c, max_tokens=100)
+    reserved = gw.wait_for_decision(lambda d: d.get("budgets") is not None)["budgets"][0]
+    one = reserved["reserved_tokens"]
+    assert one > 100
+    # room for 10 reservations, not 11; every call is held open until all 50 were judged
+    revision = gw.ready().json()["revision"]
+    write_rules(rules, [upstream.port], top=llm_rules_extra(upstream.port) + f"""
+budgets:
+- {{id: ten, per: fleet, period: day, tokens: {{hard: {10 * one + one // 2}}}}}
+""")
+    assert wait_until(lambda: gw.ready().json()["revision"] != revision, timeout=10)
+    ctl.hold_after_first = True
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(50)
+
+    def agent(i: int) -> None:
+        cl = client(gw, upstream, f"agent-{i}", "tester")
+        start.wait()
+        try:
+            stream = cl.chat.completions.create(
+                model="gpt-4o", stream=True, max_tokens=100,
+                messages=[{"role": "user", "content": "hi"}])
+            with lock:
+                outcomes.append("ok")
+            for _ in stream:  # held after the first event until every call was judged
+                pass
+        except openai.RateLimitError:
+            with lock:
+                outcomes.append("429")
+
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: len(outcomes) == 50, timeout=30)
+    ctl.release_after_first.set()
+    for t in threads:
+        t.join(30)
+    assert outcomes.count("ok") == 10 and outcomes.count("429") == 40
+    spend = httpx.get(f"http://127.0.0.1:{gw.metrics_port}/budgets").json()["budgets"]
+    [ten] = [b for b in spend if b["budget"] == "ten"]
+    assert ten["spend"] == [{"key": "fleet", "usd": pytest.approx(10 * 0.000115, rel=0.01),
+                             "tokens": 10 * 30}]
+
+
+def test_a_hard_budget_holds_across_a_restart_and_soft_limits_warn(
+        make_gateway: GatewayFactory, tmp_path: Path, upstream: Upstream, ctl: Control) -> None:
+    budgets = """
+budgets:
+- id: daily-usd
+  per: agent
+  period: day
+  usd: {soft: 0.0001, hard: 0.0003}
+"""
+    state = tmp_path / "state"
+    gw, _ = budget_gateway(make_gateway, tmp_path, upstream, budgets, fleetgate_state_dir=str(state))
+    c = client(gw, upstream, "spender", "tester")
+    chat(c, max_tokens=10)  # ~$0.000115 each (gpt-4o list price)
+    gw.wait_for_output("soft budget daily-usd crossed for 'spender'")
+    chat(c, max_tokens=10)
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(c, max_tokens=10)
+    msg = str(info.value.message)
+    assert "budget daily-usd ($0.0003 per day (UTC)) for 'spender' would be exceeded" in msg
+    assert "refills at" in msg and info.value.response.headers["x-should-retry"] == "false"
+    assert 'fleetgate_budget_soft_exceeded_total{budget="daily-usd"} 1.0' in gw.metrics()
+    assert calls_upstream(upstream) == 2
+    # another agent has its own budget
+    chat(client(gw, upstream, "saver", "tester"), max_tokens=10)
+    gw.stop()
+    gw2, _ = budget_gateway(make_gateway, tmp_path, upstream, budgets, fleetgate_state_dir=str(state))
+    with pytest.raises(openai.RateLimitError):
+        chat(client(gw2, upstream, "spender", "tester"), max_tokens=10)
+    assert calls_upstream(upstream) == 3
+    report = httpx.get(f"http://127.0.0.1:{gw2.metrics_port}/budgets").json()["budgets"][0]
+    assert {s["key"] for s in report["spend"]} == {"spender", "saver"}

@@ -399,7 +399,6 @@ def test_explicit_id_colliding_with_a_default_id_across_files(tmp_path: Path) ->
     ("body", "line", "what"),
     [
         ("localRateLimit: {tokens: 10}\n", 3, "goes under 'policies:'"),
-        ("budgets: []\n", 3, "budgets are not supported"),
         ("agents:\n- name: a\n  match: 'true'\n  egress: {hosts: [a.com]}\n"
          "  localRateLimit: {tokens: 1}\n", 7, "goes under 'policies:'"),
     ],
@@ -415,11 +414,11 @@ def test_refused_key_with_a_block_value_points_at_the_key_line(tmp_path: Path) -
     # The operator's editor should land on the offending key, not on the line below it.
     f = write(tmp_path, "n.yaml", """\
         metadata: {name: x}
-        budgets:
+        localRateLimit:
           tokens: 10
         """)
     msg = one_problem(f)
-    assert "not supported" in msg
+    assert "goes under 'policies:'" in msg
     assert "n.yaml:4" in msg, msg
 
 

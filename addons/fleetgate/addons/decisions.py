@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from mitmproxy import ctx, exceptions, http
 
 from fleetgate import decisionlog
+from fleetgate.addons.budgets import BUDGETS
 from fleetgate.addons.flowtools import CUT, DECISION, HEADER, IDENTITY, LLM_USAGE, MCP, decision_id
 from fleetgate.addons.limits import LIMITS
 from fleetgate.addons.rules import PolicyStore
@@ -132,9 +133,10 @@ class DecisionLog:
             extra["mcp"] = {"server": mcp.get("server"), "transport": mcp.get("transport"),
                             "session": mcp.get("session"), "calls": mcp.get("calls"),
                             "hidden": mcp.get("hidden"), "hidden_count": mcp.get("hidden_count", 0)}
-        limits = flow.metadata.get(LIMITS)
-        if isinstance(limits, list):
-            extra["limits"] = limits
+        for name, key in (("limits", LIMITS), ("budgets", BUDGETS)):
+            value = flow.metadata.get(key)
+            if isinstance(value, list):
+                extra[name] = value
         return extra or None
 
     def _write(self, rec: dict[str, Any]) -> None:

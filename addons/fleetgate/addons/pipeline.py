@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from fleetgate.addons.authorization import HttpAuthorization
+from fleetgate.addons.budgets import BudgetGuard
 from fleetgate.addons.decisions import DecisionLog
 from fleetgate.addons.guard import ConnectionGuard
 from fleetgate.addons.health import HealthEndpoint
@@ -44,7 +45,9 @@ def pipeline() -> list[Any]:
         McpGuard(store, metrics, health),
         kill,
         LlmMeter(store, metrics, ledger),
-        # after the meter: it settles token reservations from the usage the meter recorded
+        # after the meter: they settle their reservations from the usage the meter recorded.
+        # Budgets first: a call a budget refuses takes nothing from the rate limits.
+        BudgetGuard(store, metrics, health),
         RateLimiter(store, metrics, health),
         StreamPassthrough(),
         HealthEndpoint(health),

@@ -23,11 +23,13 @@ import yaml
 from fleetgate.celexpr import CelError, compile_expr
 from fleetgate.identity.mint import parse_ttl
 from fleetgate.limits.bucket import BucketSpec, LimitKind
+from fleetgate.limits.budget import BudgetSpec, Period
 from fleetgate.llm.pricing import Price, PricingTable, price_from_dict
 from fleetgate.llm.providers import Provider, ProviderTable, provider_from_dict
 from fleetgate.mcp.policy import compile_capability, compile_mcp_entry
 from fleetgate.policy.model import (
     AgentProfile,
+    Budget,
     Effect,
     McpMode,
     McpServer,
@@ -48,9 +50,11 @@ REQUEST_ROOTS = ("jwt", "request", "llm")
 MATCH_ROOTS = ("jwt",)
 
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "authorization", "agents", "revoked", "llm",
-             "destinations", "mcpAuthorization", "mcp", "policies"}
+             "destinations", "mcpAuthorization", "mcp", "policies", "budgets"}
 _AGENT_KEYS = {"name", "match", "egress", "authorization", "description", "mcpAuthorization",
-               "allowed_tools", "denied_tools", "policies"}
+               "allowed_tools", "denied_tools", "policies", "budgets"}
+_BUDGET_KEYS = {"id", "per", "key", "when", "period", "rolling", "usd", "tokens"}
+_BUDGET_PER = ("agent", "role", "session", "fleet")
 _LIMIT_KEYS = {"maxTokens", "tokensPerFill", "fillInterval", "type", "id", "key", "when"}
 # what a limit's key / when may read: the request, and what it asks of an LLM or MCP server
 LIMIT_ROOTS = ("jwt", "request", "llm", "mcp")
@@ -61,7 +65,6 @@ _RULE_KEYS = {"allow", "deny", "require", "id", "reason", "hosts"}
 # by name, so an operator never believes a limit is enforced when it is not.
 _NOT_YET = {
     "localRateLimit": "localRateLimit goes under 'policies:' (policies: {localRateLimit: [...]})",
-    "budgets": "budgets are not supported by this version",
 }
 
 
@@ -199,6 +202,7 @@ class _Builder:
         self.mcp_reveal: bool | None = None
         self.mcp_detect: bool | None = None
         self.limits: list[RateLimit] = []
+        self.budgets: list[Budget] = []
         self.limit_ids: dict[str, str] = {}
         self._file = ""
         self._lines = _Lines()
@@ -253,6 +257,8 @@ class _Builder:
         self._mcp(doc.get("mcp"))
         if "policies" in doc:
             self.limits.extend(self._policies(doc["policies"], "policies", Path(self._file).stem))
+        if "budgets" in doc:
+            self.budgets.extend(self._budgets(doc["budgets"], "budgets", Path(self._file).stem))
         self._revoked(doc.get("revoked"))
         self._destinations(doc.get("destinations"))
         self._llm(doc.get("llm"))
@@ -383,9 +389,99 @@ class _Builder:
                     mcp_rules.append(rule)
         limits = (self._policies(entry["policies"], f"{path}.policies", name)
                   if "policies" in entry else [])
+        budgets = (self._budgets(entry["budgets"], f"{path}.budgets", name)
+                   if "budgets" in entry else [])
         self.agents.append(AgentProfile(name=name, match=match, egress=tuple(egress),
                                         rules=tuple(rules), source=self.src(path),
-                                        mcp_rules=tuple(mcp_rules), limits=tuple(limits)))
+                                        mcp_rules=tuple(mcp_rules), limits=tuple(limits),
+                                        budgets=tuple(budgets)))
+
+    # -- budgets --------------------------------------------------------------------
+
+    def _budgets(self, section: Any, path: str, owner: str) -> list[Budget]:
+        out = []
+        for i, entry in enumerate(self._list(section, path)):
+            budget = self._budget(entry, f"{path}[{i}]", f"{owner}.budgets[{i}]")
+            if budget is not None:
+                out.append(budget)
+        return out
+
+    def _budget(self, entry: Any, path: str, default_id: str) -> Budget | None:
+        if not isinstance(entry, dict):
+            self.err(path, "a budget is a mapping {per, period or rolling, usd and/or tokens}")
+            return None
+        self._check_keys(entry, path, _BUDGET_KEYS)
+        bid = entry.get("id", default_id)
+        if not isinstance(bid, str) or not bid:
+            self.err(f"{path}.id", "id must be a non-empty string")
+            return None
+        if bid in self.limit_ids:
+            self.err(f"{path}.id", f"duplicate limit id {bid!r} (first at {self.limit_ids[bid]})")
+            return None
+        per = entry.get("per", "agent")
+        if "key" in entry and "per" in entry:
+            self.err(f"{path}.key", "use either 'per' or 'key', not both")
+            return None
+        if per not in _BUDGET_PER:
+            self.err(f"{path}.per", f"per must be one of {', '.join(_BUDGET_PER)} (or use a CEL 'key')")
+            return None
+        if ("period" in entry) == ("rolling" in entry):
+            self.err(path, "a budget needs exactly one of 'period' (hour, day, month) or 'rolling' "
+                     "(a duration such as 24h)")
+            return None
+        rolling = 0.0
+        if "period" in entry:
+            try:
+                period = Period(entry["period"])
+                if period is Period.ROLLING:
+                    raise ValueError
+            except ValueError:
+                self.err(f"{path}.period", "period must be hour, day or month (UTC calendar)")
+                return None
+        else:
+            period = Period.ROLLING
+            try:
+                rolling = float(parse_ttl(str(entry["rolling"])))
+            except ValueError:
+                self.err(f"{path}.rolling", f"rolling must be a duration such as 1h or 24h (got "
+                         f"{entry['rolling']!r})")
+                return None
+        amounts: dict[str, float | None] = {}
+        for unit in ("usd", "tokens"):
+            section = entry.get(unit)
+            if section is None:
+                continue
+            if not isinstance(section, dict):
+                self.err(f"{path}.{unit}", f"{unit} must be a mapping {{soft, hard}}")
+                return None
+            self._check_keys(section, f"{path}.{unit}", {"soft", "hard"})
+            for level in ("soft", "hard"):
+                v = section.get(level)
+                if v is None:
+                    continue
+                if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                    self.err(f"{path}.{unit}.{level}", f"{unit}.{level} must be a positive number")
+                    return None
+                amounts[f"{level}_{unit}"] = v
+        if not any(v is not None for v in amounts.values()):
+            self.err(path, "a budget needs at least one of usd.soft, usd.hard, tokens.soft, tokens.hard")
+            return None
+        exprs: dict[str, Any] = {}
+        for key in ("key", "when"):
+            if key in entry:
+                try:
+                    exprs[key] = compile_expr(entry[key], LIMIT_ROOTS)
+                except CelError as exc:
+                    self.err(f"{path}.{key}", f"CEL: {exc}")
+                    return None
+        self.limit_ids[bid] = self.src(path)
+        hard_t, soft_t = amounts.get("hard_tokens"), amounts.get("soft_tokens")
+        spec = BudgetSpec(period, rolling, hard_usd=amounts.get("hard_usd"),
+                          soft_usd=amounts.get("soft_usd"),
+                          hard_tokens=None if hard_t is None else int(hard_t),
+                          soft_tokens=None if soft_t is None else int(soft_t))
+        return Budget(bid, spec, "key" if "key" in entry else str(per), exprs.get("key"),
+                      exprs.get("when"), self.src(path))
 
     # -- rate limits ----------------------------------------------------------------
 
@@ -646,6 +742,7 @@ class _Builder:
             providers=ProviderTable(self.providers),
             pricing=self._pricing(),
             limits=tuple(self.limits),
+            budgets=tuple(self.budgets),
             mcp=McpSettings(servers=tuple(self.mcp_servers), rules=tuple(self.mcp_rules),
                             reveal_denied=bool(self.mcp_reveal),
                             detect=True if self.mcp_detect is None else self.mcp_detect),

@@ -12,12 +12,14 @@ from enum import StrEnum
 
 from fleetgate.celexpr import Expr
 from fleetgate.limits.bucket import BucketSpec
+from fleetgate.limits.budget import BudgetSpec
 from fleetgate.llm.pricing import PricingTable
 from fleetgate.llm.providers import ProviderTable
 from fleetgate.policy.netaddr import HostPattern, IPNetwork
 
 __all__ = [
     "AgentProfile",
+    "Budget",
     "Effect",
     "McpMode",
     "McpServer",
@@ -72,6 +74,19 @@ class RateLimit:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """A ``budgets`` entry: spend per ``per`` (agent, role, session, fleet) or per CEL ``key``,
+    for the LLM calls ``when`` selects."""
+
+    id: str
+    spec: BudgetSpec
+    per: str = "agent"
+    key: Expr | None = None
+    when: Expr | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class AgentProfile:
     """An ``agents[]`` entry: which identities it selects and what they may do."""
 
@@ -85,6 +100,7 @@ class AgentProfile:
     mcp_rules: tuple[Rule, ...] = ()
     # policies.localRateLimit of this profile: every one must pass for its agents' flows
     limits: tuple[RateLimit, ...] = ()
+    budgets: tuple[Budget, ...] = ()
 
 
 class McpMode(StrEnum):
@@ -171,3 +187,4 @@ class Policy:
     pricing: PricingTable = field(default_factory=PricingTable)
     mcp: McpSettings = field(default_factory=McpSettings)
     limits: tuple[RateLimit, ...] = ()  # top-level policies.localRateLimit: every agent
+    budgets: tuple[Budget, ...] = ()  # top-level budgets

@@ -1,0 +1,73 @@
+"""Where budget spend lives: SQLite, so it survives restarts and rules reloads.
+
+The embedded default is one local file in the state directory (or memory, for tests and
+``fleetgate_state_dir=''``). Rows are (budget id, key, window start) -> (usd, tokens); a
+settle is one upsert in its own transaction; a check is one indexed ``SUM`` (the primary key
+starts with budget and key). A shared backend for several gateways is a later release.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from fleetgate.limits.budget import Amount
+
+__all__ = ["SpendStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spend (
+    budget TEXT NOT NULL,
+    key TEXT NOT NULL,
+    window_start INTEGER NOT NULL,
+    usd REAL NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (budget, key, window_start)
+)
+"""
+
+
+class SpendStore:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL" if path else "PRAGMA journal_mode=MEMORY")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, budget: str, key: str, window_start: int, amount: Amount) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO spend (budget, key, window_start, usd, tokens) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (budget, key, window_start) DO UPDATE SET usd = usd + excluded.usd, "
+                "tokens = tokens + excluded.tokens",
+                (budget, key, window_start, amount.usd, amount.tokens))
+
+    def spent(self, budget: str, key: str, since: int) -> Amount:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(tokens), 0) FROM spend "
+                "WHERE budget = ? AND key = ? AND window_start >= ?", (budget, key, since)).fetchone()
+        return Amount(float(row[0]), int(row[1]))
+
+    def keys(self, budget: str, since: int, top: int = 1000) -> list[tuple[str, Amount]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, SUM(usd), SUM(tokens) FROM spend WHERE budget = ? AND window_start >= ? "
+                "GROUP BY key ORDER BY SUM(usd) DESC, SUM(tokens) DESC LIMIT ?",
+                (budget, since, top)).fetchall()
+        return [(str(k), Amount(float(u), int(t))) for k, u, t in rows]
+
+    def prune(self, before: int) -> None:
+        """Forget windows that ended long ago (called now and then)."""
+        with self._lock:
+            self._db.execute("DELETE FROM spend WHERE window_start < ?", (before,))
