@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 from conftest import GatewayFactory
-from llm_upstream import Control, install, llm_rules_extra
+from llm_upstream import WORDS, Control, install, llm_rules_extra
 
 from harness import Gateway, Upstream, ssl_context, token, wait_until, write_rules
 
@@ -314,3 +314,36 @@ budgets:
     assert calls_upstream(upstream) == 3
     report = httpx.get(f"http://127.0.0.1:{gw2.metrics_port}/budgets").json()["budgets"][0]
     assert {s["key"] for s in report["spend"]} == {"spender", "saver"}
+
+
+def test_a_stream_is_cut_where_it_crosses_its_budget(
+        make_gateway: GatewayFactory, tmp_path: Path, upstream: Upstream, ctl: Control) -> None:
+    """The upstream ignores max_tokens (a looping model would): the answer outgrows the
+    call's reservation and is ended, with an error event the SDK raises, where the budget's
+    hard limit is reached."""
+    gw, rules = budget_gateway(make_gateway, tmp_path, upstream, """
+budgets:
+- {id: probe, per: fleet, period: day, tokens: {hard: 100000000}}
+""")
+    c = client(gw, upstream, "looper", "tester")
+    chat(c, max_tokens=1)
+    est_in = gw.wait_for_decision(lambda d: d.get("budgets") is not None)["budgets"][0][
+        "reserved_tokens"] - 1
+    revision = gw.ready().json()["revision"]
+    write_rules(rules, [upstream.port], top=llm_rules_extra(upstream.port) + f"""
+budgets:
+- {{id: tight, per: agent, period: day, tokens: {{hard: {est_in + 2}}}}}
+""")
+    assert wait_until(lambda: gw.ready().json()["revision"] != revision, timeout=10)
+    received: list[str] = []
+    stream = c.chat.completions.create(model="gpt-4o", stream=True, max_tokens=1,
+                                       messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            received.extend(ch.delta.content or "" for ch in chunk.choices)
+    assert "fleetgate ended this stream (tight)" in str(info.value.message)
+    assert "was reached after 3 output tokens" in str(info.value.message)
+    assert 0 < len(received) < len(WORDS)  # cut where it crossed, not at the end
+    rec = gw.wait_for_decision(lambda d: d.get("rule") == "tight")
+    assert rec["result"] == "deny" and rec["llm"]["outcome"] == "cut"
+    assert 'fleetgate_flows_cut_total{rule="tight"} 1.0' in gw.metrics()

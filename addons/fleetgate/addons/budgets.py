@@ -61,6 +61,7 @@ class BudgetGuard:
         self.clock = time.time
         self.key_labels = LabelBudget(1000)
         self._held: dict[str, list[_Held]] = {}
+        self.watch: set[str] = set()  # shared with LlmMeter.watched (see stream_guard)
         if health is not None:
             health.json_routes["/budgets"] = self.report
 
@@ -153,6 +154,7 @@ class BudgetGuard:
             held.append(_Held(b, key, amount))
         if held:
             self._held[flow.id] = held
+            self.watch.add(flow.id)
             flow.metadata[BUDGETS] = [{"budget": h.budget.id, "key": h.key,
                                        "reserved_usd": round(h.amount.usd, 8),
                                        "reserved_tokens": h.amount.tokens} for h in held]
@@ -196,6 +198,7 @@ class BudgetGuard:
 
     def _settle(self, flow: http.HTTPFlow) -> None:
         held = self._held.pop(flow.id, None)
+        self.watch.discard(flow.id)
         if not held:
             return
         usage = flow.metadata.get(LLM_USAGE)
@@ -232,6 +235,29 @@ class BudgetGuard:
         log.warning("fleetgate: soft budget %s crossed for %r: %s (soft limit %s)", h.budget.id,
                     h.key, f"${after.usd:.4f}" if unit == "usd" else f"{after.tokens} tokens",
                     f"${spec.soft_usd:g}" if unit == "usd" else f"{spec.soft_tokens} tokens")
+
+    def stream_guard(self, flow: http.HTTPFlow, est_in: int, out: int) -> str | None:
+        """While an LLM answer streams: once the call has used more than it reserved, end it
+        at the point where its budget's hard limit is reached (see LlmMeter.stream_guards)."""
+        held = self._held.get(flow.id)
+        policy = self.store.policy
+        if not held or policy is None:
+            return None
+        llm = flow.metadata.get(LLM_REQUEST) or {}
+        usd = policy.pricing.cost(str(llm.get("model") or ""), Usage(input=est_in, output=out))
+        now = self.clock()
+        for h in held:
+            run = Amount(h.amount.usd if usd is None else usd, est_in + out)
+            if run.tokens <= h.amount.tokens and run.usd <= h.amount.usd + 1e-12:
+                continue  # within its reservation: admission already made room for it
+            spec = h.budget.spec
+            others = self.ledger.reserved.get((h.budget.id, h.key), Amount()) - h.amount
+            if spec.over(self.ledger.spent(h.budget.id, h.key, spec, now) + others + run, hard=True):
+                self.metrics.budget_rejections.labels(budget=h.budget.id).inc()
+                return (f"{h.budget.id}: budget {h.budget.id} ({spec.describe()}) for {h.key!r} "
+                        f"was reached after {out} output tokens; the rest of the answer was not "
+                        "sent (set max_tokens so calls fit their budget)")
+        return None
 
     def report(self) -> dict[str, Any]:
         """Spend against each budget, per key (``GET /budgets``)."""

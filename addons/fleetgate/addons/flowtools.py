@@ -67,12 +67,24 @@ def cut_flow(flow: http.HTTPFlow, rule: str, reason: str) -> bool:
     so we also close the client connection through the proxy server's connection handler.
     Returns whether anything was cut.
     """
+    if not mark_cut(flow, rule, reason):
+        return False
+    return close_flow(flow)
+
+
+def mark_cut(flow: http.HTTPFlow, rule: str, reason: str) -> bool:
+    """Record that ``rule`` cut the flow (decision, mitmweb mark); False if already cut."""
     if flow.metadata.get(CUT):
         return False
     flow.metadata[CUT] = {"rule": rule, "reason": reason}
     record_decision(flow, False, rule, reason, flow.response.status_code if flow.response else None)
     flow.marked = ":scissors:"
     flow.comment = f"cut by {rule}: {reason}"
+    return True
+
+
+def close_flow(flow: http.HTTPFlow) -> bool:
+    """Kill the flow and close its connections (see :func:`cut_flow`)."""
     cut = False
     if flow.killable:
         flow.kill()

@@ -53,6 +53,7 @@ class _Held:
     bucket: Bucket
     taken: int
     take: Take
+    extra: int = 0  # taken mid-stream beyond the reservation
 
 
 class RateLimiter:
@@ -63,6 +64,7 @@ class RateLimiter:
         self.buckets = Buckets()
         self.clock = time.monotonic
         self._held: dict[str, list[_Held]] = {}
+        self.watch: set[str] = set()  # shared with LlmMeter.watched (see stream_guard)
         if health is not None:
             health.json_routes["/limits"] = lambda: {"buckets": self.buckets.snapshot(self.clock())}
 
@@ -141,6 +143,8 @@ class RateLimiter:
             held.append(_Held(lim, key, bucket, n, take))
         if held:
             self._held[flow.id] = held
+            if any(h.limit.spec.kind is LimitKind.TOKENS for h in held):
+                self.watch.add(flow.id)  # count its output as it streams
             flow.metadata[LIMITS] = [{"limit": h.limit.id, "key": h.key, "type": h.limit.spec.kind.value,
                                       "taken": h.taken, "remaining": h.take.remaining} for h in held]
 
@@ -196,6 +200,28 @@ class RateLimiter:
         flow.marked = ":no_entry:"
         flow.comment = f"denied by {lim.id}: {reason}"
 
+    def stream_guard(self, flow: http.HTTPFlow, est_in: int, out: int) -> str | None:
+        """While an LLM answer streams: tokens beyond the reservation are taken as they come;
+        when the bucket has none left the stream ends there (see LlmMeter.stream_guards)."""
+        held = self._held.get(flow.id)
+        if not held:
+            return None
+        now = self.clock()
+        for h in held:
+            if h.limit.spec.kind is not LimitKind.TOKENS:
+                continue
+            over = est_in + out - (h.taken + h.extra)
+            if over <= 0:
+                continue
+            if not h.bucket.take(over, now).ok:
+                self.metrics.ratelimit_rejections.labels(limit=h.limit.id).inc()
+                spec = h.limit.spec
+                return (f"{h.limit.id}: rate limit {h.limit.id} for {h.key!r} "
+                        f"({spec.tokens_per_fill} tokens every {_duration(spec.fill_interval)}) "
+                        f"ran out after {out} output tokens; the rest of the answer was not sent")
+            h.extra += over
+        return None
+
     # -- settlement ---------------------------------------------------------------------
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -206,6 +232,7 @@ class RateLimiter:
 
     def _settle(self, flow: http.HTTPFlow) -> None:
         held = self._held.pop(flow.id, None)
+        self.watch.discard(flow.id)
         if not held:
             return
         usage = flow.metadata.get(LLM_USAGE)
@@ -216,7 +243,7 @@ class RateLimiter:
         now = self.clock()
         for h in held:
             if h.limit.spec.kind is LimitKind.TOKENS:
-                h.bucket.settle(used - h.taken, now)
+                h.bucket.settle(used - h.taken - h.extra, now)
         for rec in flow.metadata.get(LIMITS) or []:
             if rec.get("type") == "tokens":
                 rec["used"] = used

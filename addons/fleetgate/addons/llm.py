@@ -14,9 +14,11 @@ GenAI metrics and added to the ledger.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -27,14 +29,17 @@ from fleetgate.addons.flowtools import (
     IDENTITY,
     LLM_REQUEST,
     LLM_USAGE,
+    close_flow,
     deny,
     fail_closed,
+    mark_cut,
     settled,
 )
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.llm.decoding import StreamDecoder
 from fleetgate.llm.ledger import Ledger
 from fleetgate.llm.request import LlmRequestError, decode_body, parse_json, parse_request
+from fleetgate.llm.tokenizer import count_tokens
 from fleetgate.llm.usage import StreamAccountant, Usage, usage_from_json
 from fleetgate.metrics import GatewayMetrics, LabelBudget
 from fleetgate.policy.normalize import normalize_host, normalize_path
@@ -95,6 +100,11 @@ class LlmMeter:
         self.agent_labels = LabelBudget(1000)
         self.model_labels = LabelBudget(200)
         self._meters: dict[str, _Meter] = {}
+        # Called as a stream's output grows: (flow, estimated input, output so far) -> a reason
+        # to end the stream now (a budget or token limit crossed mid-stream), or None.
+        self.stream_guards: list[Callable[[http.HTTPFlow, int, int], str | None]] = []
+        # flows some guard holds a reservation for: only their output is counted as it streams
+        self.watched: set[str] = set()
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -182,14 +192,19 @@ class _Meter:
         self.first_at: float | None = None
         self.done = False
         self.broken: str | None = None
+        self.stopped: str | None = None  # a guard ended the stream: why
+        self.out_tokens = 0  # output tokens so far (estimated from the streamed text)
+        self._counted = 0  # how many text pieces out_tokens covers
         try:
             self.decoder: StreamDecoder | None = StreamDecoder(
                 flow.response.headers.get("content-encoding", ""))
         except ValueError as exc:
             self.decoder, self.broken = None, str(exc)
 
-    def chunk(self, data: bytes) -> bytes:
+    def chunk(self, data: bytes) -> bytes | list[bytes]:
         """mitmproxy's stream callable: must return the bytes to send, and never raise."""
+        if self.stopped:
+            return []  # never b"": an empty HTTP/1 chunk would end the body cleanly
         if data:
             if self.first_at is None:
                 self.first_at = time.time()
@@ -198,6 +213,10 @@ class _Meter:
                     text = self.decoder.feed(data)
                     if self.sse:
                         self.accountant.feed(text)
+                        if self.flow.id in self.owner.watched:
+                            stop = self._guard()
+                            if stop:
+                                return [data, self._stop(stop)]
                     elif len(self.body) + len(text) <= self.limit:
                         self.body += text
                     else:
@@ -207,6 +226,40 @@ class _Meter:
         else:
             self.finish(cut=False)
         return data
+
+    def _guard(self) -> str | None:
+        pieces = self.accountant.text
+        if len(pieces) == self._counted:
+            return None
+        self.out_tokens += count_tokens("".join(pieces[self._counted:]), self.llm.get("model"))
+        self._counted = len(pieces)
+        est_in = int(self.llm.get("estimated_input_tokens") or 0)
+        for guard in self.owner.stream_guards:
+            reason = guard(self.flow, est_in, self.out_tokens)
+            if reason:
+                return reason
+        return None
+
+    def _stop(self, reason: str) -> bytes:
+        """End the stream here: a final error event the provider's SDK raises, then the
+        connection is closed (shortly, so the event is flushed first)."""
+        self.stopped = reason
+        rule, _, why = reason.partition(": ")
+        message = f"fleetgate ended this stream ({rule}): {why}"
+        if self.llm.get("api") == "anthropic":
+            event = ("event: error\ndata: " + json.dumps(
+                {"type": "error", "error": {"type": "rate_limit_error", "message": message}})
+                + "\n\n")
+        else:
+            event = "data: " + json.dumps({"error": {"message": message, "type": "budget_exceeded",
+                                                     "code": rule, "param": None}}) + "\n\n"
+        self.owner.metrics.flows_cut.labels(rule=rule).inc()
+        log.warning("fleetgate: stream %s of agent %r cut mid-way: %s", self.flow.id,
+                    (self.flow.metadata.get(IDENTITY) or {}).get("agent"), reason)
+        mark_cut(self.flow, rule, why)
+        # closed a moment later, so the error event is flushed to the agent first
+        asyncio.get_running_loop().call_later(0.2, close_flow, self.flow)
+        return event.encode()
 
     def finish(self, cut: bool) -> None:
         if self.done:

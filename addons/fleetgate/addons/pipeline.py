@@ -36,6 +36,11 @@ def pipeline() -> list[Any]:
     identity = AgentIdentity(metrics)
     kill = KillSwitch(identity, metrics)
     store.listeners.append(kill.on_policy)
+    meter = LlmMeter(store, metrics, ledger)
+    budgets = BudgetGuard(store, metrics, health)
+    limiter = RateLimiter(store, metrics, health)
+    meter.stream_guards += [budgets.stream_guard, limiter.stream_guard]
+    budgets.watch = limiter.watch = meter.watched
     return [
         ConnectionGuard(metrics),
         store,
@@ -44,11 +49,11 @@ def pipeline() -> list[Any]:
         HttpAuthorization(store, metrics, health),
         McpGuard(store, metrics, health),
         kill,
-        LlmMeter(store, metrics, ledger),
+        meter,
         # after the meter: they settle their reservations from the usage the meter recorded.
         # Budgets first: a call a budget refuses takes nothing from the rate limits.
-        BudgetGuard(store, metrics, health),
-        RateLimiter(store, metrics, health),
+        budgets,
+        limiter,
         StreamPassthrough(),
         HealthEndpoint(health),
         DecisionLog(store, metrics),
