@@ -132,6 +132,10 @@ class GatewayMetrics:
             "fleetgate_mcp_tools_pending_approval",
             "Tools (new or changed definitions) waiting for an operator's approval.", registry=r)
 
+        self.ratelimit_level = Gauge(
+            "fleetgate_ratelimit_bucket_level",
+            "Tokens left in a localRateLimit bucket after its last use, by limit and key (key "
+            "bounded to 1,000 values).", ["limit", "key"], registry=r)
         self.ratelimit_rejections = Counter(
             "fleetgate_ratelimit_rejections",
             "Requests refused by a localRateLimit, by limit id.", ["limit"], registry=r)

@@ -178,6 +178,7 @@ def test_token_limit_reserves_then_settles_to_the_real_usage(
     levels = httpx.get(f"http://127.0.0.1:{gw.metrics_port}/limits").json()["buckets"]
     [bucket] = [b for b in levels if b["limit"] == "sec-tokens" and b["key"] == "tok-agent"]
     assert bucket["level"] == 200 - 30
+    assert 'fleetgate_ratelimit_bucket_level{key="tok-agent",limit="sec-tokens"} 170.0' in gw.metrics()
     rec = gw.wait_for_decision(lambda d: d.get("limits") is not None)
     assert rec["limits"][0]["used"] == 30 and rec["limits"][0]["taken"] > 150
     # a request that could never fit is refused for good: the SDK must not retry it

@@ -37,7 +37,7 @@ from fleetgate.addons.rules import PolicyStore
 from fleetgate.celexpr import Activation, CelError
 from fleetgate.limits.bucket import Bucket, Buckets, LimitKind, Take
 from fleetgate.mcp.facts import base_facts
-from fleetgate.metrics import GatewayMetrics, HealthServer
+from fleetgate.metrics import GatewayMetrics, HealthServer, LabelBudget
 from fleetgate.policy.decide import NOT_LLM
 from fleetgate.policy.model import Policy, RateLimit
 from fleetgate.policy.normalize import request_facts
@@ -64,6 +64,7 @@ class RateLimiter:
         self.buckets = Buckets()
         self.clock = time.monotonic
         self._held: dict[str, list[_Held]] = {}
+        self.key_labels = LabelBudget(1000)
         self.watch: set[str] = set()  # shared with LlmMeter.watched (see stream_guard)
         if health is not None:
             health.json_routes["/limits"] = lambda: {"buckets": self.buckets.snapshot(self.clock())}
@@ -141,12 +142,16 @@ class RateLimiter:
                 self._refuse(flow, lim, key, n, take)
                 return
             held.append(_Held(lim, key, bucket, n, take))
+            self._gauge(lim.id, key, take.remaining)
         if held:
             self._held[flow.id] = held
             if any(h.limit.spec.kind is LimitKind.TOKENS for h in held):
                 self.watch.add(flow.id)  # count its output as it streams
             flow.metadata[LIMITS] = [{"limit": h.limit.id, "key": h.key, "type": h.limit.spec.kind.value,
                                       "taken": h.taken, "remaining": h.take.remaining} for h in held]
+
+    def _gauge(self, limit: str, key: str, level: float) -> None:
+        self.metrics.ratelimit_level.labels(limit=limit, key=self.key_labels(key)).set(level)
 
     @staticmethod
     def _give_back(held: list[_Held], now: float) -> None:
@@ -244,6 +249,7 @@ class RateLimiter:
         for h in held:
             if h.limit.spec.kind is LimitKind.TOKENS:
                 h.bucket.settle(used - h.taken - h.extra, now)
+                self._gauge(h.limit.id, h.key, h.bucket.level(now))
         for rec in flow.metadata.get(LIMITS) or []:
             if rec.get("type") == "tokens":
                 rec["used"] = used
