@@ -96,11 +96,34 @@ def supports_mcp_section(workdir: Path) -> bool:
     return _loads(workdir, small_policy(443, llm=False, mcp=True))
 
 
-def small_policy(upstream_port: int, llm: bool = False, mcp: bool = True) -> str:
+def supports_limits_section(workdir: Path) -> bool:
+    """Whether this fleetgate tree accepts a profile's ``policies: {localRateLimit: [...]}``."""
+    return _loads(workdir, small_policy(443, llm=False, mcp=False, limits=True))
+
+
+# Scenario (a)'s "fleetgate with rate limits": the seed's security route (rules/fleet.yaml:
+# `type: tokens` and `type: requests`, fillInterval 1m) with buckets so large that no request of
+# the run is ever refused, so every chat call takes from two buckets of its agent's own (a token
+# reservation settled to the metered usage, and a request count) and the difference to plain
+# fleetgate is what the limiter costs, never what a refusal saves.
+LIMIT_SIZE = 10**9
+LIMIT_FILL = "1m"
+LIMIT_TYPES = ("tokens", "requests")
+
+
+def limits_block() -> str:
+    """The bench profile's ``policies:`` block (indented for a profile entry)."""
+    return "  policies:\n    localRateLimit:\n" + "".join(
+        f"    - maxTokens: {LIMIT_SIZE}\n      tokensPerFill: {LIMIT_SIZE}\n"
+        f"      fillInterval: {LIMIT_FILL}\n      type: {kind}\n" for kind in LIMIT_TYPES)
+
+
+def small_policy(upstream_port: int, llm: bool = False, mcp: bool = True, limits: bool = False) -> str:
     """What the gateway runs in scenarios (a)-(f): the seed's global deny rules, four decoy
     profiles like rules/fleet.yaml's specialists, the ``bench`` profile the agents match,
     (``llm``) the upstream declared as an LLM provider and (``mcp``) its ``/mcp`` declared as
-    an MCP server whose rules let the bench agents use 120 of its 1,000 tools."""
+    an MCP server whose rules let the bench agents use 120 of its 1,000 tools; (``limits``) the
+    bench profile with :func:`limits_block`, for scenario (a)'s rate-limit variant only."""
     up = f"127.0.0.1:{upstream_port}"
     decoys = "".join(f"""- name: {role}
   match: 'jwt.agent_role == "{role}"'
@@ -120,7 +143,7 @@ destinations:
 {SEED_DENY}agents:
 {decoys}- name: {BENCH_ROLE}
   match: 'jwt.agent_role == "{BENCH_ROLE}"'
-  egress:
+{limits_block() if limits else ""}  egress:
     hosts: ["{up}", api.openai.com]
   authorization:
     rules:

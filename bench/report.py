@@ -12,6 +12,7 @@ TTFE_SLACK_MS = 5.0  # time to first streamed event within 5 ms of bare mitmdump
 DOWNLOAD_BUFFER_MAX_MIB = 10.0  # proxy RSS growth during the 50 MB download (body: 47.7 MiB)
 SOAK_FLAT_MAX_MIB = 5.0  # RSS growth, last minute vs first minute of the soak
 X = "\u00d7"  # multiplication sign
+MINUS = "\u2212"
 
 
 def _num(v: Any, nd: int = 1) -> str:
@@ -158,6 +159,53 @@ def _mcp_rows(t: Table, c: dict[str, Any]) -> None:
               "result (forwarded)", "result", ratios=False)
 
 
+LIMITED = "fleetgate-limits"  # stack.LIMITED (report.py imports nothing of the running bench)
+
+
+def _limits_rows(t: Table, label: str, r: dict[str, Any], cost: dict[str, Any],
+                 inproc: dict[str, Any]) -> None:
+    """(a): fleetgate with the seed's two limits on the bench profile (never refusing), and what
+    they cost per request: its CPU per request minus plain fleetgate's, same run, interleaved;
+    next to it the limiter's hooks timed in-process (not blurred by the machine's noise)."""
+    lim = r.get(LIMITED)
+    if not lim:
+        return
+    bare, direct = r.get("bare", {}), r.get("direct", {})
+    t.row(label, "*fleetgate with rate limits (2 buckets per request)*: requests/s", lim.get("rps"),
+          bare.get("rps"), direct.get("rps"), "info: the seed's tokens + requests limits, never refusing")
+    t.row(label, "*fleetgate with rate limits*: proxy CPU per request (ms)", lim.get("proxy_cpu_ms_per_req"),
+          bare.get("proxy_cpu_ms_per_req"), None, nd=3)
+    d = cost.get("proxy_cpu_ms_per_req")
+    if d is not None:
+        share = f", {cost['pct_of_bare']:+.1f}% of bare's" if cost.get("pct_of_bare") is not None else ""
+        us = inproc.get("us_per_request_p50")
+        hooks = f"; in-process the limiter's hooks take {us:g} µs (p50)" if us is not None else ""
+        pct_fg = f"{cost.get('pct_of_fleetgate'):+.1f}% of fleetgate's"
+        rounds = cost.get("per_round_ms") or []
+        if len(rounds) > 1:
+            pct_fg += f" (rounds: {min(rounds):+.3f} … {max(rounds):+.3f} ms)"
+        t.row(label, f"*cost of rate limiting*: proxy CPU per request, with limits {MINUS} fleetgate (ms)",
+              f"{d:+.3f}", None, None, f"info: {pct_fg}{share}{hooks}", ratios=False)
+
+
+def _limits_check_row(t: Table, rl: dict[str, Any]) -> None:
+    """(a): the limiter really ran: the probe before the clock, and every decision-log record of
+    the rate-limited gateway during (a)."""
+    chk = rl.get("check")
+    if not chk:
+        return
+    n, took = chk.get("records", 0), chk.get("took_from_every_bucket", 0)
+    refused = chk.get("refused_429", 0) + chk.get("denied_otherwise", 0)
+    verdict = ("verified: probe (decision log + GET /limits) and every record" if chk.get("ok")
+               else "**not every request took from every bucket, or some were refused**")
+    settled = chk.get("token_reservations_settled")
+    per = (_num(chk.get("tokens_reserved_per_request")), _num(chk.get("tokens_used_per_request")))
+    detail = (f"; token reservations settled: {settled:,} (reserved {per[0]}, used {per[1]} per request)"
+              if settled is not None else "")
+    t.row("(a) rate limits", "requests that took from every bucket / refused",
+          f"{took:,} of {n:,} / {refused:,}", None, None, verdict + detail, ratios=False)
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results.get("scenarios", {})
     env = results.get("environment", {})
@@ -200,6 +248,9 @@ def markdown(results: dict[str, Any]) -> str:
                   bare.get("rps"), direct.get("rps"), "info: cost of LLM inspection + metering")
             t.row(label, "*fleetgate, upstream not an LLM provider*: proxy CPU per request (ms)",
                   plain.get("proxy_cpu_ms_per_req"), bare.get("proxy_cpu_ms_per_req"), None, nd=3)
+        _limits_rows(t, label, r, _get(s, "a", "rate_limits", "cost", conc) or {},
+                     _get(s, "a", "rate_limits", "in_process") or {})
+    _limits_check_row(t, _get(s, "a", "rate_limits") or {})
 
     b = _get(s, "b", "targets") or {}
     if b:

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 "upstream": {"port": bench.upstream.port, **bench.upstream.info},
                 "llm_provider_routed": bench.llm,
                 "mcp_server_declared": bench.mcp,
+                "rate_limit_variant": bench.limits,
                 "proxies": {n: {"argv": p.argv, "startup_s": round(p.started_s, 2)}
                             for n, p in bench.proxies.items()},
             }

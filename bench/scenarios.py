@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 from driver import (
+    CHAT_BODY,
+    CHAT_PATH,
     MCP_CALL_BODY,
     MCP_CALL_TOOL,
     MCP_HEADERS,
@@ -45,9 +47,19 @@ from driver import (
     soak,
     stream_op,
 )
-from policy import MCP_ALLOWED_PREFIXES, MCP_SERVER, scale_agent_id, scale_policy, write_atomic
+from policy import (
+    BENCH_ROLE,
+    LIMIT_FILL,
+    LIMIT_SIZE,
+    LIMIT_TYPES,
+    MCP_ALLOWED_PREFIXES,
+    MCP_SERVER,
+    scale_agent_id,
+    scale_policy,
+    write_atomic,
+)
 from procs import launch_proxy, mem_kib, reset_peak, rss_mib
-from stack import NOLLM, Bench
+from stack import LIMITED, NOLLM, Bench
 
 
 @dataclass
@@ -76,6 +88,7 @@ class Plan:
     e_stream_interval_ms: float = 250
     f_bytes: int = 50 * 1000 * 1000
     f_reps: int = 2
+    a_limiter_calls: int = 5000  # in-process calls of the rate limiter's hooks
     g_agents: int = 1000
     g_loads: int = 2
     g_decisions: int = 1000
@@ -91,7 +104,7 @@ class Plan:
     @classmethod
     def quick(cls) -> Plan:
         return cls(a_warmup=0.5, a_rounds=1, a_slice=1.5, b_rounds=1, b_slice=1.5, c_warmup=0.3, c_rounds=1,
-                   c_slice=1.0,
+                   c_slice=1.0, a_limiter_calls=1000,
                    e_requests=1000, e_streams=50, e_stream_events=8, f_bytes=20 * 1000 * 1000, f_reps=1,
                    g_agents=200, g_loads=1, g_decisions=300, g_reloads=1, g_slice=1.0, soak=15.0,
                    soak_warmup=2.0, soak_sample=1.0, soak_reconnect=5.0)
@@ -105,9 +118,11 @@ def summary(run: Run) -> dict[str, Any]:
 
 
 async def interleaved(b: Bench, names: list[str], agents: int, op_for: Callable[[Target], Any],
-                      warmup: float, rounds: int, slice_s: float) -> dict[str, Run]:
+                      warmup: float, rounds: int, slice_s: float,
+                      per_round: dict[str, list[Run]] | None = None) -> dict[str, Run]:
     """Run ``op`` closed-loop on each target in turn, ``rounds`` times ``slice_s`` seconds each,
-    rotating the order every round so drift on a noisy machine hits every target alike."""
+    rotating the order every round so drift on a noisy machine hits every target alike.
+    ``per_round`` (optional) receives each target's slices one by one."""
     targets = [b.targets[n] for n in names]
     clients = {t.name: t.clients(agents) for t in targets}
     runs = {t.name: Run() for t in targets}
@@ -117,8 +132,10 @@ async def interleaved(b: Bench, names: list[str], agents: int, op_for: Callable[
         for r in range(rounds):
             order = targets[r % len(targets):] + targets[:r % len(targets)]
             for t in order:
-                runs[t.name].merge(await closed_loop(clients[t.name], op_for(t), duration=slice_s,
-                                                     pid=t.pid))
+                one = await closed_loop(clients[t.name], op_for(t), duration=slice_s, pid=t.pid)
+                runs[t.name].merge(one)
+                if per_round is not None:
+                    per_round.setdefault(t.name, []).append(one)
     finally:
         for cl in clients.values():
             await close_all(cl)
@@ -128,12 +145,236 @@ async def interleaved(b: Bench, names: list[str], agents: int, op_for: Callable[
 async def scenario_a(b: Bench, plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {"request": "POST /v1/chat/completions, ~200 B JSON in, ~330 B JSON out",
                            "concurrency": {}}
-    names = ["direct", "bare", "fleetgate"] + ([NOLLM] if NOLLM in b.targets else [])
+    names = ["direct", "bare", "fleetgate"] + [n for n in (NOLLM, LIMITED) if n in b.targets]
+    limited = LIMITED in b.targets
+    log = b.workdir / LIMITED / "decisions.jsonl"
+    if limited:
+        out["rate_limits"] = {
+            "limits": [{"type": k, "maxTokens": LIMIT_SIZE, "tokensPerFill": LIMIT_SIZE,
+                        "fillInterval": LIMIT_FILL} for k in LIMIT_TYPES],
+            "probe": await _limits_probe(b, b.targets[LIMITED], log)}
+        offset = log.stat().st_size
+    slices: dict[str, dict[str, list[Run]]] = {}
     for agents in plan.a_concurrency:
-        runs = await interleaved(b, names, agents,
-                                 lambda t: chat_op(t.base_url), plan.a_warmup, plan.a_rounds, plan.a_slice)
+        slices[str(agents)] = {}
+        runs = await interleaved(b, names, agents, lambda t: chat_op(t.base_url), plan.a_warmup,
+                                 plan.a_rounds, plan.a_slice, slices[str(agents)])
         out["concurrency"][str(agents)] = {name: summary(run) for name, run in runs.items()}
+    if limited:
+        rl = out["rate_limits"]
+        await asyncio.sleep(0.3)
+        rl["check"] = {**await asyncio.to_thread(_limits_log_check, log, offset, _limit_kinds(b)),
+                       **await _limits_state(b)}
+        try:
+            rl["in_process"] = await asyncio.to_thread(
+                _limiter_cost, b.workdir / "rules-limits" / "bench.yaml", b.upstream.port,
+                plan.a_limiter_calls, _limit_kinds(b))
+        except Exception as exc:  # a cross-check only: the gateway figures stand without it
+            rl["in_process"] = {"error": f"{type(exc).__name__}: {exc}"}
+        rl["cost"] = {}
+        for conc, r in out["concurrency"].items():
+            fg, lim, bare = (r.get(n, {}).get("proxy_cpu_ms_per_req") for n in ("fleetgate", LIMITED, "bare"))
+            if fg and lim:
+                # Each round's difference too: how far one round's noise moves the figure.
+                pairs = zip(slices[conc].get(LIMITED, []), slices[conc].get("fleetgate", []), strict=False)
+                rounds = [(x.summary().get("proxy_cpu_ms_per_req"), y.summary().get("proxy_cpu_ms_per_req"))
+                          for x, y in pairs]
+                rl["cost"][conc] = {
+                    "proxy_cpu_ms_per_req": round(lim - fg, 3),
+                    "per_round_ms": [round(x - y, 3) for x, y in rounds if x and y],
+                    "pct_of_fleetgate": round((lim - fg) / fg * 100, 1),
+                    "pct_of_bare": round((lim - fg) / bare * 100, 1) if bare else None,
+                    "rps_ratio": round(r[LIMITED]["rps"] / r["fleetgate"]["rps"], 3)
+                    if r[LIMITED].get("rps") and r["fleetgate"].get("rps") else None}
     return out
+
+
+def _limit_kinds(b: Bench) -> list[str]:
+    """The limits a bench chat call takes from: a ``type: tokens`` limit counts LLM calls only,
+    so without the ``llm:`` section only the request count applies."""
+    return sorted(k for k in LIMIT_TYPES if b.llm or k != "tokens")
+
+
+async def _record_of(log: Path, agent: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The last decision-log record of ``agent`` (waiting for it to be written)."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        if log.exists():
+            for line in reversed(log.read_text().splitlines()):
+                rec = json.loads(line)
+                if rec.get("agent") == agent:
+                    return dict(rec)
+        if time.perf_counter() > deadline:
+            raise BenchError(f"{LIMITED}: no decision-log record of {agent} in {log}")
+        await asyncio.sleep(0.05)
+
+
+async def _limits_probe(b: Bench, t: Target, log: Path) -> dict[str, Any]:
+    """The sanity check before the clock starts: one chat call through the rate-limited gateway
+    must have taken from every bucket of the bench profile (its decision-log record lists each
+    limit; the token reservation was settled to the metered usage) and ``GET /limits`` must
+    show those buckets for the agent at exactly the levels the call left."""
+    agent = "limits-probe"
+    async with t.client(agent) as c:
+        await chat_op(t.base_url)(c)
+    rec = await _record_of(log, agent)
+    entries = [e for e in rec.get("limits") or [] if isinstance(e, dict)]
+    kinds = _limit_kinds(b)
+    port = b.proxies[LIMITED].metrics_port
+    async with httpx.AsyncClient(timeout=10) as h:
+        snap = (await h.get(f"http://127.0.0.1:{port}/limits")).json()
+    buckets = {x.get("type"): x for x in snap.get("buckets") or [] if x.get("key") == agent}
+    out: dict[str, Any] = {"agent": agent, "status": rec.get("status"), "result": rec.get("result"),
+                           "decision_log_limits": entries, "buckets": list(buckets.values())}
+    problems = []
+    if sorted(str(e.get("type")) for e in entries) != kinds:
+        problems.append(f"the decision-log record lists limits {entries}, expected one of each of {kinds}")
+    if sorted(str(k) for k in buckets) != kinds:
+        problems.append(f"GET /limits shows {list(buckets.values())} for {agent}, expected one bucket of "
+                        f"each of {kinds}")
+    for e in entries:
+        took = e.get("used") if e.get("type") == "tokens" else 1
+        if e.get("type") == "tokens" and not isinstance(took, int):
+            problems.append(f"the token reservation was not settled (no 'used'): {e}")
+            continue
+        level = (buckets.get(e.get("type")) or {}).get("level")
+        if isinstance(took, int) and level is not None and level != LIMIT_SIZE - took:
+            problems.append(f"{e.get('type')} bucket at {level}, expected {LIMIT_SIZE} - {took}")
+    if problems:
+        raise BenchError(f"{LIMITED}: the limiter did not run as expected: " + "; ".join(problems))
+    return out
+
+
+def _limits_log_check(log: Path, offset: int, kinds: list[str]) -> dict[str, Any]:
+    """After the clock: every record the rate-limited gateway wrote during (a) (warm-up and
+    timed slices) must show a request that took from every bucket and was not refused."""
+    n = took_all = settled = refused = denied = 0
+    reserved: list[int] = []
+    used: list[int] = []
+    first_bad: dict[str, Any] | None = None
+    with open(log, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            rec = json.loads(line)
+            n += 1
+            entries = [e for e in rec.get("limits") or [] if isinstance(e, dict)]
+            ok = sorted(str(e.get("type")) for e in entries) == kinds
+            took_all += ok
+            for e in entries:
+                if e.get("type") == "tokens":
+                    reserved.append(int(e.get("taken") or 0))
+                    if isinstance(e.get("used"), int):
+                        settled += 1
+                        used.append(e["used"])
+            if rec.get("status") == 429:
+                refused += 1
+            elif rec.get("result") != "allow":
+                denied += 1
+            if first_bad is None and (not ok or rec.get("result") != "allow"):
+                first_bad = rec
+    out: dict[str, Any] = {"records": n, "took_from_every_bucket": took_all, "refused_429": refused,
+                           "denied_otherwise": denied}
+    if "tokens" in kinds:
+        out["token_reservations_settled"] = settled
+        out["tokens_reserved_per_request"] = round(statistics.mean(reserved), 1) if reserved else None
+        out["tokens_used_per_request"] = round(statistics.mean(used), 1) if used else None
+    out["ok"] = bool(n) and took_all == n and not refused and not denied and (
+        "tokens" not in kinds or settled == n)
+    if first_bad is not None:
+        out["first_bad_record"] = first_bad
+    return out
+
+
+LIMITER_BATCHES = 5
+
+
+def _limiter_cost(rules: Path, port: int, n: int, kinds: list[str]) -> dict[str, Any]:
+    """In-process: the limiter's own hooks for one bench chat call (``request``: take from
+    every bucket; ``response``: settle the token reservation to the usage), with the policy and
+    the flow facts the gateway has at that point (the rules' verdict, the JWT claims, the LLM
+    request facts parsed from the bench body), but without the network and the rest of the
+    chain. CPU time of the calling thread, best of :data:`LIMITER_BATCHES` batches: far less
+    blurred by the machine's noise than the gateway difference, so it shows how much of that
+    difference is the limiter's own work."""
+    from mitmproxy import http
+    from mitmproxy.test import tflow
+
+    from fleetgate.addons.flowtools import CLAIMS, DECISION, IDENTITY, LLM_REQUEST, LLM_USAGE
+    from fleetgate.addons.limits import LIMITS, RateLimiter
+    from fleetgate.addons.rules import PolicyStore
+    from fleetgate.llm.request import parse_request
+    from fleetgate.metrics import GatewayMetrics
+    from fleetgate.policy.loader import load_policy
+
+    policy = load_policy(rules)
+    metrics = GatewayMetrics()
+    store = PolicyStore(metrics)
+    store.policy = policy
+    limiter = RateLimiter(store, metrics)
+    route = policy.providers.route("127.0.0.1", port, CHAT_PATH)
+    llm = ({"is_llm": True, **parse_request(route, json.loads(CHAT_BODY), CHAT_PATH).to_cel(),
+            "injected_usage": False} if route is not None else None)
+    usage = {"tokens": {"input": 18, "output": 10}}
+    headers = [("host", f"127.0.0.1:{port}"), ("accept", "application/json"),
+               ("accept-encoding", "gzip, deflate"), ("connection", "keep-alive"),
+               ("user-agent", "python-httpx/0.28.1"), ("content-type", "application/json"),
+               ("content-length", str(len(CHAT_BODY)))]
+
+    def flow(i: int) -> Any:
+        f = tflow.tflow(resp=False)
+        req = f.request
+        req.method, req.scheme, req.host, req.port, req.path = "POST", "https", "127.0.0.1", port, CHAT_PATH
+        req.headers.clear()
+        for k, v in headers:
+            req.headers.add(k, v)
+        agent = f"bench-agent-{i % 16:04d}"
+        f.metadata[DECISION] = {"allow": True, "rule": "bench.llm", "reason": "", "status": None,
+                                "profiles": [BENCH_ROLE]}
+        f.metadata[CLAIMS] = {"sub": agent, "agent_id": agent, "agent_role": BENCH_ROLE, "jti": "0" * 32,
+                              "iat": int(time.time()), "exp": int(time.time()) + 3600}
+        f.metadata[IDENTITY] = {"agent": agent, "role": BENCH_ROLE, "session": None, "jti": "0" * 32}
+        if llm is not None:
+            f.metadata[LLM_REQUEST] = dict(llm)
+        return f
+
+    resp = http.Response.make(200, b"{}", {"content-type": "application/json"})
+    batches: list[list[float]] = []
+    for k in range(LIMITER_BATCHES + 1):  # batch 0 creates the buckets and warms up: not counted
+        flows = [flow(i) for i in range(max(1, n // LIMITER_BATCHES))]
+        times: list[float] = []
+        for f in flows:
+            t0 = time.thread_time_ns()  # this thread's CPU time: waiting for a core is not counted
+            limiter.request(f)
+            f.response = resp
+            if llm is not None:
+                f.metadata[LLM_USAGE] = usage
+            limiter.response(f)
+            times.append((time.thread_time_ns() - t0) / 1000)
+        if k:
+            batches.append(times)
+    took = flows[-1].metadata.get(LIMITS)
+    if not isinstance(took, list) or sorted(str(e.get("type")) for e in took) != kinds or any(
+            e.get("type") == "tokens" and e.get("used") != 28 for e in took):
+        raise BenchError(f"in-process, the limiter took {took!r}, expected one of each of {kinds}, settled")
+    # Best batch, as timeit does: a busy machine only ever adds (a core shared with a neighbour's
+    # thread runs slower even in CPU time), so the least disturbed batch is the closest estimate.
+    best = min(batches, key=lambda t: pct(t, 50))
+    return {"n": n, "batches": LIMITER_BATCHES,
+            "us_per_request_p50": round(pct(best, 50), 1), "us_per_request_p99": round(pct(best, 99), 1),
+            "us_per_request_mean": round(statistics.mean(best), 1),
+            "batch_p50s_us": [round(pct(t, 50), 1) for t in batches]}
+
+
+async def _limits_state(b: Bench) -> dict[str, Any]:
+    """The gateway's own view after (a): its buckets (``GET /limits``) and refusals counted."""
+    proxy = b.proxies[LIMITED]
+    async with httpx.AsyncClient(timeout=10) as h:
+        snap = (await h.get(f"http://127.0.0.1:{proxy.metrics_port}/limits")).json()
+        metrics = (await h.get(f"http://127.0.0.1:{proxy.metrics_port}/metrics")).text
+    buckets = [x for x in snap.get("buckets") or [] if str(x.get("key", "")).startswith("bench-agent-")]
+    rejections = sum(float(m.group(1)) for m in
+                     re.finditer(r"^fleetgate_ratelimit_rejections_total\S* ([\d.e+-]+)$", metrics, re.M))
+    return {"bench_agent_buckets": len(buckets), "ratelimit_rejections_total": rejections}
 
 
 # -- (b) streaming ---------------------------------------------------------------------------

@@ -19,7 +19,13 @@ from typing import Any
 
 import trustme
 from driver import Target
-from policy import BENCH_ROLE, small_policy, supports_llm_section, supports_mcp_section
+from policy import (
+    BENCH_ROLE,
+    small_policy,
+    supports_limits_section,
+    supports_llm_section,
+    supports_mcp_section,
+)
 from procs import (
     GATEWAY_SCRIPT,
     REPO,
@@ -39,6 +45,7 @@ COMMON = {"stream_large_bodies": "1m"}
 # them), so this is the honest "mitmproxy with no addons" reference for time to first event.
 BARE_SSE = {"stream_large_bodies": "1"}
 NOLLM = "fleetgate-nollm"
+LIMITED = "fleetgate-limits"
 
 
 @dataclass
@@ -58,6 +65,7 @@ class Bench:
     fleetgate_options: dict[str, str] = field(default_factory=dict)
     llm: bool = False  # the rules route the upstream as an LLM provider (tree supports `llm:`)
     mcp: bool = False  # the rules declare the upstream's /mcp an MCP server (tree supports `mcp:`)
+    limits: bool = False  # LIMITED runs (the tree supports a profile's `policies: {localRateLimit}`)
 
     @property
     def base_url(self) -> str:
@@ -127,6 +135,16 @@ def bring_up(workdir: Path) -> Bench:
         plain.write_text(small_policy(upstream.port, llm=False, mcp=mcp))
         launches.append(launch_proxy(NOLLM, workdir, bench.fleetgate_argv(
             plain, workdir / NOLLM / "decisions.jsonl"), True))
+    if supports_limits_section(workdir):
+        # The same gateway with the seed's security-route limits on the bench profile, sized
+        # never to refuse: every chat call takes from two buckets, so the difference to
+        # "fleetgate" is what the limiter costs per request (extra rows of (a)).
+        limited = workdir / "rules-limits" / "bench.yaml"
+        limited.parent.mkdir()
+        limited.write_text(small_policy(upstream.port, llm=llm, mcp=mcp, limits=True))
+        bench.limits = True
+        launches.append(launch_proxy(LIMITED, workdir, bench.fleetgate_argv(
+            limited, workdir / LIMITED / "decisions.jsonl"), True))
     for launch in launches:
         bench.proxies[launch.name] = launch.wait()
 

@@ -113,8 +113,12 @@ class RateLimiter:
         limits = self.applicable(policy, list(decision.get("profiles") or ()))
         if not limits:
             return
-        act = self._activation(policy, flow)
-        llm = act.data["llm"]
+        # converting the request for the CEL engine is most of the limiter's cost: only when a
+        # limit has a key or a condition to evaluate
+        act = (self._activation(policy, flow)
+               if any(lim.key is not None or lim.when is not None for lim in limits) else None)
+        raw_llm = flow.metadata.get(LLM_REQUEST)
+        llm = raw_llm if isinstance(raw_llm, dict) else NOT_LLM
         agent = str((flow.metadata.get(IDENTITY) or {}).get("agent") or "")
         now = self.clock()
         held: list[_Held] = []
@@ -122,9 +126,9 @@ class RateLimiter:
             if lim.spec.kind is LimitKind.TOKENS and not llm.get("is_llm"):
                 continue  # token limits count LLM tokens
             try:
-                if lim.when is not None and not lim.when.evaluate(act):
+                if lim.when is not None and act is not None and not lim.when.evaluate(act):
                     continue
-                key = agent if lim.key is None else str(lim.key.value(act))
+                key = agent if lim.key is None or act is None else str(lim.key.value(act))
             except CelError as exc:
                 self._give_back(held, now)
                 deny(flow, 500, lim.id, f"rate limit {lim.id} could not be evaluated ({exc}); "

@@ -398,6 +398,30 @@ class _Builder:
 
     # -- budgets --------------------------------------------------------------------
 
+    def _limit_id(self, entry: dict[str, Any], path: str, default_id: str) -> str | None:
+        """A rate limit's or budget's id: unique among both (they share the decision log)."""
+        lid = entry.get("id", default_id)
+        if not isinstance(lid, str) or not lid:
+            self.err(f"{path}.id", "id must be a non-empty string")
+            return None
+        if lid in self.limit_ids:
+            self.err(f"{path}.id", f"duplicate limit id {lid!r} (first at {self.limit_ids[lid]})")
+            return None
+        self.limit_ids[lid] = self.src(path)
+        return lid
+
+    def _key_and_when(self, entry: dict[str, Any], path: str) -> dict[str, Any] | None:
+        """The optional CEL ``key`` and ``when`` of a rate limit or budget, compiled."""
+        exprs: dict[str, Any] = {}
+        for key in ("key", "when"):
+            if key in entry:
+                try:
+                    exprs[key] = compile_expr(entry[key], LIMIT_ROOTS)
+                except CelError as exc:
+                    self.err(f"{path}.{key}", f"CEL: {exc}")
+                    return None
+        return exprs
+
     def _budgets(self, section: Any, path: str, owner: str) -> list[Budget]:
         out = []
         for i, entry in enumerate(self._list(section, path)):
@@ -411,13 +435,6 @@ class _Builder:
             self.err(path, "a budget is a mapping {per, period or rolling, usd and/or tokens}")
             return None
         self._check_keys(entry, path, _BUDGET_KEYS)
-        bid = entry.get("id", default_id)
-        if not isinstance(bid, str) or not bid:
-            self.err(f"{path}.id", "id must be a non-empty string")
-            return None
-        if bid in self.limit_ids:
-            self.err(f"{path}.id", f"duplicate limit id {bid!r} (first at {self.limit_ids[bid]})")
-            return None
         per = entry.get("per", "agent")
         if "key" in entry and "per" in entry:
             self.err(f"{path}.key", "use either 'per' or 'key', not both")
@@ -466,15 +483,10 @@ class _Builder:
         if not any(v is not None for v in amounts.values()):
             self.err(path, "a budget needs at least one of usd.soft, usd.hard, tokens.soft, tokens.hard")
             return None
-        exprs: dict[str, Any] = {}
-        for key in ("key", "when"):
-            if key in entry:
-                try:
-                    exprs[key] = compile_expr(entry[key], LIMIT_ROOTS)
-                except CelError as exc:
-                    self.err(f"{path}.{key}", f"CEL: {exc}")
-                    return None
-        self.limit_ids[bid] = self.src(path)
+        exprs = self._key_and_when(entry, path)
+        bid = self._limit_id(entry, path, default_id)
+        if exprs is None or bid is None:
+            return None
         hard_t, soft_t = amounts.get("hard_tokens"), amounts.get("soft_tokens")
         spec = BudgetSpec(period, rolling, hard_usd=amounts.get("hard_usd"),
                           soft_usd=amounts.get("soft_usd"),
@@ -527,22 +539,10 @@ class _Builder:
         except ValueError:
             self.err(f"{path}.type", "type must be 'requests' or 'tokens'")
             return None
-        lid = entry.get("id", default_id)
-        if not isinstance(lid, str) or not lid:
-            self.err(f"{path}.id", "id must be a non-empty string")
+        exprs = self._key_and_when(entry, path)
+        lid = self._limit_id(entry, path, default_id)
+        if exprs is None or lid is None:
             return None
-        if lid in self.limit_ids:
-            self.err(f"{path}.id", f"duplicate limit id {lid!r} (first at {self.limit_ids[lid]})")
-            return None
-        self.limit_ids[lid] = self.src(path)
-        exprs: dict[str, Any] = {}
-        for key in ("key", "when"):
-            if key in entry:
-                try:
-                    exprs[key] = compile_expr(entry[key], LIMIT_ROOTS)
-                except CelError as exc:
-                    self.err(f"{path}.{key}", f"CEL: {exc}")
-                    return None
         spec = BucketSpec(nums["maxTokens"], nums["tokensPerFill"], seconds, kind)
         return RateLimit(lid, spec, exprs.get("key"), exprs.get("when"), self.src(path))
 
