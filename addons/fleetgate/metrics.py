@@ -150,6 +150,12 @@ class GatewayMetrics:
         self.budget_spend_usd = Gauge(
             "fleetgate_budget_spend_usd", "Spend in the current budget window, by budget and key "
             "(key bounded to 1,000 values).", ["budget", "key"], registry=r)
+        self.budget_remaining_usd = Gauge(
+            "fleetgate_budget_remaining_usd", "Hard USD limit minus spend in the current window, "
+            "by budget and key.", ["budget", "key"], registry=r)
+        self.budget_remaining_tokens = Gauge(
+            "fleetgate_budget_remaining_tokens", "Hard token limit minus spend in the current "
+            "window, by budget and key.", ["budget", "key"], registry=r)
         self.budget_spend_tokens = Gauge(
             "fleetgate_budget_spend_tokens", "Tokens in the current budget window, by budget and "
             "key.", ["budget", "key"], registry=r)

@@ -3,6 +3,7 @@ the ``openai`` SDK as the agent against a local OpenAI-compatible upstream."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import textwrap
 import threading
@@ -304,7 +305,11 @@ budgets:
     msg = str(info.value.message)
     assert "budget daily-usd ($0.0003 per day (UTC)) for 'spender' would be exceeded" in msg
     assert "refills at" in msg and info.value.response.headers["x-should-retry"] == "false"
-    assert 'fleetgate_budget_soft_exceeded_total{budget="daily-usd"} 1.0' in gw.metrics()
+    metrics = gw.metrics()
+    assert 'fleetgate_budget_soft_exceeded_total{budget="daily-usd"} 1.0' in metrics
+    remaining = re.search(r'fleetgate_budget_remaining_usd\{budget="daily-usd",key="spender"\} (\S+)',
+                          metrics)
+    assert remaining and float(remaining.group(1)) == pytest.approx(0.0003 - 2 * 0.000115)
     assert calls_upstream(upstream) == 2
     # another agent has its own budget
     chat(client(gw, upstream, "saver", "tester"), max_tokens=10)

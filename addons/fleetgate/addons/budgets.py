@@ -22,6 +22,7 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import (
     CLAIMS,
+    CUT,
     DECISION,
     IDENTITY,
     LLM_REQUEST,
@@ -205,8 +206,8 @@ class BudgetGuard:
         tokens = usage.get("tokens") if isinstance(usage, dict) else None
         decision = flow.metadata.get(DECISION) or {}
         sent = bool(flow.server_conn and flow.server_conn.timestamp_start)
-        if not isinstance(tokens, dict) and (not sent or (not decision.get("allow", True)
-                                             and not flow.metadata.get("fleetgate.cut"))):
+        refused = not decision.get("allow", True) and not flow.metadata.get(CUT)
+        if not isinstance(tokens, dict) and (not sent or refused):
             self._release(held)  # refused by a later limit, or never reached the provider
             return
         now = self.clock()
@@ -223,6 +224,11 @@ class BudgetGuard:
             label = {"budget": h.budget.id, "key": self.key_labels(h.key)}
             self.metrics.budget_spend_usd.labels(**label).set(after.usd)
             self.metrics.budget_spend_tokens.labels(**label).set(after.tokens)
+            spec = h.budget.spec
+            if spec.hard_usd is not None:
+                self.metrics.budget_remaining_usd.labels(**label).set(spec.hard_usd - after.usd)
+            if spec.hard_tokens is not None:
+                self.metrics.budget_remaining_tokens.labels(**label).set(spec.hard_tokens - after.tokens)
         for rec in flow.metadata.get(BUDGETS) or []:
             rec["settled"] = isinstance(tokens, dict)
 
