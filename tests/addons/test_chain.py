@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,10 +46,11 @@ def basic(token: str) -> str:
     return "Basic " + base64.b64encode(f"agent:{token}".encode()).decode()
 
 
-@pytest.fixture
-def chain(tmp_path: Path) -> Iterator[tuple[Any, list[Any]]]:
+@contextlib.contextmanager
+def running_chain(tmp_path: Path, rules_text: str) -> Iterator[tuple[Any, list[Any]]]:
+    """fleetgate's whole addon chain in a mitmproxy test context, on ``rules_text``."""
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
+    rules.write_text(rules_text)
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
     addons = pipeline()
@@ -57,6 +59,12 @@ def chain(tmp_path: Path) -> Iterator[tuple[Any, list[Any]]]:
             fleetgate_rules=str(rules), fleetgate_jwt_secret_file=str(secret),
             fleetgate_metrics_listen="", fleetgate_decision_log="")
         yield tctx, addons
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Iterator[tuple[Any, list[Any]]]:
+    with running_chain(tmp_path, RULES) as running:
+        yield running
 
 
 def run_hook(addons: list[Any], hook: str, flow: Any) -> None:

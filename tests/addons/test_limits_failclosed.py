@@ -11,11 +11,10 @@ from typing import Any
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
-from test_chain import SECRET, basic, request_flow, run_request, tok
+from test_chain import basic, request_flow, run_request, running_chain, tok
 
 from fleetgate.addons.budgets import BudgetGuard
 from fleetgate.addons.limits import RateLimiter
-from fleetgate.addons.pipeline import pipeline
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.metrics import GatewayMetrics
 
@@ -34,13 +33,7 @@ agents:
 
 @pytest.fixture
 def addons(tmp_path: Path) -> Iterator[list[Any]]:
-    (tmp_path / "rules.yaml").write_text(RULES)
-    (tmp_path / "secret").write_bytes(SECRET)
-    chain = pipeline()
-    with taddons.context(*chain) as tctx:
-        tctx.options.update(fleetgate_rules=str(tmp_path / "rules.yaml"),
-                            fleetgate_jwt_secret_file=str(tmp_path / "secret"),
-                            fleetgate_metrics_listen="", fleetgate_decision_log="")
+    with running_chain(tmp_path, RULES) as (_, chain):
         yield chain
 
 

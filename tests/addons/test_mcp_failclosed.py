@@ -10,12 +10,10 @@ from typing import Any
 
 import pytest
 from mitmproxy import http
-from mitmproxy.test import taddons
-from test_chain import SECRET, basic, request_flow, run_hook, run_request, tok
+from test_chain import basic, request_flow, run_hook, run_request, running_chain, tok
 
 from fleetgate.addons import mcp as mcp_module
 from fleetgate.addons.flowtools import CUT, MCP
-from fleetgate.addons.pipeline import pipeline
 
 RULES = """apiVersion: fleetgate/v1
 agents:
@@ -34,13 +32,7 @@ mcp:
 
 @pytest.fixture
 def addons(tmp_path: Path) -> Iterator[list[Any]]:
-    (tmp_path / "rules.yaml").write_text(RULES)
-    (tmp_path / "secret").write_bytes(SECRET)
-    chain = pipeline()
-    with taddons.context(*chain) as tctx:
-        tctx.options.update(fleetgate_rules=str(tmp_path / "rules.yaml"),
-                            fleetgate_jwt_secret_file=str(tmp_path / "secret"),
-                            fleetgate_metrics_listen="", fleetgate_decision_log="")
+    with running_chain(tmp_path, RULES) as (_, chain):
         yield chain
 
 

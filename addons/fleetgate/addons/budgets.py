@@ -21,25 +21,23 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import (
-    CLAIMS,
     CUT,
     DECISION,
     IDENTITY,
     LLM_REQUEST,
     LLM_USAGE,
+    allowed,
     deny,
     fail_closed,
-    settled,
 )
+from fleetgate.addons.limits import limit_activation
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.celexpr import Activation, CelError
 from fleetgate.limits.budget import Amount, Ledger, Refusal
 from fleetgate.limits.store import SpendStore
 from fleetgate.llm.usage import Usage
 from fleetgate.metrics import GatewayMetrics, HealthServer, LabelBudget
-from fleetgate.policy.decide import NOT_LLM
 from fleetgate.policy.model import Budget, Policy
-from fleetgate.policy.normalize import request_facts
 
 log = logging.getLogger("fleetgate.budgets")
 
@@ -104,25 +102,16 @@ class BudgetGuard:
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
-        if settled(flow):
-            return
         policy = self.store.policy
-        decision = flow.metadata.get(DECISION)
+        decision = allowed(flow)
         llm = flow.metadata.get(LLM_REQUEST)
-        if (policy is None or not isinstance(llm, dict) or not llm.get("is_llm")
-                or not (isinstance(decision, dict) and decision.get("allow"))):
+        if policy is None or decision is None or not isinstance(llm, dict) or not llm.get("is_llm"):
             return  # budgets count LLM spend
         budgets = self.applicable(policy, list(decision.get("profiles") or ()))
         if not budgets:
             return
-        req = flow.request
-        act = Activation({  # for CEL keys and conditions only: converting costs ~70 µs
-            "jwt": dict(flow.metadata.get(CLAIMS) or {}),
-            "request": request_facts(req.method, req.scheme, req.host, req.port, req.path,
-                                     list(req.headers.items(multi=True))).to_cel(),
-            "llm": dict(llm) if llm else dict(NOT_LLM),
-            "mcp": {},
-        }) if any(b.key is not None or b.when is not None for b in budgets) else None
+        act = (limit_activation(flow)  # for CEL keys and conditions only: ~70 µs
+               if any(b.key is not None or b.when is not None for b in budgets) else None)
         ident = flow.metadata.get(IDENTITY) or {}
         est_in = int(llm.get("estimated_input_tokens") or 0)
         max_out = int(llm.get("max_tokens") or 0) or ctx.options.fleetgate_limits_default_max_tokens

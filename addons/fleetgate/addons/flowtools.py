@@ -146,6 +146,16 @@ def settled(flow: http.HTTPFlow) -> bool:
     return bool(flow.response or flow.error or not flow.live)
 
 
+def allowed(flow: http.HTTPFlow) -> dict[str, Any] | None:
+    """The rules' allow decision for a flow still to be forwarded; ``None`` when the rules
+    denied it, nothing decided yet, or it is already answered: later checks (MCP, limits,
+    budgets) only ever narrow an allow."""
+    if settled(flow):
+        return None
+    decision = flow.metadata.get(DECISION)
+    return decision if isinstance(decision, dict) and decision.get("allow") else None
+
+
 def close_client(client: Any) -> bool:
     """Close one client connection (and with it every tunnel and stream on it)."""
     proxyserver: Any = ctx.master.addons.get("proxyserver") if ctx.master else None

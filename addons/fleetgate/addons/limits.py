@@ -21,17 +21,16 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import (
     CLAIMS,
-    DECISION,
     HEADER,
     IDENTITY,
     LLM_REQUEST,
     LLM_USAGE,
     MCP,
+    allowed,
     decision_id,
     deny,
     fail_closed,
     record_decision,
-    settled,
 )
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.celexpr import Activation, CelError
@@ -44,6 +43,23 @@ from fleetgate.policy.normalize import request_facts
 
 LIMITS = "fleetgate.limits"
 RATE_LIMITED = -32005  # JSON-RPC error for an MCP request refused by a rate limit
+
+
+def limit_activation(flow: http.HTTPFlow) -> Activation:
+    """What a limit's or budget's ``key`` and ``when`` see: ``jwt``, ``request``, ``llm`` and
+    ``mcp`` (the first MCP message's facts; empty facts for other traffic)."""
+    req = flow.request
+    facts = request_facts(req.method, req.scheme, req.host, req.port, req.path,
+                          list(req.headers.items(multi=True)))
+    llm = flow.metadata.get(LLM_REQUEST)
+    meta = flow.metadata.get(MCP)
+    mcp = meta.get("facts") if isinstance(meta, dict) else None
+    return Activation({
+        "jwt": dict(flow.metadata.get(CLAIMS) or {}),
+        "request": facts.to_cel(frozenset({"query", "headers"})),
+        "llm": dict(llm) if isinstance(llm, dict) else dict(NOT_LLM),
+        "mcp": mcp if isinstance(mcp, dict) else base_facts("", "", "", None),
+    })
 
 
 @dataclass
@@ -88,34 +104,18 @@ class RateLimiter:
     def applicable(policy: Policy, profiles: list[str]) -> list[RateLimit]:
         return [*policy.limits, *(lim for p in policy.agents if p.name in profiles for lim in p.limits)]
 
-    def _activation(self, policy: Policy, flow: http.HTTPFlow) -> Activation:
-        req = flow.request
-        facts = request_facts(req.method, req.scheme, req.host, req.port, req.path,
-                              list(req.headers.items(multi=True)))
-        llm = flow.metadata.get(LLM_REQUEST)
-        meta = flow.metadata.get(MCP)
-        mcp = meta.get("facts") if isinstance(meta, dict) else None
-        return Activation({
-            "jwt": dict(flow.metadata.get(CLAIMS) or {}),
-            "request": facts.to_cel(frozenset({"query", "headers"})),
-            "llm": dict(llm) if isinstance(llm, dict) else dict(NOT_LLM),
-            "mcp": mcp if isinstance(mcp, dict) else base_facts("", "", "", None),
-        })
-
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
-        if settled(flow):
-            return
         policy = self.store.policy
-        decision = flow.metadata.get(DECISION)
-        if policy is None or not (isinstance(decision, dict) and decision.get("allow")):
+        decision = allowed(flow)
+        if policy is None or decision is None:
             return
         limits = self.applicable(policy, list(decision.get("profiles") or ()))
         if not limits:
             return
         # converting the request for the CEL engine is most of the limiter's cost: only when a
         # limit has a key or a condition to evaluate
-        act = (self._activation(policy, flow)
+        act = (limit_activation(flow)
                if any(lim.key is not None or lim.when is not None for lim in limits) else None)
         raw_llm = flow.metadata.get(LLM_REQUEST)
         llm = raw_llm if isinstance(raw_llm, dict) else NOT_LLM

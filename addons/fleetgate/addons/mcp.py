@@ -38,11 +38,11 @@ from fleetgate.addons.flowtools import (
     LLM_REQUEST,
     MCP,
     NEEDS_BODY,
+    allowed,
     cut_flow,
     decision_id,
     fail_closed,
     record_decision,
-    settled,
 )
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.bodies import BodyError, decode_body, parse_json
@@ -179,11 +179,8 @@ class McpGuard:
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
-        if settled(flow):
-            return
         policy = self.store.policy
-        decision = flow.metadata.get(DECISION)
-        if policy is None or not (isinstance(decision, dict) and decision.get("allow")):
+        if policy is None or allowed(flow) is None:
             return
         server = self._server(policy, flow)
         if server is None:
