@@ -222,6 +222,7 @@ def test_an_event_stream_that_is_not_mcp_passes_untouched(make_gateway: GatewayF
     ``endpoint`` event; any other stream (here: non-JSON data) is passed as it is."""
     def plain(h: BaseHTTPRequestHandler, seen: Seen) -> None:
         payload = b"".join(f"event: tick\ndata: tick {i} <not json>\n\n".encode() for i in range(20))
+        payload += b"data: " + b"x" * 200_000 + b"\n\n"  # beyond the MCP event limit set below
         h.send_response(200)
         h.send_header("Content-Type", "text/event-stream")
         h.send_header("Content-Length", str(len(payload)))
@@ -229,10 +230,12 @@ def test_an_event_stream_that_is_not_mcp_passes_untouched(make_gateway: GatewayF
         h.wfile.write(payload)
 
     upstream.route("/ticks", plain)
-    gw = make_gateway(write_rules(tmp_path / "rules.yaml", [upstream.port]))
+    gw = make_gateway(write_rules(tmp_path / "rules.yaml", [upstream.port]),
+                      fleetgate_mcp_max_body="100000")
     with gw.client(token(sub="a", role="tester")) as c:
         r = c.get(upstream.url + "/ticks", headers={"Accept": "text/event-stream"})
     assert r.status_code == 200
     assert r.text.count("data: tick") == 20 and "tick 19 <not json>" in r.text
+    assert r.text.endswith("x" * 200_000 + "\n\n")  # once known not MCP, nothing is held
     rec = gw.wait_for_decision(lambda d: d.get("path") == "/ticks")
     assert "mcp" not in rec

@@ -69,3 +69,9 @@ def test_multiline_data_and_json() -> None:
     e = parse_event(b"event: message\ndata: {\"a\":\ndata: 1}")
     assert e is not None and json.loads(e.data) == {"a": 1}
     assert parse_event(b": only a comment") is None
+
+
+def test_drain_hands_back_the_held_tail() -> None:
+    rw = SseRewriter(upper, 1000)
+    assert rw.feed(b"data: x1\n\ndata: partial") == b"data: X1\n\n"
+    assert rw.drain() == b"data: partial" and rw.finish() == b""

@@ -29,6 +29,7 @@ from fleetgate.addons.flowtools import (
     allowed,
     deny,
     fail_closed,
+    metered_tokens,
 )
 from fleetgate.addons.limits import limit_activation
 from fleetgate.addons.rules import PolicyStore
@@ -191,20 +192,19 @@ class BudgetGuard:
         self.watch.discard(flow.id)
         if not held:
             return
-        usage = flow.metadata.get(LLM_USAGE)
-        tokens = usage.get("tokens") if isinstance(usage, dict) else None
+        used = metered_tokens(flow)
+        usage = flow.metadata.get(LLM_USAGE) or {}
         decision = flow.metadata.get(DECISION) or {}
         sent = bool(flow.server_conn and flow.server_conn.timestamp_start)
         refused = not decision.get("allow", True) and not flow.metadata.get(CUT)
-        if not isinstance(tokens, dict) and (not sent or refused):
+        if used is None and (not sent or refused):
             self._release(held)  # refused by a later limit, or never reached the provider
             return
         now = self.clock()
         for h in held:
-            if isinstance(tokens, dict) and isinstance(usage, dict):
+            if used is not None:
                 cost = usage.get("cost_usd")
-                actual = Amount(float(cost) if cost is not None else h.amount.usd,
-                                int(tokens.get("input") or 0) + int(tokens.get("output") or 0))
+                actual = Amount(float(cost) if cost is not None else h.amount.usd, used)
             else:
                 actual = h.amount  # sent but nothing metered: charge what was reserved (strict)
             before, after = self.ledger.settle(h.budget.id, h.key, h.budget.spec, h.amount,
@@ -219,7 +219,7 @@ class BudgetGuard:
             if spec.hard_tokens is not None:
                 self.metrics.budget_remaining_tokens.labels(**label).set(spec.hard_tokens - after.tokens)
         for rec in flow.metadata.get(BUDGETS) or []:
-            rec["settled"] = isinstance(tokens, dict)
+            rec["settled"] = used is not None
 
     def _soft(self, h: _Held, before: Amount, after: Amount) -> None:
         spec = h.budget.spec

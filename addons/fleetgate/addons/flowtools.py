@@ -164,3 +164,13 @@ def close_client(client: Any) -> bool:
         return False
     handler.close_connection(client)
     return True
+
+
+def metered_tokens(flow: http.HTTPFlow) -> int | None:
+    """Input + output tokens the LLM meter recorded for the flow; ``None`` if it recorded no
+    usage (limits and budgets then keep what they reserved, or release it)."""
+    usage = flow.metadata.get(LLM_USAGE)
+    tokens = usage.get("tokens") if isinstance(usage, dict) else None
+    if not isinstance(tokens, dict):
+        return None
+    return int(tokens.get("input") or 0) + int(tokens.get("output") or 0)

@@ -24,12 +24,12 @@ from fleetgate.addons.flowtools import (
     HEADER,
     IDENTITY,
     LLM_REQUEST,
-    LLM_USAGE,
     MCP,
     allowed,
     decision_id,
     deny,
     fail_closed,
+    metered_tokens,
     record_decision,
 )
 from fleetgate.addons.rules import PolicyStore
@@ -244,11 +244,9 @@ class RateLimiter:
         self.watch.discard(flow.id)
         if not held:
             return
-        usage = flow.metadata.get(LLM_USAGE)
-        tokens = usage.get("tokens") if isinstance(usage, dict) else None
-        if not isinstance(tokens, dict):
+        used = metered_tokens(flow)
+        if used is None:
             return  # no usage known (not an LLM answer, or none recorded): the reservation stands
-        used = int(tokens.get("input") or 0) + int(tokens.get("output") or 0)
         now = self.clock()
         for h in held:
             if h.limit.spec.kind is LimitKind.TOKENS:

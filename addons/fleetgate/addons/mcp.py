@@ -509,6 +509,8 @@ class _StreamRewriter:
             return b""
         try:
             if self.sse:
+                if self.meta.get("not_mcp"):  # sniffed: another kind of event stream
+                    return self.rewriter.drain() + self.decoder.feed(data)
                 if data:
                     return self.rewriter.feed(self.decoder.feed(data))
                 return self.rewriter.finish()

@@ -142,10 +142,13 @@ def may_call(rules: Iterable[Rule], activation: Activation | Mapping[str, Any]) 
     return McpVerdict(False, "mcp.default-deny", "no mcpAuthorization rule allows it")
 
 
-def _first_allow(rules: list[Rule], act: Activation, listing: bool = False) -> Rule | None:
-    """The first allow rule that is true; one that errors does not allow."""
+def _first_true(rules: Iterable[Rule], effect: Effect, act: Activation,
+                listing: bool = False) -> Rule | None:
+    """The first rule of ``effect`` whose expression is true; one that fails to evaluate is
+    skipped (an allow that errors does not allow; a deny that errors on a protocol message or
+    a list entry reads a call's fields and is judged at call time)."""
     for r in rules:
-        if r.effect is Effect.ALLOW:
+        if r.effect is effect:
             expr = r.list_expr if listing and r.list_expr is not None else r.expr
             try:
                 if expr.evaluate(act):
@@ -153,6 +156,10 @@ def _first_allow(rules: list[Rule], act: Activation, listing: bool = False) -> R
             except CelError:
                 continue
     return None
+
+
+def _first_allow(rules: list[Rule], act: Activation, listing: bool = False) -> Rule | None:
+    return _first_true(rules, Effect.ALLOW, act, listing)
 
 
 def fast_listing(rules: Iterable[Rule]) -> bool:
@@ -168,14 +175,8 @@ def may_list(rules: Iterable[Rule], activation: Activation | Mapping[str, Any],
     name in the :data:`LIST_VARS` variables; every rule must have a variant)."""
     act = activation if isinstance(activation, Activation) else Activation(activation)
     rules = list(rules)
-    for r in rules:
-        if r.effect is Effect.DENY:
-            expr = r.list_expr if listing and r.list_expr is not None else r.expr
-            try:
-                if expr.evaluate(act):
-                    return False
-            except CelError:
-                continue  # needs the call's arguments: judged at call time
+    if _first_true(rules, Effect.DENY, act, listing) is not None:
+        return False
     return _first_allow(rules, act, listing) is not None
 
 
@@ -183,11 +184,7 @@ def may_deny(rules: Iterable[Rule], activation: Activation) -> McpVerdict:
     """Methods that act on no tool, prompt or resource (``initialize``, ``ping``, list calls,
     notifications): allowed unless a deny rule is true. A deny rule that cannot be evaluated
     here reads a call's fields (``mcp.tool.arguments``...) and is about calls, not these."""
-    for r in rules:
-        if r.effect is Effect.DENY:
-            try:
-                if r.expr.evaluate(activation):
-                    return McpVerdict(False, r.id, r.reason or f"denied by {r.id}")
-            except CelError:
-                continue
+    r = _first_true(rules, Effect.DENY, activation)
+    if r is not None:
+        return McpVerdict(False, r.id, r.reason or f"denied by {r.id}")
     return McpVerdict(True, "mcp.protocol", "protocol message")

@@ -124,6 +124,13 @@ class SseRewriter:
         self.rewritten += 1
         return render_event(event, new)
 
+    def drain(self) -> bytes:
+        """Hand back what is held, unjudged: for a stream found not to need judging."""
+        out = bytes(self._buf)
+        self._buf.clear()
+        self._scan = 0
+        return out
+
     def finish(self) -> bytes:
         """End of stream: an unterminated last event is judged too, never passed unread."""
         if not self._buf:
