@@ -1,4 +1,6 @@
-"""The operator CLI: ``fleetgate run | rules check | token mint | ca init``.
+"""The operator CLI: ``fleetgate run | rules check | token mint | mcp | ca init`` and the
+kill switch (``stop | kill | pause | throttle | resume | unrevoke | status | sessions |
+killlog``, see :mod:`fleetgate.cli_kill`).
 
 ``run`` is a thin wrapper over ``mitmdump -s addons/gateway.py`` with our options: anything
 it does can be done with ``mitmdump``/``mitmweb`` and ``--set fleetgate_...`` directly.
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fleetgate.cli_kill import DEFAULT_ADMIN, add_kill_commands, admin_call
 from fleetgate.identity.mint import mint_token, parse_ttl
 
 DEV_DIR = Path("certs/dev")
@@ -75,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"fleetgate_rules={args.rules}",
         f"confdir={confdir}",
         f"fleetgate_metrics_listen={args.metrics}",
+        f"fleetgate_admin_listen={args.admin}",
         f"fleetgate_decision_log={args.decision_log}",
     ]
     if args.state_dir:
@@ -82,6 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         state.mkdir(parents=True, exist_ok=True)
         opts.append(f"fleetgate_mcp_pins={state / 'mcp-pins.json'}")
         opts.append(f"fleetgate_state_dir={state}")
+        opts.append(f"fleetgate_admin_token_file={dev_secret(state / 'admin-token')}")
     if args.dev:
         cert = ca_init(confdir, quiet=True)
         secret = dev_secret(confdir / "jwt-hs256.secret")
@@ -91,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  proxy:   http://agent:<JWT>@{host}:{args.listen_port}")
         print(f"  CA:      {cert.resolve()}")
         print(f"  metrics: http://{args.metrics}/metrics   readiness: /healthz/ready")
+        print(f"  admin:   http://{args.admin}/v1/status (token: {args.state_dir}/admin-token)")
         print(f"  rules:   {Path(args.rules).resolve()}")
         print("  a token: .venv/bin/fleetgate token mint --sub demo-security "
               "--claim agent_role=security --ttl 1h")
@@ -168,24 +174,7 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
 
 
 def _admin(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """GET (or POST ``body`` to) the running gateway's admin API."""
-    import urllib.error
-    import urllib.request
-
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url.rstrip("/") + path, data=data,
-                                 headers={"Content-Type": "application/json"})
-    token = os.environ.get("FLEETGATE_ADMIN_TOKEN")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return dict(json.loads(resp.read()))
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        raise SystemExit(f"fleetgate: {url}{path}: HTTP {exc.code}: {detail}") from None
-    except OSError as exc:
-        raise SystemExit(f"fleetgate: cannot reach the gateway's admin API at {url}: {exc}") from None
+    return admin_call(url, path, body)
 
 
 def cmd_mcp_pins(args: argparse.Namespace) -> int:
@@ -222,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen-host", default="127.0.0.1")
     run.add_argument("--listen-port", type=int, default=8080)
     run.add_argument("--metrics", default="127.0.0.1:15020", help="host:port for /metrics")
+    run.add_argument("--admin", default="127.0.0.1:15021",
+                     help="host:port of the admin API (kill switch, MCP approvals)")
     run.add_argument("--confdir", default=str(DEV_DIR), help="mitmproxy confdir holding the CA")
     run.add_argument("--decision-log", default="-", help="'-' (stdout), a file, or ''")
     run.add_argument("--jwt-secret-file", default="", help="HS256 secret file")
@@ -264,8 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("tool")
     approve.set_defaults(func=cmd_mcp_approve)
     for sp in (pins, approve):
-        sp.add_argument("--admin", default="http://127.0.0.1:15020",
-                        help="the gateway's metrics/admin URL (token: $FLEETGATE_ADMIN_TOKEN)")
+        sp.add_argument("--admin", default=os.environ.get("FLEETGATE_ADMIN_URL", DEFAULT_ADMIN),
+                        help="the gateway's admin API URL (token: $FLEETGATE_ADMIN_TOKEN or "
+                             "state/admin-token)")
+
+    add_kill_commands(sub)
 
     ca = sub.add_parser("ca", help="certificate authority").add_subparsers(
         dest="ca_cmd", required=True)

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -79,6 +80,29 @@ class GatewayMetrics:
         self.connections_refused = Counter(
             "fleetgate_connections_refused", "Connections refused before any request, by reason.",
             ["reason"], registry=r)
+        self.kill_actions = Counter(
+            "fleetgate_kill_actions", "Kill-switch actions applied (stop, pause, throttle) and "
+            "lifted, by verb, scope kind, source (operator, rules, trigger) and event.",
+            ["verb", "scope", "source", "event"], registry=r)
+        self.kill_flows_cut = Counter(
+            "fleetgate_kill_flows_cut", "In-flight flows and tunnels a kill-switch stop cut, by "
+            "scope kind and source of the stop.", ["scope", "source"], registry=r)
+        self.kill_refused = Counter(
+            "fleetgate_kill_requests_refused", "Requests refused by the kill switch, by verb "
+            "(stop: 503, pause: waited then 503, throttle: 429).", ["verb"], registry=r)
+        self.kill_cut_seconds = Histogram(
+            "fleetgate_kill_cut_seconds", "Time from a stop being issued to the last affected "
+            "flow being cut.", buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                        0.25, 1), registry=r)
+        self.kill_in_force = Gauge(
+            "fleetgate_kill_actions_in_force", "Kill-switch actions in force, by verb.", ["verb"],
+            registry=r)
+        self.kill_sessions = Gauge(
+            "fleetgate_kill_sessions", "Sessions in the session graph, by state (live, stopped, "
+            "paused, throttled).", ["state"], registry=r)
+        self.delegations = Counter(
+            "fleetgate_delegations", "Child tokens asked for at the delegation endpoint, by "
+            "result (issued or the refusal code).", ["result"], registry=r)
 
         # OpenTelemetry GenAI semantic conventions, as Prometheus names (dots -> underscores).
         genai = ["gen_ai_provider_name", "gen_ai_request_model", "gen_ai_operation_name"]
@@ -160,6 +184,13 @@ class GatewayMetrics:
             "fleetgate_budget_spend_tokens", "Tokens in the current budget window, by budget and "
             "key.", ["budget", "key"], registry=r)
 
+        self.credentials_injected = Counter(
+            "fleetgate_credentials_injected", "Requests given an upstream credential by the "
+            "gateway, by credentials route id.", ["route"], registry=r)
+        self.credentials_unavailable = Counter(
+            "fleetgate_credentials_unavailable", "Requests refused (503) because their "
+            "credentials route's secret could not be read, by route id.", ["route"], registry=r)
+
     def set_revision(self, revision: str) -> None:
         self.policy_revision.clear()
         self.policy_revision.labels(revision=revision).set(1)
@@ -175,15 +206,24 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 
 class HealthServer:
-    """Serves ``/metrics``, ``/healthz/ready`` and ``/healthz/live`` on ``host:port``."""
+    """A small JSON/metrics server on its own listener.
 
-    def __init__(self, metrics: GatewayMetrics, status: Callable[[], dict[str, Any]]) -> None:
+    The health server (``admin=False``) serves ``/metrics``, ``/healthz/*`` and read-only JSON
+    views to anyone who can reach the port (Prometheus, probes). The admin server
+    (``admin=True``) serves operator views (GET ``json_routes``) and actions (POST
+    ``admin_routes``) and nothing else; every request needs ``Authorization: Bearer
+    <admin token>``, or, when no token is configured, a loopback client.
+    """
+
+    def __init__(self, metrics: GatewayMetrics, status: Callable[[], dict[str, Any]],
+                 admin: bool = False) -> None:
         self._metrics_app = make_wsgi_app(metrics.registry)
         self._status = status
-        self.json_routes: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.admin = admin
+        # GET path -> JSON answer; the callable gets the query string's parameters
+        self.json_routes: dict[str, Callable[..., dict[str, Any]]] = {}
         # operator actions (POST, JSON body -> JSON answer); a ValueError is a 400
         self.admin_routes: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
-        # POSTs are accepted from loopback, or with "Authorization: Bearer <admin_token>"
         self.admin_token = ""
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -212,52 +252,64 @@ class HealthServer:
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
+        if self.admin:
+            return self._admin(path, environ, start_response)
         if path == "/metrics":
             return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
         if path in ("/healthz/ready", "/healthz/live", "/healthz"):
             status = self._status()
             ok = True if path == "/healthz/live" else bool(status.get("ready"))
-            body = json.dumps(status, default=str).encode()
-            start_response("200 OK" if ok else "503 Service Unavailable",
-                           [("Content-Type", "application/json"),
-                            ("Content-Length", str(len(body)))])
-            return [body]
-        if path in self.admin_routes:
-            return self._admin(path, environ, start_response)
+            return _answer(start_response, "200 OK" if ok else "503 Service Unavailable", status)
         if path in self.json_routes:
-            body = json.dumps(self.json_routes[path](), default=str).encode()
-            start_response("200 OK", [("Content-Type", "application/json"),
-                                      ("Content-Length", str(len(body)))])
-            return [body]
+            return _answer(start_response, "200 OK", self.json_routes[path]())
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics or /healthz/ready\n"]
 
     def _admin(self, path: str, environ: dict[str, Any],
                start_response: Callable[..., Any]) -> Iterable[bytes]:
-        def answer(status: str, obj: dict[str, Any]) -> list[bytes]:
-            body = json.dumps(obj, default=str).encode()
-            start_response(status, [("Content-Type", "application/json"),
-                                    ("Content-Length", str(len(body)))])
-            return [body]
-
-        if environ.get("REQUEST_METHOD") != "POST":
-            return answer("405 Method Not Allowed", {"error": f"POST to {path}"})
         auth = environ.get("HTTP_AUTHORIZATION", "")
         peer = environ.get("REMOTE_ADDR", "")
-        token_ok = bool(self.admin_token) and hmac.compare_digest(
-            auth.encode(), f"Bearer {self.admin_token}".encode())
-        if not (token_ok or _is_loopback(peer)):
-            return answer("403 Forbidden", {"error": "admin actions need a loopback client or "
-                                            "'Authorization: Bearer <fleetgate_admin_token>'"})
+        if self.admin_token:
+            ok = hmac.compare_digest(auth.encode(), f"Bearer {self.admin_token}".encode())
+        else:
+            ok = _is_loopback(peer)
+        if not ok:
+            return _answer(start_response, "401 Unauthorized", {
+                "error": "the admin API needs 'Authorization: Bearer <admin token>' (see "
+                         "fleetgate_admin_token_file)" if self.admin_token else
+                         "no admin token is configured: the admin API answers loopback "
+                         "clients only"})
+        method = environ.get("REQUEST_METHOD")
         try:
-            size = int(environ.get("CONTENT_LENGTH") or 0)
-            raw = environ["wsgi.input"].read(min(size, 1 << 20)) if size else b"{}"
-            args = json.loads(raw or b"{}")
-            if not isinstance(args, dict):
-                raise ValueError("the body must be a JSON object")
-            return answer("200 OK", self.admin_routes[path](args))
-        except ValueError as exc:
-            return answer("400 Bad Request", {"error": str(exc)})
+            if method == "GET" and path in self.json_routes:
+                query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+                return _answer(start_response, "200 OK", self.json_routes[path](**query))
+            if method == "POST" and path in self.admin_routes:
+                size = int(environ.get("CONTENT_LENGTH") or 0)
+                raw = environ["wsgi.input"].read(min(size, 1 << 20)) if size else b"{}"
+                args = json.loads(raw or b"{}")
+                if not isinstance(args, dict):
+                    raise ValueError("the body must be a JSON object")
+                return _answer(start_response, "200 OK", self.admin_routes[path](args))
+        except (ValueError, TypeError) as exc:
+            return _answer(start_response, "400 Bad Request", {"error": str(exc)})
+        except Exception as exc:  # the action failed: say so, never pretend it worked
+            return _answer(start_response, "500 Internal Server Error",
+                           {"error": f"{type(exc).__name__}: {exc}"})
+        if path in self.json_routes or path in self.admin_routes:
+            return _answer(start_response, "405 Method Not Allowed",
+                           {"error": f"use {'POST' if path in self.admin_routes else 'GET'} "
+                                     f"for {path}"})
+        return _answer(start_response, "404 Not Found",
+                       {"error": f"no admin route {path}", "routes": sorted(
+                           {*self.json_routes, *self.admin_routes})})
+
+
+def _answer(start_response: Callable[..., Any], status: str, obj: Any) -> list[bytes]:
+    body = json.dumps(obj, default=str).encode()
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body)))])
+    return [body]
 
 
 def _is_loopback(addr: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +72,9 @@ def run_hook(addons: list[Any], hook: str, flow: Any) -> None:
     for addon in addons:
         fn = getattr(addon, hook, None)
         if fn is not None:
-            fn(flow)
+            result = fn(flow)
+            if inspect.isawaitable(result):  # async hooks (the kill switch's pause) are awaited
+                asyncio.run(result)
 
 
 def run_request(addons: list[Any], flow: Any) -> None:

@@ -53,7 +53,8 @@ def test_budget_state_that_cannot_be_opened_is_an_error(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the state directory should be")
     metrics = GatewayMetrics()
-    guard = BudgetGuard(PolicyStore(metrics), metrics)
-    with (taddons.context(guard) as tctx,
+    store = PolicyStore(metrics)  # declares fleetgate_state_dir
+    guard = BudgetGuard(store, metrics)
+    with (taddons.context(store, guard) as tctx,
           pytest.raises(exceptions.OptionsError, match="fleetgate_state_dir")):
         tctx.options.update(fleetgate_state_dir=str(blocker))

@@ -67,13 +67,26 @@ def _post(health: HealthServer, path: str, body: bytes, peer: str, auth: str = "
     return status[0], json.loads(out)
 
 
-def test_admin_posts_need_loopback_or_the_token() -> None:
+def test_admin_api_needs_the_token_or_loopback_without_one() -> None:
+    metrics = GatewayMetrics()
+    admin = HealthServer(metrics, lambda: {}, admin=True)
+    admin.admin_routes["/x"] = lambda args: {"got": args}
+    assert _post(admin, "/x", b'{"a": 1}', "127.0.0.1") == ("200 OK", {"got": {"a": 1}})
+    assert _post(admin, "/x", b"{}", "10.1.2.3")[0] == "401 Unauthorized"
+    admin.admin_token = "s3cret"
+    # with a token configured, loopback is no longer enough (an agent's sidecar is loopback)
+    assert _post(admin, "/x", b"{}", "127.0.0.1")[0] == "401 Unauthorized"
+    assert _post(admin, "/x", b"{}", "10.1.2.3", "Bearer wrong")[0] == "401 Unauthorized"
+    assert _post(admin, "/x", b"{}", "10.1.2.3", "Bearer s3cret")[0] == "200 OK"
+    assert _post(admin, "/x", b"[1]", "10.1.2.3", "Bearer s3cret")[0] == "400 Bad Request"
+    assert _post(admin, "/nope", b"{}", "10.1.2.3", "Bearer s3cret")[0] == "404 Not Found"
+
+
+def test_metrics_listener_serves_no_admin_routes() -> None:
     metrics = GatewayMetrics()
     health = HealthServer(metrics, lambda: {})
     health.admin_routes["/x"] = lambda args: {"got": args}
-    assert _post(health, "/x", b'{"a": 1}', "127.0.0.1") == ("200 OK", {"got": {"a": 1}})
-    assert _post(health, "/x", b"{}", "10.1.2.3")[0] == "403 Forbidden"
-    health.admin_token = "s3cret"
-    assert _post(health, "/x", b"{}", "10.1.2.3", "Bearer wrong")[0] == "403 Forbidden"
-    assert _post(health, "/x", b"{}", "10.1.2.3", "Bearer s3cret")[0] == "200 OK"
-    assert _post(health, "/x", b"[1]", "127.0.0.1")[0] == "400 Bad Request"
+    status: list[str] = []
+    environ = {"PATH_INFO": "/x", "REQUEST_METHOD": "POST", "REMOTE_ADDR": "127.0.0.1"}
+    health._app(environ, lambda s, h: status.append(s))
+    assert status == ["404 Not Found"]

@@ -198,6 +198,8 @@ agents:
 
 _LISTEN = re.compile(r"proxy listening at .*?:(\d+)")
 _METRICS = re.compile(r"fleetgate metrics listening at http://[\d.]+:(\d+)")
+_ADMIN = re.compile(r"fleetgate admin API listening at http://[\d.]+:(\d+)")
+ADMIN_TOKEN = "e2e-admin-token-0123456789"
 
 
 def mitmproxy_exe(tool: str = "mitmdump") -> str:
@@ -218,6 +220,7 @@ class Gateway:
     proc: subprocess.Popen[str] | None = None
     port: int = 0
     metrics_port: int = 0
+    admin_port: int = 0
     output: list[str] = field(default_factory=list)
     tool: str = "mitmdump"
 
@@ -237,6 +240,8 @@ class Gateway:
             "fleetgate_rules": str(self.rules),
             "fleetgate_jwt_secret_file": str(secret),
             "fleetgate_metrics_listen": "127.0.0.1:0",
+            "fleetgate_admin_listen": "127.0.0.1:0",
+            "fleetgate_admin_token": ADMIN_TOKEN,
             "fleetgate_decision_log": str(self.decision_log),
             "fleetgate_reload_ms": "200",
             "ssl_verify_upstream_trusted_ca": str(self.upstream_ca),
@@ -261,8 +266,10 @@ class Gateway:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = "\n".join(self.output)
-            if (m := _LISTEN.search(text)) and (mm := _METRICS.search(text)):
+            if ((m := _LISTEN.search(text)) and (mm := _METRICS.search(text))
+                    and (ma := _ADMIN.search(text))):
                 self.port, self.metrics_port = int(m.group(1)), int(mm.group(1))
+                self.admin_port = int(ma.group(1))
                 return self
             if self.proc.poll() is not None:
                 time.sleep(0.2)
@@ -304,6 +311,18 @@ class Gateway:
 
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def admin(self, path: str, body: dict[str, Any] | None = None,
+              token: str | None = ADMIN_TOKEN) -> httpx.Response:
+        """GET (or POST ``body`` to) the admin API, with the admin token by default."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if body is None:
+            return httpx.get(self.admin_url + path, headers=headers, timeout=35)
+        return httpx.post(self.admin_url + path, json=body, headers=headers, timeout=35)
 
     def ready(self) -> httpx.Response:
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}/healthz/ready", timeout=5)

@@ -209,14 +209,15 @@ def test_rug_pull_hides_the_tool_until_an_operator_approves_it(
     with pytest.raises(McpError):
         call_tool(server.url, transport, "nmap_scan", {"target": "x"}, list_first=False, **sec)
     assert server.call_names() == []
-    admin = f"http://127.0.0.1:{gw.metrics_port}"
-    report = httpx.get(f"{admin}/mcp/pins").json()
+    assert gw.admin("/mcp/pins", token=None).status_code == 401  # the admin API wants its token
+    assert httpx.get(f"http://127.0.0.1:{gw.metrics_port}/mcp/pins").status_code == 404
+    report = gw.admin("/mcp/pins").json()
     assert [(p["server"], p["tool"], p["state"]) for p in report["pending"]] == [
         ("tools", "nmap_scan", "changed")]
     assert "fleetgate_mcp_tools_pending_approval 1.0" in gw.metrics()
-    r = httpx.post(f"{admin}/mcp/approve", json={"server": "tools", "tool": "nmap_scan"})
+    r = gw.admin("/mcp/approve", {"server": "tools", "tool": "nmap_scan"})
     assert r.status_code == 200, r.text
-    assert httpx.post(f"{admin}/mcp/approve", json={"server": "tools", "tool": "nope"}).status_code == 400
+    assert gw.admin("/mcp/approve", {"server": "tools", "tool": "nope"}).status_code == 400
     assert {t.name for t in list_tools(server.url, transport, **sec)} == SECURITY
     assert not call_tool(server.url, transport, "nmap_scan", {"target": "x"}, **sec).isError
     assert json.loads(pins.read_text())["tools"]["nmap_scan"] != pinned["nmap_scan"]

@@ -34,10 +34,10 @@ from fleetgate.policy.normalize import normalize_host, request_facts
 
 class HttpAuthorization:
     def __init__(self, store: PolicyStore, metrics: GatewayMetrics,
-                 health: HealthServer | None = None) -> None:
+                 servers: list[HealthServer] | None = None) -> None:
         self.store = store
         self.metrics = metrics
-        self.health = health
+        self.servers = servers or []  # our own listeners (metrics, admin): never proxied to
         # (host, port) pairs a request on this client connection was allowed to reach.
         # server_connect dials nothing else: not a raw-TCP tunnel, not a destination
         # some later hook rewrote.
@@ -137,8 +137,7 @@ class HttpAuthorization:
 
     def _is_self(self, addr: str, port: int) -> bool:
         ours: list[tuple[str, int]] = []
-        if self.health and self.health.address:
-            ours.append(self.health.address)
+        ours.extend(s.address for s in self.servers if s.address)
         proxyserver: Any = ctx.master.addons.get("proxyserver") if ctx.master else None
         if proxyserver is not None:
             ours.extend((str(a[0]), int(a[1])) for a in proxyserver.listen_addrs())

@@ -65,12 +65,6 @@ class BudgetGuard:
         if health is not None:
             health.json_routes["/budgets"] = self.report
 
-    def load(self, loader: Any) -> None:
-        loader.add_option(
-            "fleetgate_state_dir", str, "",
-            "Directory for state that must survive restarts: budget spend (budgets.sqlite). "
-            "'' keeps it in memory (lost on restart).")
-
     def configure(self, updated: set[str]) -> None:
         if "fleetgate_state_dir" in updated:
             d = ctx.options.fleetgate_state_dir

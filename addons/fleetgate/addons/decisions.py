@@ -137,6 +137,12 @@ class DecisionLog:
             value = flow.metadata.get(key)
             if isinstance(value, list):
                 extra[name] = value
+        credential = flow.metadata.get("fleetgate.credential")
+        if isinstance(credential, str):
+            extra["credential"] = credential  # the route id, never the secret
+        decision = flow.metadata.get(DECISION)
+        if isinstance(decision, dict) and decision.get("action"):
+            extra["killswitch_action"] = decision["action"]
         return extra or None
 
     def _write(self, rec: dict[str, Any]) -> None:

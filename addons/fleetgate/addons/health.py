@@ -1,8 +1,16 @@
-"""HealthEndpoint: Prometheus ``/metrics`` and ``/healthz/ready`` on their own port."""
+"""HealthEndpoint: the metrics/health listener and the admin API listener.
+
+Two listeners, never the proxy port: ``fleetgate_metrics_listen`` (``/metrics``,
+``/healthz/*`` and read-only JSON views, for Prometheus and probes) and
+``fleetgate_admin_listen`` (operator views and actions: the kill switch, MCP approvals),
+which demands the admin token. HttpAuthorization refuses to proxy to either address, so an
+agent cannot reach them through the gateway even when private destinations are allowed.
+"""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions
@@ -12,42 +20,71 @@ from fleetgate.metrics import HealthServer
 log = logging.getLogger(__name__)
 
 
+def _listen_spec(name: str, spec: str) -> tuple[str, int] | None:
+    if not spec:
+        return None
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit():
+        raise exceptions.OptionsError(f"{name} must be host:port, not {spec!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 class HealthEndpoint:
-    def __init__(self, server: HealthServer) -> None:
+    def __init__(self, server: HealthServer, admin: HealthServer) -> None:
         self.server = server
+        self.admin = admin
 
     def load(self, loader: Any) -> None:
         loader.add_option("fleetgate_metrics_listen", str, "127.0.0.1:15020",
                           "host:port for /metrics, /healthz/ready and /healthz/live "
                           "(port 0 picks a free port; '' disables). Never the proxy port.")
+        loader.add_option("fleetgate_admin_listen", str, "127.0.0.1:15021",
+                          "host:port of the admin API (kill switch, MCP approvals); '' "
+                          "disables it. Keep it off networks agents can reach.")
         loader.add_option("fleetgate_admin_token", str, "",
-                          "Bearer token for admin actions (POST /mcp/approve...) from other "
-                          "hosts than loopback; '' accepts them from loopback only.")
+                          "Bearer token the admin API demands. '' (and no token file): the "
+                          "admin API answers loopback clients only.")
+        loader.add_option("fleetgate_admin_token_file", str, "",
+                          "File holding the admin token (takes precedence over "
+                          "fleetgate_admin_token).")
 
     def configure(self, updated: set[str]) -> None:
-        if "fleetgate_admin_token" in updated:
-            self.server.admin_token = ctx.options.fleetgate_admin_token
-        if "fleetgate_metrics_listen" not in updated:
-            return
-        spec = ctx.options.fleetgate_metrics_listen
-        if spec:
-            _host, sep, port = spec.rpartition(":")
-            if not sep or not port.isdigit():
-                raise exceptions.OptionsError(
-                    f"fleetgate_metrics_listen must be host:port, not {spec!r}")
+        if {"fleetgate_admin_token", "fleetgate_admin_token_file"} & updated:
+            token = ctx.options.fleetgate_admin_token
+            path = ctx.options.fleetgate_admin_token_file
+            if path:
+                try:
+                    token = Path(path).read_text().strip()
+                except OSError as exc:
+                    raise exceptions.OptionsError(
+                        f"fleetgate_admin_token_file: cannot read {path}: {exc}") from None
+                if len(token) < 16:
+                    raise exceptions.OptionsError(
+                        f"fleetgate_admin_token_file: the token in {path} is shorter than 16 "
+                        "characters")
+            self.admin.admin_token = token
+            self.server.admin_token = token
+        for name in ("fleetgate_metrics_listen", "fleetgate_admin_listen"):
+            if name in updated:
+                _listen_spec(name, getattr(ctx.options, name))
 
     def running(self) -> None:
-        spec = ctx.options.fleetgate_metrics_listen
-        if not spec or self.server.address is not None:
-            return
-        host, _, port = spec.rpartition(":")
-        try:
-            addr = self.server.start(host.strip("[]") or "0.0.0.0", int(port))
-        except OSError as exc:
-            log.error("fleetgate: cannot listen for metrics on %s: %s", spec, exc)
-            ctx.master.shutdown()
-            return
-        log.info("fleetgate metrics listening at http://%s:%d/metrics", *addr)
+        for server, name, what in ((self.server, "fleetgate_metrics_listen", "metrics"),
+                                   (self.admin, "fleetgate_admin_listen", "admin API")):
+            spec = _listen_spec(name, getattr(ctx.options, name))
+            if spec is None or server.address is not None:
+                continue
+            try:
+                addr = server.start(*spec)
+            except OSError as exc:
+                log.error("fleetgate: cannot listen for the %s on %s:%d: %s", what, *spec, exc)
+                ctx.master.shutdown()
+                return
+            log.info("fleetgate %s listening at http://%s:%d/", what, *addr)
+            if server is self.admin and not self.admin.admin_token:
+                log.warning("fleetgate: no admin token configured; the admin API answers "
+                            "loopback clients only (set fleetgate_admin_token_file)")
 
     def done(self) -> None:
         self.server.stop()
+        self.admin.stop()

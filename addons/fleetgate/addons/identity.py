@@ -159,7 +159,9 @@ class AgentIdentity:
 
     @staticmethod
     def _annotate(flow: http.HTTPFlow, ident: Identity) -> None:
+        user = ident.claims.get("user")
         flow.metadata[IDENTITY] = {"agent": ident.agent, "role": ident.role,
-                                   "session": ident.session, "jti": ident.jti}
+                                   "session": ident.session, "jti": ident.jti,
+                                   "user": str(user) if user is not None else None}
         flow.metadata[CLAIMS] = dict(ident.claims)
 

@@ -84,7 +84,7 @@ class McpGuard:
         self.tool_labels = LabelBudget(500)
         self._rules_cache: dict[tuple[str, tuple[str, ...]], tuple[Rule, ...]] = {}
         self._rules_policy: Policy | None = None
-        if health is not None:
+        if health is not None:  # the admin API
             health.json_routes["/mcp/pins"] = self.pins_report
             health.admin_routes["/mcp/approve"] = self._admin_approve
 

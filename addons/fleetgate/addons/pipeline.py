@@ -1,10 +1,13 @@
 """The one place the order of fleetgate's chain lives.
 
 Cheap checks first, then identity, then the kill switch (so it wins even when rules are
-wrong), then the LLM body facts the rules may use, the rules, MCP governance (it needs the
-rules' verdict and the agent's profiles), metering; the decision log last so it sees denied
-flows too. Rate limits take from their buckets once the rules and MCP allowed the flow, and
-settle after the meter counted the answer.
+wrong), the gateway's own endpoints (delegation: only a live parent reaches them), then the
+LLM body facts the rules may use, the rules, MCP governance (it needs the rules' verdict and
+the agent's profiles), metering; the decision log last so it sees denied flows too. Rate
+limits take from their buckets once the rules and MCP allowed the flow, and settle after the
+meter counted the answer. Upstream credentials are injected only into flows every check let
+through; KillWatch, after the streaming addon, registers what will be forwarded and feeds
+the kill-switch triggers.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from typing import Any
 
 from fleetgate.addons.authorization import HttpAuthorization
 from fleetgate.addons.budgets import BudgetGuard
+from fleetgate.addons.control import ControlEndpoint
+from fleetgate.addons.credentials import CredentialInjector
 from fleetgate.addons.decisions import DecisionLog
 from fleetgate.addons.guard import ConnectionGuard
 from fleetgate.addons.health import HealthEndpoint
 from fleetgate.addons.identity import AgentIdentity
-from fleetgate.addons.killswitch import KillSwitch
+from fleetgate.addons.killswitch import KillSwitch, KillWatch
 from fleetgate.addons.limits import RateLimiter
 from fleetgate.addons.llm import LlmInspector, LlmMeter
 from fleetgate.addons.mcp import McpGuard
@@ -31,10 +36,12 @@ def pipeline() -> list[Any]:
     metrics = GatewayMetrics()
     store = PolicyStore(metrics)
     health = HealthServer(metrics, store.status)
+    admin = HealthServer(metrics, store.status, admin=True)
     ledger = Ledger()
     health.json_routes["/usage"] = ledger.snapshot
     identity = AgentIdentity(metrics)
-    kill = KillSwitch(identity, metrics)
+    kill = KillSwitch(identity, metrics, admin)
+    watch = KillWatch(kill, metrics)
     store.listeners.append(kill.on_policy)
     meter = LlmMeter(store, metrics, ledger)
     budgets = BudgetGuard(store, metrics, health)
@@ -45,16 +52,19 @@ def pipeline() -> list[Any]:
         ConnectionGuard(metrics),
         store,
         identity,
-        LlmInspector(store, metrics),
-        HttpAuthorization(store, metrics, health),
-        McpGuard(store, metrics, health),
         kill,
+        ControlEndpoint(kill, identity, store, metrics),
+        LlmInspector(store, metrics),
+        HttpAuthorization(store, metrics, [health, admin]),
+        McpGuard(store, metrics, admin),
         meter,
         # after the meter: they settle their reservations from the usage the meter recorded.
         # Budgets first: a call a budget refuses takes nothing from the rate limits.
         budgets,
         limiter,
+        CredentialInjector(store, metrics),
         StreamPassthrough(),
-        HealthEndpoint(health),
+        watch,
+        HealthEndpoint(health, admin),
         DecisionLog(store, metrics),
     ]

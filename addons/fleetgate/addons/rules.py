@@ -49,6 +49,11 @@ class PolicyStore:
             "fleetgate_reload_ms", int, 1000,
             "Milliseconds between checks of the rules files for changes (0 disables hot "
             "reload; 'fleetgate.reload' still reloads on demand).")
+        loader.add_option(
+            "fleetgate_state_dir", str, "",
+            "Directory for state that must survive restarts: budget spend (budgets.sqlite), "
+            "kill-switch actions, session graph and kill log (killswitch.sqlite). '' keeps it "
+            "in memory (lost on restart).")
 
     def configure(self, updated: set[str]) -> None:
         if "fleetgate_reload_ms" in updated and ctx.options.fleetgate_reload_ms < 0:

@@ -12,6 +12,7 @@ misspelt ``deny`` must not silently become no rule at all.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -22,11 +23,21 @@ import yaml
 
 from fleetgate.celexpr import CelError, compile_expr
 from fleetgate.identity.mint import parse_ttl
+from fleetgate.kill.delegation import DelegationPolicy
+from fleetgate.kill.killswitch_md import parse_killswitch_md
+from fleetgate.kill.model import Action
+from fleetgate.kill.triggers import TriggerSpec, parse_triggers
 from fleetgate.limits.bucket import BucketSpec, LimitKind
 from fleetgate.limits.budget import BudgetSpec, Period
 from fleetgate.llm.pricing import Price, PricingTable, price_from_dict
 from fleetgate.llm.providers import Provider, ProviderTable, provider_from_dict
 from fleetgate.mcp.policy import compile_capability, compile_mcp_entry
+from fleetgate.policy.credentials import CredentialRoute, parse_credentials
+from fleetgate.policy.killswitch_rules import (
+    KILLSWITCH_KEYS,
+    parse_delegation,
+    parse_kill_actions,
+)
 from fleetgate.policy.model import (
     AgentProfile,
     Budget,
@@ -50,7 +61,8 @@ REQUEST_ROOTS = ("jwt", "request", "llm")
 MATCH_ROOTS = ("jwt",)
 
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "authorization", "agents", "revoked", "llm",
-             "destinations", "mcpAuthorization", "mcp", "policies", "budgets"}
+             "destinations", "mcpAuthorization", "mcp", "policies", "budgets",
+             "killswitch", "delegation", "credentials"}
 _AGENT_KEYS = {"name", "match", "egress", "authorization", "description", "mcpAuthorization",
                "allowed_tools", "denied_tools", "policies", "budgets"}
 _BUDGET_KEYS = {"id", "per", "key", "when", "period", "rolling", "usd", "tokens"}
@@ -204,6 +216,12 @@ class _Builder:
         self.limits: list[RateLimit] = []
         self.budgets: list[Budget] = []
         self.limit_ids: dict[str, str] = {}
+        self.credentials: list[CredentialRoute] = []
+        self.credential_ids: set[str] = set()  # unique across files
+        self.kill_actions: list[Action] = []
+        self.kill_triggers: list[TriggerSpec] = []
+        self.trigger_ids: dict[str, str] = {}
+        self.delegation: DelegationPolicy | None = None
         self._file = ""
         self._lines = _Lines()
 
@@ -259,7 +277,15 @@ class _Builder:
             self.limits.extend(self._policies(doc["policies"], "policies", Path(self._file).stem))
         if "budgets" in doc:
             self.budgets.extend(self._budgets(doc["budgets"], "budgets", Path(self._file).stem))
+        if "credentials" in doc:
+            self.credentials.extend(parse_credentials(doc["credentials"], "credentials",
+                                                      Path(self._file).stem, self.err,
+                                                      taken=self.credential_ids))
         self._revoked(doc.get("revoked"))
+        if "killswitch" in doc:
+            self._killswitch(doc["killswitch"])
+        if "delegation" in doc:
+            self._delegation(doc["delegation"])
         self._destinations(doc.get("destinations"))
         self._llm(doc.get("llm"))
 
@@ -637,6 +663,64 @@ class _Builder:
         self.revoked_roles.update(self._str_list(section.get("roles"), "revoked.roles"))
         self.revoked_sessions.update(self._str_list(section.get("sessions"), "revoked.sessions"))
 
+    def _killswitch(self, section: Any) -> None:
+        if not isinstance(section, dict):
+            self.err("killswitch", "killswitch must be a mapping with 'stop', 'pause', "
+                     "'throttle', 'triggers' and/or 'files'")
+            return
+        self._check_keys(section, "killswitch", KILLSWITCH_KEYS)
+        self.kill_actions.extend(parse_kill_actions(section, "killswitch",
+                                                    self.src("killswitch"), self.err))
+        if "triggers" in section:
+            self._add_triggers(parse_triggers(section["triggers"], "killswitch.triggers",
+                                              self.err), "killswitch.triggers")
+        for i, name in enumerate(self._str_list(section.get("files"), "killswitch.files")):
+            self._killswitch_file(name, f"killswitch.files[{i}]")
+
+    def _killswitch_file(self, name: str, path: str) -> None:
+        """A KILLSWITCH.md document: its triggers join the rules' triggers, its FORBIDDEN
+        lines become deny rules for its agent."""
+        file = Path(self._file).parent / name
+        try:
+            doc = parse_killswitch_md(file.read_text(encoding="utf-8"), str(file))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            self.err(path, f"cannot use {name}: {exc}")
+            return
+        self._add_triggers(doc.triggers, path)
+        if not doc.forbidden:
+            return
+        if not doc.agent:
+            self.err(path, f"{name} has FORBIDDEN entries but names no agent")
+            return
+        who = f'(jwt.sub == {json.dumps(doc.agent)} || jwt.agent_role == {json.dumps(doc.agent)})'
+        for j, item in enumerate(doc.forbidden):
+            entry = {"deny": f"{who} && ({item.cel()})", "id": f"{Path(name).stem}.forbidden[{j}]",
+                     "reason": f"forbidden by {name}:{item.line}"}
+            if item.kind == "tool":
+                rule = self._register(entry["id"], path,
+                                      lambda rid, e=entry: compile_mcp_entry(e, rid))
+                if rule is not None:
+                    self.mcp_rules.append(rule)
+            else:
+                rule = self._rule(entry, path, entry["id"])
+                if rule is not None:
+                    self.rules.append(rule)
+
+    def _add_triggers(self, triggers: list[TriggerSpec], path: str) -> None:
+        for t in triggers:
+            where = self.trigger_ids.get(t.id)
+            if where is not None:
+                self.err(path, f"trigger id {t.id!r} is already used at {where}")
+                continue
+            self.trigger_ids[t.id] = self.src(path)
+            self.kill_triggers.append(t)
+
+    def _delegation(self, section: Any) -> None:
+        if self.delegation is not None:
+            self.err("delegation", "delegation is declared in more than one rules file")
+            return
+        self.delegation = parse_delegation(section, "delegation", self.err)
+
     def _destinations(self, section: Any) -> None:
         if section is None:
             return
@@ -743,6 +827,10 @@ class _Builder:
             pricing=self._pricing(),
             limits=tuple(self.limits),
             budgets=tuple(self.budgets),
+            credentials=tuple(self.credentials),
+            kill_actions=tuple(self.kill_actions),
+            kill_triggers=tuple(self.kill_triggers),
+            delegation=self.delegation or DelegationPolicy(),
             mcp=McpSettings(servers=tuple(self.mcp_servers), rules=tuple(self.mcp_rules),
                             reveal_denied=bool(self.mcp_reveal),
                             detect=True if self.mcp_detect is None else self.mcp_detect),

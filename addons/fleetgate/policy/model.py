@@ -11,10 +11,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from fleetgate.celexpr import Expr
+from fleetgate.kill.delegation import DelegationPolicy
+from fleetgate.kill.model import Action
+from fleetgate.kill.triggers import TriggerSpec
 from fleetgate.limits.bucket import BucketSpec
 from fleetgate.limits.budget import BudgetSpec
 from fleetgate.llm.pricing import PricingTable
 from fleetgate.llm.providers import ProviderTable
+from fleetgate.policy.credentials import CredentialRoute
 from fleetgate.policy.netaddr import HostPattern, IPNetwork
 
 __all__ = [
@@ -188,3 +192,7 @@ class Policy:
     mcp: McpSettings = field(default_factory=McpSettings)
     limits: tuple[RateLimit, ...] = ()  # top-level policies.localRateLimit: every agent
     budgets: tuple[Budget, ...] = ()  # top-level budgets
+    kill_actions: tuple[Action, ...] = ()  # killswitch stop/pause/throttle (source rules)
+    kill_triggers: tuple[TriggerSpec, ...] = ()  # killswitch.triggers and KILLSWITCH.md files
+    delegation: DelegationPolicy = field(default_factory=DelegationPolicy)
+    credentials: tuple[CredentialRoute, ...] = ()  # upstream credential routes, file order

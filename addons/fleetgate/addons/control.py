@@ -1,0 +1,194 @@
+"""ControlEndpoint: the gateway's own HTTPS host, reached through the proxy with no setup.
+
+An agent already sends everything through ``HTTPS_PROXY`` and already trusts the gateway's
+CA, so ``https://fleetgate.internal/...`` (``fleetgate_control_host``) needs no DNS entry, no
+extra secret and no sidecar: KillSwitch has already checked the requester is live, and this
+addon answers the request itself; nothing is ever dialled.
+
+* ``POST /v1/delegate`` ``{"role": "security", "name": "scan-1", "ttl": 600}``: a child token
+  (see :mod:`fleetgate.kill.delegation` for how its scope narrows); the parent-to-child edge
+  is recorded in the session graph before the token is returned.
+* ``GET /v1/whoami``: the requester's identity, its place in the session graph and whether
+  anything (stop, pause, throttle) applies to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from mitmproxy import ctx, exceptions, http
+
+from fleetgate.addons.flowtools import (
+    CLAIMS,
+    HEADER,
+    IDENTITY,
+    decision_id,
+    deny,
+    fail_closed,
+    record_decision,
+    settled,
+)
+from fleetgate.addons.identity import AgentIdentity
+from fleetgate.addons.killswitch import DELEGATION, KillSwitch, subject_of
+from fleetgate.addons.rules import PolicyStore
+from fleetgate.kill.delegation import DelegationError, child_claims
+from fleetgate.kill.graph import GraphError
+from fleetgate.kill.model import Subject
+from fleetgate.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+
+class ControlEndpoint:
+    def __init__(self, switch: KillSwitch, identity: AgentIdentity, store: PolicyStore,
+                 metrics: GatewayMetrics) -> None:
+        self.switch = switch
+        self.identity = identity
+        self.store = store
+        self.metrics = metrics
+        self.host = "fleetgate.internal"
+        self._key: tuple[Any, str, str | None] | None = None  # (key, alg, kid)
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("fleetgate_control_host", str, "fleetgate.internal",
+                          "Host name agents use through the proxy for the gateway's own "
+                          "endpoints (delegation, whoami). Never dialled.")
+        loader.add_option("fleetgate_delegation_key_file", str, "",
+                          "PEM private key (RSA, EC P-256 or Ed25519) child tokens are signed "
+                          "with; its public key must be in fleetgate_jwks_file. '' signs with "
+                          "the HS256 secret.")
+        loader.add_option("fleetgate_delegation_kid", str, "",
+                          "'kid' header of child tokens signed with fleetgate_delegation_key_file.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "fleetgate_control_host" in updated:
+            self.host = ctx.options.fleetgate_control_host.strip().lower()
+        if {"fleetgate_delegation_key_file", "fleetgate_delegation_kid"} & updated:
+            path = ctx.options.fleetgate_delegation_key_file
+            if not path:
+                self._key = None
+                return
+            try:
+                key = load_pem_private_key(Path(path).read_bytes(), password=None)
+            except (OSError, ValueError, TypeError) as exc:
+                raise exceptions.OptionsError(
+                    f"fleetgate_delegation_key_file: cannot load {path}: {exc}") from None
+            if isinstance(key, rsa.RSAPrivateKey):
+                alg = "RS256"
+            elif isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1":
+                alg = "ES256"
+            elif isinstance(key, ed25519.Ed25519PrivateKey):
+                alg = "EdDSA"
+            else:
+                raise exceptions.OptionsError(
+                    "fleetgate_delegation_key_file must hold an RSA, EC P-256 or Ed25519 key")
+            self._key = (key, alg, ctx.options.fleetgate_delegation_kid or None)
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.request.pretty_host.lower() != self.host or settled(flow):
+            return
+        ident = flow.metadata.get(IDENTITY)
+        claims = flow.metadata.get(CLAIMS)
+        if not isinstance(ident, dict) or not isinstance(claims, dict):
+            return  # HttpAuthorization answers 407
+        path = flow.request.path.split("?", 1)[0]
+        method = flow.request.method
+        if path == "/v1/delegate" and method == "POST":
+            self._delegate(flow, ident, claims)
+        elif path == "/v1/whoami" and method == "GET":
+            self._whoami(flow, ident, claims)
+        else:
+            deny(flow, 404, "control.not-found", f"{method} {path} is not a fleetgate endpoint",
+                 hint="use POST /v1/delegate or GET /v1/whoami")
+
+    def _answer(self, flow: http.HTTPFlow, body: dict[str, Any], rule: str) -> None:
+        flow.response = http.Response.make(
+            200, json.dumps(body).encode(),
+            {"Content-Type": "application/json", HEADER: decision_id(flow),
+             "Cache-Control": "no-store"})
+        record_decision(flow, True, rule, "answered by the gateway", 200)
+
+    def _delegate(self, flow: http.HTTPFlow, ident: dict[str, Any],
+                  claims: dict[str, Any]) -> None:
+        policy = self.store.policy
+        if policy is None:
+            deny(flow, 503, "no-policy", "the gateway has no valid policy loaded")
+            return
+        try:
+            req = json.loads(flow.request.get_content(strict=False) or b"{}")
+            if not isinstance(req, dict):
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            self.metrics.delegations.labels(result="bad_request").inc()
+            deny(flow, 400, "delegation.bad_request", "the body must be a JSON object such as "
+                 '{"role": "security"}')
+            return
+        graph = self.switch.core.graph
+        now = time.time()
+        try:
+            child = child_claims(claims, req, policy.delegation, graph, now)
+            token = self._sign(child)
+            subject = Subject(agent=child["sub"], session=child["session_id"],
+                              role=child["agent_role"], jti=child["jti"],
+                              user=child.get("user"))
+            self.switch.core.observe(subject, child["parent_session"], float(child["exp"]),
+                                     via="delegation")
+        except DelegationError as exc:
+            self.metrics.delegations.labels(result=exc.code).inc()
+            deny(flow, exc.status, exc.code, exc.message,
+                 hint="see the rules' delegation section")
+            return
+        except GraphError as exc:
+            self.metrics.delegations.labels(result=f"delegation.{exc.code}").inc()
+            deny(flow, 409, f"delegation.{exc.code}", str(exc))
+            return
+        self.metrics.delegations.labels(result="issued").inc()
+        parent = subject_of(ident, claims)
+        self.switch.core.store.append("delegate", {
+            "parent_agent": parent.agent, "parent_session": parent.session,
+            "child_agent": child["sub"], "child_session": child["session_id"],
+            "role": child["agent_role"], "depth": child["delegation_depth"],
+            "exp": child["exp"], "jti": child["jti"]})
+        log.info("fleetgate: %s (session %s) delegated to %s (%s, session %s)", parent.agent,
+                 parent.session, child["sub"], child["agent_role"], child["session_id"])
+        flow.comment = f"delegated {child['agent_role']} child {child['sub']}"
+        self._answer(flow, {"token": token, "agent": child["sub"], "role": child["agent_role"],
+                            "session": child["session_id"], "parent_session":
+                            child["parent_session"], "depth": child["delegation_depth"],
+                            "expires_at": child["exp"], "jti": child["jti"]}, "delegation")
+        if parent.session:  # KillWatch feeds these to the delegation triggers
+            flow.metadata[DELEGATION] = (child["delegation_depth"], graph.fanout(parent.session))
+
+    def _sign(self, claims: dict[str, Any]) -> str:
+        if self._key is not None:
+            key, alg, kid = self._key
+            return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid} if kid else None)
+        verifier = self.identity.verifier
+        secret = verifier.config.hs_secret if verifier else None
+        if not secret:
+            raise DelegationError(503, "delegation.no_key",
+                                  "the gateway has no signing key for child tokens (set "
+                                  "fleetgate_delegation_key_file)")
+        return jwt.encode(claims, secret, algorithm="HS256")
+
+    def _whoami(self, flow: http.HTTPFlow, ident: dict[str, Any],
+                claims: dict[str, Any]) -> None:
+        subject = subject_of(ident, claims)
+        node = self.switch.core.graph.get(subject.session)
+        v = self.switch.core.verdict(subject)
+        self._answer(flow, {
+            "agent": subject.agent, "role": subject.role, "session": subject.session,
+            "user": subject.user, "parent_session": node.parent if node else None,
+            "depth": node.depth if node else 0,
+            "children": list(node.children) if node else [],
+            "applies": None if v is None else {"verb": v.action.verb.value,
+                                               "reason": v.reason, "action": v.action.id}},
+            "whoami")

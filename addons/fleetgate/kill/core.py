@@ -1,0 +1,158 @@
+"""KillCore: the board, the session graph and the store, kept consistent.
+
+Everything that changes kill state goes through here, so the three never disagree: an action
+is in the board (effective for the next request), in the store (survives a restart) and in
+the append-only log (who, when, why, which sessions it reached) before the caller returns.
+Rules-declared actions (the rules' ``killswitch.actions``) are replaced wholesale on each
+reload and are not stored: the rules file is their durable home.
+
+If the store cannot be written, the action still takes effect in memory (a kill must not
+fail because a disk is full); the error is raised to the caller after the board changed, so
+the operator sees that it will not survive a restart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fleetgate.kill.board import KillBoard, Reach, Verdict
+from fleetgate.kill.graph import GraphError, Node, SessionGraph
+from fleetgate.kill.model import Action, Scope, Subject, Verb
+from fleetgate.kill.store import KillStore
+
+__all__ = ["Applied", "KillCore", "PersistError"]
+
+RULES = "rules"
+
+
+class PersistError(RuntimeError):
+    """The action is in force but could not be written to the state store."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    action: Action
+    new: bool
+    reach: Reach
+
+
+class KillCore:
+    def __init__(self, store: KillStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self.graph = SessionGraph()
+        self.board = KillBoard(self.graph)
+        self.listeners: list[Callable[[], None]] = []  # called after every board change
+
+    def load(self) -> int:
+        """Read actions in force and the session graph from the store (startup)."""
+        for node in sorted(self.store.nodes(), key=lambda n: n.depth):
+            self.graph.nodes[node.session] = node
+        for node in self.graph.nodes.values():
+            parent = self.graph.nodes.get(node.parent) if node.parent else None
+            if parent is not None and node.session not in parent.children:
+                parent.children.append(node.session)
+        now = self.clock()
+        n = 0
+        for action in self.store.actions():
+            if action.active(now):
+                self.board.apply(action)
+                n += 1
+            else:
+                self.store.remove_action(action.id)
+        self._changed()
+        return n
+
+    def _changed(self) -> None:
+        for fn in list(self.listeners):
+            fn()
+
+    # -- actions -----------------------------------------------------------------------
+
+    def apply(self, action: Action) -> Applied:
+        in_force, new = self.board.apply(action)
+        reach = self.board.reach(in_force)
+        if new:
+            self._changed()
+            body = {**in_force.to_json(), "sessions": list(reach.sessions),
+                    "descendants": list(reach.descendants)}
+            try:
+                if in_force.source != RULES:
+                    self.store.save_action(in_force)
+                self.store.append("action", body, action=in_force.id, at=in_force.at)
+            except Exception as exc:
+                raise PersistError(f"{in_force.verb.value} on {in_force.scope.label} is in force "
+                                   f"but was not saved ({exc}); it will not survive a restart"
+                                   ) from exc
+        return Applied(in_force, new, reach)
+
+    def lift(self, scope: Scope, verbs: Iterable[Verb], by: str, reason: str = "") -> list[Action]:
+        gone = self.board.lift(scope, verbs)
+        if gone:
+            self._changed()
+        for a in gone:
+            self._forget(a, "lift", by, reason)
+        return gone
+
+    def expire(self) -> list[Action]:
+        gone = self.board.expire(self.clock())
+        if gone:
+            self._changed()
+        for a in gone:
+            self._forget(a, "expire", a.by, "its time ran out")
+        return gone
+
+    def _forget(self, action: Action, event: str, by: str, reason: str) -> None:
+        if action.source != RULES:
+            self.store.remove_action(action.id)
+        self.store.append(event, {"verb": action.verb.value, "scope": action.scope.to_json(),
+                                  "by": by, "reason": reason, "source": action.source},
+                          action=action.id)
+
+    def set_rules_actions(self, actions: Iterable[Action]) -> tuple[list[Applied], list[Action]]:
+        """Make the rules' actions exactly ``actions``: returns (newly applied, lifted)."""
+        wanted = list(actions)
+        lifted = self.board.lift_source(RULES, keep=wanted)
+        if lifted:
+            self._changed()
+        for a in lifted:
+            self._forget(a, "lift", "rules", "removed from the rules")
+        applied = [r for r in (self.apply(a) for a in wanted) if r.new]
+        return applied, lifted
+
+    # -- identities --------------------------------------------------------------------
+
+    def observe(self, subject: Subject, parent: str | None, exp: float | None,
+                via: str = "token") -> Node | None:
+        """Record the requester's session (and its parent edge) the first time it is seen."""
+        node, created = self.graph.observe(subject, parent, self.clock(), exp, via)
+        if created and node is not None:
+            self.store.save_node(node)
+            if node.parent:
+                pnode = self.graph.get(node.parent)
+                if pnode is not None and pnode.via == "placeholder":
+                    self.store.save_node(pnode)
+        return node
+
+    def verdict(self, subject: Subject) -> Verdict | None:
+        return self.board.verdict(subject, self.clock())
+
+    def record_cut(self, action: Action | None, rule: str, flow: dict[str, Any]) -> None:
+        self.store.append("cut", {"rule": rule, **flow}, action=action.id if action else None)
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {"actions": [{**a.to_json(), "remaining": (a.until - now) if a.until else None}
+                            for a in self.board.actions.values()],
+                "sessions": len(self.graph)}
+
+    def prune(self) -> None:
+        gone = self.graph.prune(self.clock())
+        if gone:
+            self.store.forget_nodes(gone)
+
+
+__all__ += ["GraphError"]

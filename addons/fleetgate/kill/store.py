@@ -1,0 +1,119 @@
+"""Where kill state and the kill log live: one SQLite file in the state directory.
+
+Three tables. ``actions`` holds what is in force (operator and trigger actions; rules actions
+come from the rules YAML and are not stored): it is read at startup, before the proxy accepts
+a connection, so a restart keeps stopped agents stopped. ``sessions`` holds the session graph
+(delegation edges must survive a restart too, or a restarted gateway would let the children
+of a killed parent back in). ``log`` is append-only: this module has no statement that
+updates or deletes a log row. Every action, lift and cut flow is one row, so an operator can
+reconcile what was running and what was cut.
+
+The embedded default is this file; with ``path=None`` everything is in memory (tests).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fleetgate.kill.graph import Node
+from fleetgate.kill.model import Action
+
+__all__ = ["KillStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS actions (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (session TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    event TEXT NOT NULL,
+    action TEXT,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS log_action ON log (action);
+"""
+
+
+class KillStore:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL" if path else "PRAGMA journal_mode=MEMORY")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- actions in force ------------------------------------------------------------
+
+    def save_action(self, action: Action) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO actions (id, body) VALUES (?, ?)",
+                             (action.id, json.dumps(action.to_json())))
+
+    def remove_action(self, action_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM actions WHERE id = ?", (action_id,))
+
+    def actions(self) -> list[Action]:
+        with self._lock:
+            rows = self._db.execute("SELECT body FROM actions").fetchall()
+        return [Action.from_json(json.loads(r[0])) for r in rows]
+
+    # -- session graph ---------------------------------------------------------------
+
+    def save_node(self, node: Node) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO sessions (session, body) VALUES (?, ?)",
+                             (node.session, json.dumps(node.to_json())))
+
+    def forget_nodes(self, sessions: list[str]) -> None:
+        with self._lock:
+            self._db.executemany("DELETE FROM sessions WHERE session = ?",
+                                 [(s,) for s in sessions])
+
+    def nodes(self) -> list[Node]:
+        with self._lock:
+            rows = self._db.execute("SELECT body FROM sessions").fetchall()
+        return [Node.from_json(json.loads(r[0])) for r in rows]
+
+    # -- the append-only log ---------------------------------------------------------
+
+    def append(self, event: str, body: dict[str, Any], action: str | None = None,
+               at: float | None = None) -> int:
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO log (at, event, action, body) VALUES (?, ?, ?, ?)",
+                (at if at is not None else time.time(), event, action,
+                 json.dumps(body, default=str)))
+            return int(cur.lastrowid or 0)
+
+    def log(self, limit: int = 100, action: str | None = None,
+            since: float | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` log rows (oldest first), optionally for one action id or
+        after ``since`` (epoch seconds)."""
+        q = "SELECT seq, at, event, action, body FROM log WHERE 1=1"
+        args: list[Any] = []
+        if action:
+            q += " AND action = ?"
+            args.append(action)
+        if since is not None:
+            q += " AND at >= ?"
+            args.append(since)
+        q += " ORDER BY seq DESC LIMIT ?"
+        args.append(max(1, min(limit, 10_000)))
+        with self._lock:
+            rows = self._db.execute(q, args).fetchall()
+        return [{"seq": s, "at": a, "event": e, "action": act, **json.loads(b)}
+                for s, a, e, act, b in reversed(rows)]
