@@ -133,7 +133,12 @@ def test_example_rules_directory_loads() -> None:
     names = {a.name for a in policy.agents}
     assert {"coordinator", "security", "network", "cloud", "general", "user-agent"} <= names
     assert [r.id for r in policy.rules] == [
-        "fleet.authorization[0]", "fleet.authorization[1]", "fleet.authorization[2]"]
+        "fleet.authorization[0]", "fleet.authorization[1]", "fleet.authorization[2]",
+        # the general agents' KILLSWITCH.md FORBIDDEN hosts, methods and paths
+        *(f"killswitch.general.forbidden[{i}]" for i in range(4, 8))]
+    assert {t.id for t in policy.kill_triggers} >= {"runaway-loop", "spend-spike",
+                                                    "general.identical_requests"}
+    assert policy.delegation.roles["coordinator"] == {"security", "network", "cloud", "general"}
     # cases/ is a subdirectory: never read as rules
     assert all("/cases/" not in f for f in policy.files)
 

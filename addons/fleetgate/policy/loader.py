@@ -694,7 +694,7 @@ class _Builder:
             return
         who = f'(jwt.sub == {json.dumps(doc.agent)} || jwt.agent_role == {json.dumps(doc.agent)})'
         for j, item in enumerate(doc.forbidden):
-            entry = {"deny": f"{who} && ({item.cel()})", "id": f"{Path(name).stem}.forbidden[{j}]",
+            entry = {"deny": f"{who} && ({item.cel()})", "id": f"killswitch.{doc.agent}.forbidden[{j}]",
                      "reason": f"forbidden by {name}:{item.line}"}
             if item.kind == "tool":
                 rule = self._register(entry["id"], path,
