@@ -1,0 +1,117 @@
+"""The kill switch as mitmproxy addons: fail closed, mitmweb commands, state durability."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
+from test_chain import SECRET, basic, request_flow, run_request, running_chain
+
+from fleetgate.addons.identity import AgentIdentity
+from fleetgate.addons.killswitch import KillSwitch, parse_scope
+from fleetgate.addons.rules import PolicyStore
+from fleetgate.identity.mint import mint_token
+from fleetgate.kill.model import Action, ScopeKind, Subject, Verb
+from fleetgate.metrics import GatewayMetrics
+
+RULES = """apiVersion: fleetgate/v1
+agents:
+- name: tester
+  match: 'jwt.agent_role == "tester"'
+  egress: {hosts: [api.example.com]}
+  authorization: {rules: [{allow: 'true'}]}
+"""
+
+
+def tok(sub: str = "agent-7", session: str = "s-1", **claims: Any) -> str:
+    return mint_token(SECRET, sub, 600, {"agent_role": "tester", "session_id": session, **claims})
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Iterator[tuple[Any, list[Any]]]:
+    with running_chain(tmp_path, RULES) as running:
+        yield running
+
+
+def switch_of(addons: list[Any]) -> KillSwitch:
+    return next(a for a in addons if isinstance(a, KillSwitch))
+
+
+def test_a_crash_while_judging_liveness_denies(chain: tuple[Any, list[Any]],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _, addons = chain
+    ks = switch_of(addons)
+
+    def boom(subject: Any) -> Any:
+        raise RuntimeError("state unreadable")
+    monkeypatch.setattr(ks.core, "verdict", boom)
+    f = request_flow(auth=basic(tok()))
+    run_request(addons, f)
+    assert f.response is not None and f.response.status_code == 500
+    assert json.loads(f.response.content)["fleetgate"]["rule"] == "internal-error"
+
+
+def test_kill_state_that_cannot_be_opened_is_an_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    metrics = GatewayMetrics()
+    store = PolicyStore(metrics)
+    ks = KillSwitch(AgentIdentity(metrics), metrics)
+    with (taddons.context(store, ks) as tctx,
+          pytest.raises(exceptions.OptionsError, match="kill-switch state")):
+        tctx.options.update(fleetgate_state_dir=str(blocker))
+
+
+def test_mitmweb_commands_stop_resume_and_stop_selected_flows(
+        chain: tuple[Any, list[Any]]) -> None:
+    _, addons = chain
+    ks = switch_of(addons)
+    live = request_flow(auth=basic(tok("a-1", "s-a")))
+    run_request(addons, live)
+    assert live.response is None and live.id in ks.live  # registered as in flight
+    assert ks.cmd_stop("session:s-a+", "runaway").startswith("stop ")
+    assert live.metadata["fleetgate.cut"]["rule"] == "killswitch.stop"  # cut in flight
+    f = request_flow(auth=basic(tok("a-1", "s-a")))
+    run_request(addons, f)
+    assert f.response.status_code == 503 and b"runaway" in f.response.content
+    assert ks.cmd_unrevoke("session:s-a+") == "lifted 1"
+    f = request_flow(auth=basic(tok("a-1", "s-a")))
+    run_request(addons, f)
+    assert f.response is None
+    # stop the session of a selected flow (mitmweb: fleetgate.stop.flows @focus "why")
+    out = ks.cmd_stop_flows([f], "seen in mitmweb")
+    assert "session:s-a+descendants" in out
+    v = ks.core.verdict(Subject("a-1", session="s-a"))
+    assert v is not None and v.action.verb is Verb.STOP
+    status = json.loads(ks.cmd_status())
+    assert [a["reason"] for a in status["actions"]] == ["seen in mitmweb"]
+    with pytest.raises(ValueError, match="kind:value"):
+        ks.cmd_pause("agent", "no value")
+
+
+def test_an_action_that_cannot_be_saved_still_stops_and_says_so(
+        chain: tuple[Any, list[Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, addons = chain
+    ks = switch_of(addons)
+
+    def full_disk(action: Action) -> None:
+        raise OSError("disk full")
+    monkeypatch.setattr(ks.core.store, "save_action", full_disk)
+    out = ks.apply(Action(Verb.STOP, parse_scope("agent:a-2"), "leak"))
+    assert "will not survive a restart" in out["error"]
+    f = request_flow(auth=basic(tok("a-2", "s-2")))
+    run_request(addons, f)
+    assert f.response.status_code == 503  # in force all the same
+
+
+def test_scope_parsing() -> None:
+    assert parse_scope("all").kind is ScopeKind.GLOBAL
+    s = parse_scope("session:s-9+")
+    assert s.kind is ScopeKind.SESSION and s.value == "s-9" and s.cascade
+    with pytest.raises(ValueError, match="unknown scope"):
+        parse_scope("planet:x")
