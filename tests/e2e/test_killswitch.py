@@ -270,6 +270,8 @@ def test_killing_a_coordinator_session_recalls_its_whole_family(
     assert 'fleetgate_kill_actions_total{event="apply",scope="session",source="operator",' \
            'verb="stop"} 1.0' in metrics
     assert "fleetgate_kill_cut_seconds_count 1.0" in metrics
+    assert 'fleetgate_kill_sessions{state="stopped"} 5.0' in metrics  # the family
+    assert 'fleetgate_kill_sessions{state="live"} 1.0' in metrics  # the bystander
 
     # the CLI over the admin API shows the same
     env = {**os.environ, "FLEETGATE_ADMIN_TOKEN": ADMIN_TOKEN, "FLEETGATE_ADMIN_URL":

@@ -178,6 +178,25 @@ class KillSwitch:
         for verb in Verb:
             self.metrics.kill_in_force.labels(verb=verb.value).set(
                 sum(1 for a in self.core.board.actions.values() if a.verb is verb))
+        self._session_gauges()
+
+    def _session_gauges(self, limit: int = 5_000) -> None:
+        """Sessions by state. Judging every session costs O(sessions x actions): past
+        ``limit`` sessions only the unexpired total is exported (as ``known``)."""
+        now = time.time()
+        nodes = [n for n in self.core.graph.nodes.values()
+                 if n.via != "placeholder" and (n.exp is None or n.exp > now)]
+        counts = {"live": 0, "stopped": 0, "paused": 0, "throttled": 0}
+        if len(nodes) > limit:
+            self.metrics.kill_sessions.labels(state="known").set(len(nodes))
+            return
+        for n in nodes:
+            v = self.core.board.verdict(n.subject(), now) if self.core.board.actions else None
+            state = "live" if v is None else {Verb.STOP: "stopped", Verb.PAUSE: "paused",
+                                              Verb.THROTTLE: "throttled"}[v.action.verb]
+            counts[state] += 1
+        for state, n in counts.items():
+            self.metrics.kill_sessions.labels(state=state).set(n)
 
     # -- the gate ---------------------------------------------------------------------
 
@@ -197,10 +216,11 @@ class KillSwitch:
         if settled(flow) or not isinstance(ident, dict):
             return
         now = time.time()
-        if now - self._last_expire > 1.0:
+        if now - self._last_expire > 1.0:  # housekeeping, at most once a second
             self._last_expire = now
             if self.core.expire():
                 log.info("fleetgate: automatic kill-switch action(s) lifted (time ran out)")
+            self._session_gauges()
         subject = subject_of(ident, flow.metadata.get(CLAIMS))
         if self._lineage(flow, subject):
             return
