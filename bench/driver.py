@@ -39,7 +39,12 @@ SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"
 
 
 class BenchError(Exception):
-    pass
+    """A scenario failed. ``result``, when given, holds what it measured before its check
+    failed: run.py keeps it next to the failure, so a failed check still shows its figures."""
+
+    def __init__(self, message: str, result: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 # -- targets ------------------------------------------------------------------------------

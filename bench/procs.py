@@ -30,6 +30,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _LISTEN = re.compile(r"proxy listening at .*?:(\d+)")
 _METRICS = re.compile(r"fleetgate metrics listening at http://[\d.]+:(\d+)")
+_ADMIN = re.compile(r"fleetgate admin API listening at http://[\d.]+:(\d+)")
 
 _RUNNING: list[Proc] = []
 _LOCK = threading.Lock()
@@ -231,6 +232,7 @@ class Proxy:
     argv: list[str]
     started_s: float
     fleetgate: bool
+    admin_port: int | None = None  # the admin API (kill switch), when the tree has one
 
     @property
     def pid(self) -> int:
@@ -272,8 +274,11 @@ class Launch:
     def wait(self, timeout: float = 90) -> Proxy:
         port = int(self.proc.wait_for(_LISTEN, timeout).group(1))
         metrics_port = int(self.proc.wait_for(_METRICS, timeout).group(1)) if self.fleetgate else None
+        admin = self.fleetgate and any(a.startswith("fleetgate_admin_listen=") and a != "fleetgate_admin_listen="
+                                       for a in self.argv)
+        admin_port = int(self.proc.wait_for(_ADMIN, timeout).group(1)) if admin else None
         return Proxy(self.name, self.proc, port, metrics_port, self.argv,
-                     time.perf_counter() - self.t0, self.fleetgate)
+                     time.perf_counter() - self.t0, self.fleetgate, admin_port)
 
 
 def launch_proxy(name: str, workdir: Path, argv: list[str], fleetgate: bool) -> Launch:

@@ -49,6 +49,9 @@ async def run_scenarios(bench: Bench, plan: Plan, only: set[str] | None, results
         except Exception as exc:
             traceback.print_exc()
             results["errors"][sc.key] = f"{type(exc).__name__}: {exc}"
+            partial = getattr(exc, "result", None)
+            if isinstance(partial, dict):  # a failed check: keep the figures it was judged on
+                results["scenarios"][sc.key] = partial
         results["durations_s"][sc.key] = round(time.perf_counter() - s0, 1)
         results["other_cpu_cores"][sc.key] = noise.cores()
         log(t0, f"{sc.title}: {results['durations_s'][sc.key]} s "

@@ -119,20 +119,30 @@ def summary(run: Run) -> dict[str, Any]:
 
 async def interleaved(b: Bench, names: list[str], agents: int, op_for: Callable[[Target], Any],
                       warmup: float, rounds: int, slice_s: float,
-                      per_round: dict[str, list[Run]] | None = None) -> dict[str, Run]:
+                      per_round: dict[str, list[Run]] | None = None,
+                      around: Callable[[str], contextlib.AbstractAsyncContextManager[Any]] | None = None,
+                      ) -> dict[str, Run]:
     """Run ``op`` closed-loop on each target in turn, ``rounds`` times ``slice_s`` seconds each,
     rotating the order every round so drift on a noisy machine hits every target alike.
-    ``per_round`` (optional) receives each target's slices one by one."""
+    ``per_round`` (optional) receives each target's slices one by one; ``around`` (optional)
+    wraps each of a target's slices (warm-up included), e.g. to put a gateway in a state for
+    that slice only and take it out again, off the clock."""
     targets = [b.targets[n] for n in names]
     clients = {t.name: t.clients(agents) for t in targets}
     runs = {t.name: Run() for t in targets}
+
+    def state(name: str) -> contextlib.AbstractAsyncContextManager[Any]:
+        return around(name) if around is not None else contextlib.nullcontext()
+
     try:
         for t in targets:
-            await closed_loop(clients[t.name], op_for(t), duration=warmup)
+            async with state(t.name):
+                await closed_loop(clients[t.name], op_for(t), duration=warmup)
         for r in range(rounds):
             order = targets[r % len(targets):] + targets[:r % len(targets)]
             for t in order:
-                one = await closed_loop(clients[t.name], op_for(t), duration=slice_s, pid=t.pid)
+                async with state(t.name):
+                    one = await closed_loop(clients[t.name], op_for(t), duration=slice_s, pid=t.pid)
                 runs[t.name].merge(one)
                 if per_round is not None:
                     per_round.setdefault(t.name, []).append(one)

@@ -66,6 +66,7 @@ class Bench:
     llm: bool = False  # the rules route the upstream as an LLM provider (tree supports `llm:`)
     mcp: bool = False  # the rules declare the upstream's /mcp an MCP server (tree supports `mcp:`)
     limits: bool = False  # LIMITED runs (the tree supports a profile's `policies: {localRateLimit}`)
+    admin_token: str | None = None  # the gateways' admin API token (the tree has the kill switch)
 
     @property
     def base_url(self) -> str:
@@ -80,7 +81,21 @@ class Bench:
     def fleetgate_argv(self, rules: Path, decision_log: Path, **extra: str) -> list[str]:
         opts = {**COMMON, **self.fleetgate_options, "fleetgate_rules": str(rules),
                 "fleetgate_decision_log": str(decision_log), **extra}
+        if self.admin_token:
+            # Durable kill-switch state (SQLite: actions, session graph, kill log), as in
+            # production (`fleetgate run` keeps it in state/): a stop and its cuts are written
+            # before the admin API answers, so (d) measures that too. One per gateway.
+            opts.setdefault("fleetgate_state_dir", str(decision_log.parent / "state"))
         return proxy_argv(self.confdir, self.upstream_ca, opts, GATEWAY_SCRIPT)
+
+
+def supports_admin_api() -> bool:
+    """Whether this fleetgate tree has the kill switch and its admin API listener
+    (``fleetgate_admin_listen``). It defaults to the fixed port 127.0.0.1:15021, so every
+    gateway of the run must be given its own port, or the second one to start exits."""
+    import importlib.util
+
+    return importlib.util.find_spec("fleetgate.addons.killswitch") is not None
 
 
 def make_certs(workdir: Path) -> tuple[Path, Path, Path]:
@@ -117,13 +132,22 @@ def bring_up(workdir: Path) -> Bench:
 
     fg_opts = {"fleetgate_jwt_secret_file": str(secret_file),
                "fleetgate_metrics_listen": "127.0.0.1:0"}
+    admin_token = None
+    if supports_admin_api():
+        # As in production, the token comes from a file (0600); port 0: each gateway its own.
+        admin_token = secrets.token_hex(24)
+        token_file = workdir / "admin.token"
+        token_file.write_text(admin_token)
+        token_file.chmod(0o600)
+        fg_opts.update(fleetgate_admin_listen="127.0.0.1:0", fleetgate_admin_token_file=str(token_file))
     launches = [
         launch_proxy("bare", workdir, proxy_argv(confdir, ca_pem, COMMON), False),
         launch_proxy("bare-sse", workdir, proxy_argv(confdir, ca_pem, BARE_SSE), False),
     ]
     bench = Bench(workdir, ca_pem, confdir, secret, upstream, rules, {}, {},
                   ssl.create_default_context(cafile=str(mitm_ca)),
-                  ssl.create_default_context(cafile=str(ca_pem)), fg_opts, llm, mcp)
+                  ssl.create_default_context(cafile=str(ca_pem)), fg_opts, llm, mcp,
+                  admin_token=admin_token)
     launches.append(launch_proxy("fleetgate", workdir, bench.fleetgate_argv(
         rules, workdir / "fleetgate" / "decisions.jsonl"), True))
     if llm:

@@ -11,7 +11,7 @@ Endpoints
   with ``usage``. ``"stream": true``: ``text/event-stream`` of ``chat.completion.chunk`` events,
   then a final chunk carrying ``usage`` (as with ``stream_options.include_usage``) and
   ``data: [DONE]``. Query parameters ``events`` (default 20) and ``interval_ms`` (default 10)
-  shape the stream.
+  shape the stream; it stops as soon as the client goes away (scenario (d) cuts long ones).
 * ``POST /mcp`` — JSON-RPC 2.0 MCP server (stateless streamable HTTP): ``initialize``,
   ``tools/list`` (1,000 tools in 25 families such as ``nmap_*``, ``kubectl_*``, each with a
   one-sentence description and a small input schema, ~385 KB) and ``tools/call`` (a small JSON
@@ -164,7 +164,7 @@ class App:
         query = {k: v[-1] for k, v in parse_qs(scope["query_string"].decode()).items()}
         if method == "POST" and path == "/v1/chat/completions":
             body = await read_body(receive)
-            await self.chat(body, query, send)
+            await self.chat(body, query, receive, send)
         elif method == "POST" and path == "/mcp":
             body = await read_body(receive)
             await self.mcp(body, query, send)
@@ -175,7 +175,7 @@ class App:
         else:
             await respond(send, 404, b'{"error":"not found"}')
 
-    async def chat(self, body: bytes, query: dict[str, str], send: Any) -> None:
+    async def chat(self, body: bytes, query: dict[str, str], receive: Any, send: Any) -> None:
         try:
             req = json.loads(body or b"{}")
         except ValueError:
@@ -191,14 +191,24 @@ class App:
         created = int(time.time())
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
-        for i in range(events):
-            await send({"type": "http.response.body", "body": chunk_event(stream_id, created, i),
-                        "more_body": True})
-            if interval > 0:
-                await asyncio.sleep(interval)
-        await send({"type": "http.response.body",
-                    "body": usage_event(stream_id, created, events) + b"data: [DONE]\n\n",
-                    "more_body": False})
+        # The body has been read, so the next receive() returns only when the client has gone
+        # (http.disconnect). uvicorn drops writes after a disconnect without an error, so
+        # without this a stream cut by the proxy (scenario (d): minutes long, 110 at a time)
+        # would keep producing events nobody reads and steal the CPU the proxy is measured on.
+        gone = asyncio.ensure_future(receive())
+        try:
+            for i in range(events):
+                if gone.done():
+                    return
+                await send({"type": "http.response.body", "body": chunk_event(stream_id, created, i),
+                            "more_body": True})
+                if interval > 0:
+                    await asyncio.sleep(interval)
+            await send({"type": "http.response.body",
+                        "body": usage_event(stream_id, created, events) + b"data: [DONE]\n\n",
+                        "more_body": False})
+        finally:
+            gone.cancel()
 
     async def mcp(self, body: bytes, query: dict[str, str], send: Any) -> None:
         """JSON-RPC over HTTP POST (MCP streamable HTTP, stateless: no session id). The answer is
