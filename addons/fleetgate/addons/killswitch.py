@@ -99,6 +99,7 @@ class KillSwitch:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
         self._last_expire = 0.0
+        self._last_prune = time.time()
         self._rules_actions: tuple[Action, ...] = ()
         self._watch_core()
         if admin is not None:
@@ -195,8 +196,8 @@ class KillSwitch:
             state = "live" if v is None else {Verb.STOP: "stopped", Verb.PAUSE: "paused",
                                               Verb.THROTTLE: "throttled"}[v.action.verb]
             counts[state] += 1
-        for state, n in counts.items():
-            self.metrics.kill_sessions.labels(state=state).set(n)
+        for state, count in counts.items():
+            self.metrics.kill_sessions.labels(state=state).set(count)
 
     # -- the gate ---------------------------------------------------------------------
 
@@ -221,6 +222,9 @@ class KillSwitch:
             if self.core.expire():
                 log.info("fleetgate: automatic kill-switch action(s) lifted (time ran out)")
             self._session_gauges()
+            if now - self._last_prune > 600:  # forget sessions whose tokens expired a day ago
+                self._last_prune = now
+                self.core.prune()
         subject = subject_of(ident, flow.metadata.get(CLAIMS))
         if self._lineage(flow, subject):
             return
