@@ -437,3 +437,103 @@ def test_stop_all_and_unrevoke_from_the_cli(kill_gateway: Gateway, kill_upstream
         assert c.get(up.url + "/y").status_code == 200
     log = subprocess.run([*cli, "killlog"], env=env, capture_output=True, text=True, timeout=30)
     assert "incident 42" in log.stdout and "lift" in log.stdout
+
+
+# -- websockets -----------------------------------------------------------------------------
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_ticker(h: BaseHTTPRequestHandler, seen: Seen) -> None:
+    """A websocket server (RFC 6455 via wsproto) that sends a text frame every 50 ms."""
+    import base64
+    import hashlib
+
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import TextMessage
+
+    key = seen.headers["sec-websocket-key"]
+    accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+    h.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").encode())
+    h.wfile.flush()
+    conn = Connection(ConnectionType.SERVER)
+    try:
+        for i in range(600):
+            h.wfile.write(conn.send(TextMessage(data=f"tick {i}")))
+            h.wfile.flush()
+            time.sleep(0.05)
+    except OSError:
+        pass
+    h.close_connection = True
+
+
+def ws_client(gw: Gateway, up: Upstream, tok: str, state: dict[str, Any]) -> None:
+    """An agent's websocket through the proxy: CONNECT, TLS with the gateway's CA, wsproto."""
+    import base64
+    import socket
+
+    from wsproto import WSConnection
+    from wsproto.connection import ConnectionType
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    stop: threading.Event = state["stop"]
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    sock: Any = raw
+    try:
+        auth = base64.b64encode(f"agent:{tok}".encode()).decode()
+        raw.sendall(f"CONNECT 127.0.0.1:{up.port} HTTP/1.1\r\nHost: 127.0.0.1:{up.port}\r\n"
+                    f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+        assert b" 200 " in raw.recv(4096)
+        sock = ssl_context(gw.ca_cert).wrap_socket(raw, server_hostname="127.0.0.1")
+        sock.settimeout(0.2)
+        ws = WSConnection(ConnectionType.CLIENT)
+        sock.sendall(ws.send(Request(host=f"127.0.0.1:{up.port}", target="/ws")))
+        while not stop.is_set():
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            ws.receive_data(data)
+            for ev in ws.events():
+                if isinstance(ev, AcceptConnection):
+                    state["open"] = True
+                elif isinstance(ev, TextMessage):
+                    state["messages"] = state.get("messages", 0) + 1
+        else:
+            return  # the test is over: no "ended"
+    except OSError as exc:
+        state["error"] = repr(exc)
+    finally:
+        sock.close()
+    state["ended"] = time.monotonic()
+
+
+def test_a_stop_cuts_an_open_websocket(kill_gateway: Gateway, kill_upstream: Upstream) -> None:
+    gw, up = kill_gateway, kill_upstream
+    up.route("/ws", ws_ticker)
+    states: dict[str, dict[str, Any]] = {"rogue": {"stop": threading.Event()},
+                                         "calm": {"stop": threading.Event()}}
+    threads = [threading.Thread(target=ws_client, daemon=True, args=(
+        gw, up, token(f"{name}-ws", role="cloud", session_id=f"s-{name}"), states[name]))
+        for name in states]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: all(s.get("messages", 0) >= 3 for s in states.values()), 10), states
+    sent = time.monotonic()
+    r = gw.admin("/v1/actions", {"verb": "stop", "scope": "agent:rogue-ws", "reason": "ws test"})
+    assert r.status_code == 200 and any(c.get("path") == "/ws" for c in r.json()["cut"])
+    assert wait_until(lambda: "ended" in states["rogue"], 5), "the websocket was not cut"
+    assert states["rogue"]["ended"] - sent < 2.0
+    calm_before = states["calm"]["messages"]
+    assert wait_until(lambda: states["calm"]["messages"] > calm_before + 3, 5)
+    assert "ended" not in states["calm"]  # the other agent's websocket is untouched
+    cut = [row for row in gw.admin("/v1/log").json()["log"]
+           if row["event"] == "cut" and row.get("path") == "/ws"]
+    assert cut and cut[0]["phase"].startswith("websocket open (")
+    for st in states.values():
+        st["stop"].set()
+    for t in threads:
+        t.join(5)
