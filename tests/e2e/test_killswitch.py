@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -29,49 +30,47 @@ from harness import ADMIN_TOKEN, Gateway, Seen, Upstream, ssl_context, token, wa
 CONTROL = "https://fleetgate.internal"
 
 
-def slow_openai_stream(h: BaseHTTPRequestHandler, seen: Seen) -> None:
-    """An OpenAI chat stream that keeps going (a chunk every 50 ms for up to 30 s)."""
-    h.send_response(200)
-    h.send_header("Content-Type", "text/event-stream")
-    h.send_header("Transfer-Encoding", "chunked")
-    h.end_headers()
-    base = {"id": "chatcmpl-k", "object": "chat.completion.chunk", "created": 1763900000,
-            "model": "gpt-4o-2024-08-06"}
-    try:
-        for i in range(600):
-            delta = {"role": "assistant", "content": ""} if i == 0 else {"content": f" w{i}"}
-            ev = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-            data = f"data: {json.dumps(ev)}\n\n".encode()
-            h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-            h.wfile.flush()
-            time.sleep(0.05)
-        h.wfile.write(b"0\r\n\r\n")
-    except OSError:
-        pass
-    h.close_connection = True
-
-
-def mcp_sse_stream(h: BaseHTTPRequestHandler, seen: Seen) -> None:
-    """The HTTP+SSE MCP transport's GET stream: ``endpoint`` first, then server messages."""
+def chunked_events(h: BaseHTTPRequestHandler, events: Iterable[str], interval: float) -> None:
+    """Send SSE events as HTTP/1.1 chunks, one every ``interval`` seconds, until the client
+    (or the gateway) goes away."""
     h.send_response(200)
     h.send_header("Content-Type", "text/event-stream")
     h.send_header("Transfer-Encoding", "chunked")
     h.end_headers()
     try:
-        events = ["event: endpoint\ndata: /mcp/messages?session_id=k1\n\n"]
-        for i in range(300):
-            note = {"jsonrpc": "2.0", "method": "notifications/message",
-                    "params": {"level": "info", "data": f"tick {i}"}}
-            events.append(f"event: message\ndata: {json.dumps(note)}\n\n")
         for ev in events:
             data = ev.encode()
             h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             h.wfile.flush()
-            time.sleep(0.1)
+            time.sleep(interval)
         h.wfile.write(b"0\r\n\r\n")
     except OSError:
         pass
     h.close_connection = True
+
+
+def slow_openai_stream(h: BaseHTTPRequestHandler, seen: Seen) -> None:
+    """An OpenAI chat stream that keeps going (a chunk every 50 ms for up to 30 s)."""
+    base = {"id": "chatcmpl-k", "object": "chat.completion.chunk", "created": 1763900000,
+            "model": "gpt-4o-2024-08-06"}
+
+    def events() -> Iterator[str]:
+        for i in range(600):
+            delta = {"role": "assistant", "content": ""} if i == 0 else {"content": f" w{i}"}
+            ev = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            yield f"data: {json.dumps(ev)}\n\n"
+    chunked_events(h, events(), 0.05)
+
+
+def mcp_sse_stream(h: BaseHTTPRequestHandler, seen: Seen) -> None:
+    """The HTTP+SSE MCP transport's GET stream: ``endpoint`` first, then server messages."""
+    def events() -> Iterator[str]:
+        yield "event: endpoint\ndata: /mcp/messages?session_id=k1\n\n"
+        for i in range(300):
+            note = {"jsonrpc": "2.0", "method": "notifications/message",
+                    "params": {"level": "info", "data": f"tick {i}"}}
+            yield f"event: message\ndata: {json.dumps(note)}\n\n"
+    chunked_events(h, events(), 0.1)
 
 
 def kill_rules(path: Path, port: int, killswitch: str = "") -> Path:

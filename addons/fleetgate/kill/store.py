@@ -14,7 +14,6 @@ The embedded default is this file; with ``path=None`` everything is in memory (t
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from fleetgate.kill.graph import Node
 from fleetgate.kill.model import Action
+from fleetgate.sqlite import open_db
 
 __all__ = ["KillStore"]
 
@@ -42,13 +42,7 @@ CREATE INDEX IF NOT EXISTS log_action ON log (action);
 class KillStore:
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL" if path else "PRAGMA journal_mode=MEMORY")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(path, _SCHEMA)
         self._lock = threading.Lock()
 
     def close(self) -> None:

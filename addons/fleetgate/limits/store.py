@@ -8,11 +8,11 @@ starts with budget and key). A shared backend for several gateways is a later re
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from pathlib import Path
 
 from fleetgate.limits.budget import Amount
+from fleetgate.sqlite import open_db
 
 __all__ = ["SpendStore"]
 
@@ -31,13 +31,7 @@ CREATE TABLE IF NOT EXISTS spend (
 class SpendStore:
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL" if path else "PRAGMA journal_mode=MEMORY")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
+        self._db = open_db(path, _SCHEMA)
         self._lock = threading.Lock()
 
     def close(self) -> None:
