@@ -274,7 +274,7 @@ class Launch:
     def wait(self, timeout: float = 90) -> Proxy:
         port = int(self.proc.wait_for(_LISTEN, timeout).group(1))
         metrics_port = int(self.proc.wait_for(_METRICS, timeout).group(1)) if self.fleetgate else None
-        admin = self.fleetgate and any(a.startswith("fleetgate_admin_listen=") and a != "fleetgate_admin_listen="
+        admin = self.fleetgate and any(a.startswith("fleetgate_admin_listen=") and not a.endswith("=")
                                        for a in self.argv)
         admin_port = int(self.proc.wait_for(_ADMIN, timeout).group(1)) if admin else None
         return Proxy(self.name, self.proc, port, metrics_port, self.argv,

@@ -3,6 +3,7 @@ never asserted)."""
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -206,6 +207,111 @@ def _limits_check_row(t: Table, rl: dict[str, Any]) -> None:
           f"{took:,} of {n:,} / {refused:,}", None, None, verdict + detail, ratios=False)
 
 
+GATE_NONE, GATE_STOPS = "fleetgate-no-stops", "fleetgate-stops"  # scenarios.GATE_* (not imported)
+
+
+def _kill_rows(t: Table, d: dict[str, Any]) -> None:
+    """(d): command to cut as the clients saw it (every family stream of every round), the
+    gateway's own figure, the check, and what the gate costs per request with stops in force."""
+    n, rounds = d.get("streams"), d.get("rounds")
+    label = (f"(d) kill switch: cascade stop of a session family, {n} open streams + "
+             f"{d.get('bystanders')} bystanders, {rounds} rounds")
+    lat = d.get("client_cut_ms") or {}
+    per_round = " · ".join(_num(x, 0) for x in d.get("last_cut_ms_per_round") or [])
+    t.row(label, "command → stream cut seen by the client, p50 (ms)", lat.get("p50"), None, None,
+          f"info: all {lat.get('n', 0):,} family streams, from just before the admin API call to the "
+          "client's read error", ratios=False)
+    t.row(label, "command → stream cut seen by the client, p95 (ms)", lat.get("p95"), None, None,
+          ratios=False)
+    t.row(label, "command → last in-flight stream cut, max over rounds (ms)", lat.get("max"), None, None,
+          f"info: per round {per_round}", ratios=False)
+    gw, answered = d.get("gateway_cut_ms") or {}, d.get("command_answered_ms") or {}
+    t.row(label, "gateway `cut_ms` (command received → last flow cut), median / max (ms)",
+          f"{_num(gw.get('p50'))} / {_num(gw.get('max'))}", None, None,
+          f"info: the admin API answered the stop after {_num(answered.get('p50'), 0)} ms (median; a "
+          f"GET /v1/status under the same load: {_num(_get(d, 'admin_status_ms', 'p50'), 0)} ms)",
+          ratios=False)
+    chk = d.get("check") or {}
+    if chk:
+        ok = chk.get("ok")
+        verdict = ("verified: every family stream cut, every bystander still streaming, each stop lifted "
+                   "(unrevoke)" if ok else "**check failed**: " + "; ".join(chk.get("problems") or [])[:300])
+        t.row(label, "family streams cut / bystander streams cut",
+              f"{chk.get('family_cut', 0):,} of {chk.get('family_total', 0):,} / "
+              f"{chk.get('bystanders_cut', 0)} of {chk.get('bystanders_total', 0)}", None, None, verdict,
+              ratios=False)
+    g = d.get("gate") or {}
+    tg = g.get("targets") or {}
+    if not tg:
+        return
+    k = g.get("actions")
+    glabel = f"(d) kill-switch gate, {g.get('agents')} agents with sessions"
+    bare, none, stops = tg.get("bare", {}), tg.get(GATE_NONE, {}), tg.get(GATE_STOPS, {})
+    for what, r in (("fleetgate, no kill-switch action in force", none),
+                    (f"*fleetgate, {k} stops in force (none reaching the load)*", stops)):
+        t.row(glabel, f"{what}: requests/s", r.get("rps"), bare.get("rps"))
+        t.row(glabel, f"{what}: latency p50 (ms)", r.get("p50_ms"), bare.get("p50_ms"), nd=2)
+        t.row(glabel, f"{what}: proxy CPU per request (ms)", r.get("proxy_cpu_ms_per_req"),
+              bare.get("proxy_cpu_ms_per_req"), nd=3)
+    cost, inproc = g.get("cost") or {}, g.get("in_process") or {}
+    if cost.get("proxy_cpu_ms_per_req") is not None:
+        rnd = cost.get("per_round_ms") or []
+        spread = f" (rounds: {min(rnd):+.3f} … {max(rnd):+.3f} ms)" if len(rnd) > 1 else ""
+        share = f", {cost['pct_of_bare']:+.1f}% of bare's" if cost.get("pct_of_bare") is not None else ""
+        gate = ""
+        if "stops" in inproc:
+            gate = (f"; in-process the gate (session graph + verdict) takes {inproc['none']['us_p50']:g} µs "
+                    f"with none, {inproc['stops']['us_p50']:g} µs with {k} (p50)")
+        t.row(glabel, f"*cost of {k} stops in force*: proxy CPU per request, with {MINUS} without (ms)",
+              f"{cost['proxy_cpu_ms_per_req']:+.3f}", None, None,
+              f"info: {cost.get('pct_of_fleetgate'):+.1f}% of fleetgate's{spread}{share}{gate}", ratios=False)
+
+
+def merge(base: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Fold the scenarios of a partial run (``run.py --only ... --merge``) into the results of
+    the last full run: the scenarios it ran replace theirs (figures, failures, durations,
+    noise), every other figure stays, and ``separate_runs`` says when, where and on what tree
+    each replaced scenario was measured, so the table can say so. Ratios only ever compare
+    targets measured in the same run, so mixing runs this way keeps every ratio honest."""
+    out = copy.deepcopy(base)
+    ran = list(part.get("durations_s") or {})
+    env = part.get("environment") or {}
+    for key in ("scenarios", "errors", "durations_s", "other_cpu_cores"):
+        out.setdefault(key, {})
+    for k in ran:
+        for key in ("scenarios", "errors", "durations_s", "other_cpu_cores"):
+            out[key].pop(k, None)
+            if k in (part.get(key) or {}):
+                out[key][k] = part[key][k]
+        out.setdefault("separate_runs", {})[k] = {
+            "started_at": env.get("started_at"), "wall_s": part.get("wall_s"), "quick": part.get("quick"),
+            "environment": env, "driver": part.get("driver"), "setup": part.get("setup"),
+            "plan": part.get("plan")}
+    keys = {k.split("_")[0] for k in ran}
+    out["pending"] = [p for p in base.get("pending") or [] if p[1:].split(")")[0] not in keys]
+    out["pending"] += [p for p in part.get("pending") or [] if p not in out["pending"]]
+    out["targets_judged"] = judge(out)
+    return out
+
+
+def _separate_note(results: dict[str, Any]) -> list[str]:
+    sep = results.get("separate_runs") or {}
+    if not sep:
+        return []
+    notes = []
+    for k, r in sep.items():
+        env = r.get("environment") or {}
+        dirty = " (dirty tree)" if env.get("fleetgate_git_dirty") else ""
+        notes.append(
+            f"`{k}` in a separate run (`run.py --only {k} --merge`) at {r.get('started_at')}, on "
+            f"{env.get('cpu_model')} {X} {env.get('cpu_count')} cores, fleetgate "
+            f"`{(env.get('fleetgate_git_sha') or '?')[:12]}`{dirty}"
+            f", mitmproxy {(env.get('packages') or {}).get('mitmproxy')}, took {_num(r.get('wall_s'), 0)} s"
+            f"{', QUICK smoke run' if r.get('quick') else ''}")
+    return ["Measured separately and merged into this run's results: " + "; ".join(notes) +
+            ". Every other figure is from the run above; ratios only compare targets of the same run.", ""]
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results.get("scenarios", {})
     env = results.get("environment", {})
@@ -222,6 +328,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{' · QUICK smoke run' if results.get('quick') else ''}",
         "",
     ]
+    lines += _separate_note(results)
     noise = results.get("other_cpu_cores") or {}
     if noise:
         worst = max(noise, key=lambda k: noise[k])
@@ -275,6 +382,10 @@ def markdown(results: dict[str, Any]) -> str:
     c = s.get("c") or {}
     if c:
         _mcp_rows(t, c)
+
+    d = s.get("d") or {}
+    if d:
+        _kill_rows(t, d)
 
     er = s.get("e_requests") or {}
     if er:

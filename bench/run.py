@@ -1,10 +1,12 @@
 """`make bench`: what fleetgate's full addon chain costs against bare mitmdump and no proxy.
 
-    .venv/bin/python bench/run.py [--quick] [--soak SECONDS] [--only a,b,...] [--keep]
+    .venv/bin/python bench/run.py [--quick] [--soak SECONDS] [--only a,b,...] [--merge] [--keep]
 
 Starts a local TLS upstream, a bare mitmdump and fleetgate, runs the scenarios of the issue
 in one process against all three, and writes bench/results/latest.json and latest.md (and
-prints the table). See bench/README.md for the method.
+prints the table). ``--only d --merge`` runs only (d) and folds it into the results already
+there instead of replacing them (the table says which scenario came from which run). See
+bench/README.md for the method.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from procs import NoiseMeter, install_cleanup, stop_all
-from report import judge, markdown
+from report import judge, markdown, merge
 from scenarios import PENDING, SCENARIOS, Plan
 from stack import Bench, bring_up, environment, workspace
 
@@ -71,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="fleetgate vs bare mitmdump vs direct")
     ap.add_argument("--quick", action="store_true", help="~1.5-minute smoke run (small counts, short soak)")
     ap.add_argument("--soak", type=float, default=None, help="soak seconds (default 300; --quick: 20)")
-    ap.add_argument("--only", default="", help="comma-separated scenario keys: a,b,c,e,f,g "
+    ap.add_argument("--only", default="", help="comma-separated scenario keys: a,b,c,d,e,f,g "
                                                "(e = e_requests,e_streams,e_soak)")
+    ap.add_argument("--merge", action="store_true",
+                    help="fold the scenarios run into the results already in --out (the other "
+                         "scenarios' figures are kept; the table names the separate run)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = ap.parse_args(argv)
@@ -118,14 +123,22 @@ def main(argv: list[str] | None = None) -> int:
         stop_all()
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     results["targets_judged"] = judge(results)
+    if results["errors"] and not code:
+        code = 1  # this run's failures only: merged-in results carry their own
+    previous = args.out / "latest.json"
+    if args.merge and previous.exists():
+        if "setup" in results["errors"] or "interrupted" in results["errors"]:
+            # Nothing measured: never replace a full run's figures with a failed start.
+            print(markdown(results))
+            log(t0, f"not merged into {previous}: the run did not get to its scenarios")
+            return code or 1
+        results = merge(json.loads(previous.read_text()), results)
     md = markdown(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (args.out / "latest.md").write_text(md + "\n")
     print(md)
     log(t0, f"wrote {args.out / 'latest.json'} and {args.out / 'latest.md'}")
-    if results["errors"] and not code:
-        code = 1
     return code
 
 

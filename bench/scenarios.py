@@ -1,9 +1,9 @@
 """The scenarios of the benchmark issue. Each takes the running :class:`stack.Bench` and a
 :class:`Plan` and returns a JSON-able dict; ``report.py`` turns them into the table.
 
-(a) small non-streaming LLM call, (b) streaming, (c) MCP tools/list and tools/call, (e) memory,
-(f) 50 MB download, (g) rules scale are implemented. (d) measures a feature that has not landed
-yet: see :data:`PENDING`.
+(a) small non-streaming LLM call, (b) streaming, (c) MCP tools/list and tools/call, (d) the kill
+switch, (e) memory, (f) 50 MB download, (g) rules scale. A scenario whose feature has not landed
+yet goes in :data:`PENDING` (none at present).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import re
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,19 @@ class Plan:
     c_warmup: float = 0.5
     c_rounds: int = 3
     c_slice: float = 2.0
+    d_streams: int = 100  # the stopped family's open streams
+    d_bystanders: int = 10  # unrelated agents' streams that must not be cut
+    d_rounds: int = 5
+    d_events: int = 3600  # x d_interval_ms: 3 minutes, longer than the whole scenario
+    d_interval_ms: float = 50
+    d_cut_timeout: float = 10.0  # seconds after the command before an uncut stream fails the check
+    d_observe: float = 1.0  # seconds the bystanders must keep streaming after the kill
+    d_gate_actions: int = 100  # stops in force (reaching nobody) for the gate cost
+    d_gate_agents: int = 16
+    d_gate_warmup: float = 0.5
+    d_gate_rounds: int = 3
+    d_gate_slice: float = 1.5
+    d_gate_calls: int = 5000  # in-process calls of the gate
     e_requests: int = 10_000
     e_agents: int = 16
     e_streams: int = 200
@@ -104,7 +117,8 @@ class Plan:
     @classmethod
     def quick(cls) -> Plan:
         return cls(a_warmup=0.5, a_rounds=1, a_slice=1.5, b_rounds=1, b_slice=1.5, c_warmup=0.3, c_rounds=1,
-                   c_slice=1.0, a_limiter_calls=1000,
+                   c_slice=1.0, a_limiter_calls=1000, d_rounds=2, d_gate_rounds=1, d_gate_slice=1.0,
+                   d_gate_calls=1000,
                    e_requests=1000, e_streams=50, e_stream_events=8, f_bytes=20 * 1000 * 1000, f_reps=1,
                    g_agents=200, g_loads=1, g_decisions=300, g_reloads=1, g_slice=1.0, soak=15.0,
                    soak_warmup=2.0, soak_sample=1.0, soak_reconnect=5.0)
@@ -833,6 +847,387 @@ async def _reloads(proxy: Any, target: Target, path: Path, port: int, plan: Plan
             "request_p50_ms_outside_reload": ms(pct(outside, 50)) if outside else None}
 
 
+# -- (d) kill switch ---------------------------------------------------------------------------
+
+# The gate-cost targets of (d): the same fleetgate gateway, its load agents carrying sessions
+# (children of one coordinator session, so every verdict also walks the session graph), with no
+# kill-switch action in force and with ``d_gate_actions`` stops that reach none of them.
+GATE_NONE = "fleetgate-no-stops"
+GATE_STOPS = "fleetgate-stops"
+GATE_COORD = "gate-coordinator"
+GATE_COORD_SESSION = "gate-coordinator-session"
+# The kinds of those stops, in turn: what an operator stops (a session family most often, an
+# agent, a leaked token, a role); values that name nobody the load has.
+IDLE_SCOPES: tuple[tuple[str, bool], ...] = (("session", True), ("session", True), ("agent", False),
+                                             ("token", False), ("role", False))
+
+
+def _idle_scopes(n: int) -> list[dict[str, Any]]:
+    out = []
+    for i in range(n):
+        kind, cascade = IDLE_SCOPES[i % len(IDLE_SCOPES)]
+        out.append({"kind": kind, "value": f"idle-{kind}-{i:03d}", "cascade": cascade})
+    return out
+
+
+class _Admin:
+    """The gateway's admin API (its own listener, the bearer token), as an operator's CLI
+    calls it. Any answer but 200 fails the scenario: a stop that was not applied measured
+    nothing."""
+
+    def __init__(self, b: Bench, name: str = "fleetgate") -> None:
+        port = b.proxies[name].admin_port
+        if not port or not b.admin_token:
+            raise BenchError("this fleetgate tree has no kill-switch admin API (fleetgate_admin_listen)")
+        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30, trust_env=False,
+                                      headers={"Authorization": f"Bearer {b.admin_token}"})
+
+    async def __aenter__(self) -> _Admin:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.http.aclose()
+
+    async def get(self, path: str) -> dict[str, Any]:
+        r = await self.http.get(path)
+        if r.status_code != 200:
+            raise BenchError(f"admin API GET {path}: HTTP {r.status_code}: {r.text[:300]}")
+        return dict(r.json())
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = await self.http.post(path, json=body)
+        if r.status_code != 200:
+            raise BenchError(f"admin API POST {path}: HTTP {r.status_code}: {r.text[:300]}")
+        return dict(r.json())
+
+
+def _session_target(b: Bench, name: str, claims: Callable[[str], dict[str, str]]) -> Target:
+    """The fleetgate gateway, reached by agents whose tokens carry session claims
+    (``session_id``, ``parent_session``): ``claims`` gives them for an agent id."""
+    fg = b.targets["fleetgate"]
+    return Target(name, fg.base_url, fg.verify, fg.proxy_port, fg.pid,
+                  lambda agent: b.mint(agent, **claims(agent)))
+
+
+@dataclass
+class _Held:
+    """One agent's open SSE stream in (d): how many events arrived, when and how it ended."""
+
+    agent: str
+    family: bool  # in the stopped session family (must be cut) or a bystander (must not)
+    client: httpx.AsyncClient
+    events: int = 0
+    events_at_kill: int = 0
+    ended_at: float | None = None
+    end: str | None = None
+
+
+async def _hold(h: _Held, url: str) -> None:
+    """Read the stream until it ends and note the moment the client sees that: the read
+    error of a cut connection, taken before the response is closed."""
+    tail = b""
+    try:
+        async with h.client.stream("POST", url, content=STREAM_BODY, headers=SSE_HEADERS) as r:
+            if r.status_code != 200:
+                await r.aread()
+                h.ended_at, h.end = time.perf_counter(), f"HTTP {r.status_code}: {r.text[:200]}"
+                return
+            try:
+                async for chunk in r.aiter_raw():
+                    data = tail + chunk
+                    n = data.count(b"\n\n")
+                    h.events += n
+                    tail = data[data.rfind(b"\n\n") + 2:] if n else data
+            except Exception as exc:
+                h.ended_at, h.end = time.perf_counter(), f"{type(exc).__name__}: {exc}"
+                return
+            h.ended_at, h.end = time.perf_counter(), "finished"
+    except Exception as exc:
+        if h.ended_at is None:
+            h.ended_at, h.end = time.perf_counter(), f"{type(exc).__name__}: {exc}"
+
+
+async def _kill_round(b: Bench, plan: Plan, admin: _Admin, r: int) -> dict[str, Any]:
+    """One round of (d): fresh sessions, ``d_streams`` family streams and ``d_bystanders``
+    unrelated ones open and flowing, then a cascade stop of the family's coordinator session;
+    each family stream's command-to-cut as its client sees it, the gateway's own figure, the
+    check (every family stream cut, no bystander), then the stop lifted (unrevoke)."""
+    tag = f"kill{r}"
+    lead, lead_session = f"{tag}-coordinator", f"{tag}-coordinator-session"
+    other_lead, other_session = f"{tag}-other-coordinator", f"{tag}-other-coordinator-session"
+    family = [f"{tag}-agent-{i:03d}" for i in range(plan.d_streams)]
+    others = [f"{tag}-bystander-{i:02d}" for i in range(plan.d_bystanders)]
+    claims: dict[str, dict[str, str]] = {lead: {"session_id": lead_session},
+                                         other_lead: {"session_id": other_session}}
+    claims.update({a: {"session_id": f"{a}-session", "parent_session": lead_session} for a in family})
+    claims.update({a: {"session_id": f"{a}-session", "parent_session": other_session} for a in others})
+    t = _session_target(b, "fleetgate", claims.__getitem__)
+    # Both coordinators call once first, so the graph's roots are real sessions (a child's
+    # parent claim on an unseen session would only make a placeholder).
+    for agent in (lead, other_lead):
+        async with t.client(agent) as c:
+            await chat_op(t.base_url)(c)
+    url = f"{t.base_url}{CHAT_PATH}?events={plan.d_events}&interval_ms={plan.d_interval_ms:g}"
+    held = [_Held(a, True, t.client(a)) for a in family] + [_Held(a, False, t.client(a)) for a in others]
+    scope = {"kind": "session", "value": lead_session, "cascade": True}
+    t_open = time.perf_counter()
+    tasks = [asyncio.create_task(_hold(h, url)) for h in held]
+    try:
+        while not all(h.events >= 2 for h in held):
+            early = next((h for h in held if h.ended_at is not None), None)
+            if early is not None:
+                raise BenchError(f"(d) round {r}: a stream ended before the kill: {early.agent}: {early.end}")
+            if time.perf_counter() - t_open > 60:
+                n = sum(h.events >= 2 for h in held)
+                raise BenchError(f"(d) round {r}: only {n} of {len(held)} streams flowing after 60 s")
+            await asyncio.sleep(0.05)
+        open_s = time.perf_counter() - t_open
+        await asyncio.sleep(0.3)  # all in their steady state: an event every interval
+        # The admin API's own round trip under the same load (it too hops onto the proxy's
+        # event loop): what of the command-to-cut time is the API rather than the cutting.
+        s0 = time.perf_counter()
+        await admin.get("/v1/status")
+        status_s = time.perf_counter() - s0
+        await asyncio.sleep(0.1)
+        for h in held:
+            h.events_at_kill = h.events
+        t0 = time.perf_counter()
+        answer = await admin.post("/v1/actions", {"verb": "stop", "scope": scope, "by": "bench",
+                                                  "reason": f"bench (d) round {r}"})
+        answered = time.perf_counter() - t0
+        fam_tasks = [task for task, h in zip(tasks, held, strict=True) if h.family]
+        await asyncio.wait(fam_tasks, timeout=plan.d_cut_timeout)
+        await asyncio.sleep(plan.d_observe)  # the bystanders must go on streaming meanwhile
+        bystanders = [(h.ended_at is not None, h.events - h.events_at_kill, h.end) for h in held
+                      if not h.family]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await close_all([h.client for h in held])
+    lifted = await admin.post("/v1/lift", {"action": "unrevoke", "scope": scope, "by": "bench",
+                                           "reason": f"bench (d) round {r} done"})
+    async with t.client(family[0]) as c:  # lifted: the family works again
+        after = await c.post(t.base_url + CHAT_PATH, content=CHAT_BODY, headers={
+            "content-type": "application/json"})
+
+    fam = [h for h in held if h.family]
+    cut = [h for h in fam if h.ended_at is not None and h.ended_at >= t0 and h.end != "finished"]
+    lat = [h.ended_at - t0 for h in cut if h.ended_at is not None]
+    flows = [c for c in answer.get("cut") or [] if c.get("method")]
+    tunnels = [c for c in answer.get("cut") or [] if not c.get("method")]
+    flow_agents = {str(c.get("agent")) for c in flows}
+    min_events = max(2, int(plan.d_observe * 1000 / plan.d_interval_ms / 4))
+    problems = []
+    if len(cut) != len(fam):
+        missed = [f"{h.agent} ({h.end or 'still streaming'})" for h in fam if h not in cut]
+        problems.append(f"{len(fam) - len(cut)} of {len(fam)} family streams not cut: {missed[:3]}")
+    if any(ended for ended, _, _ in bystanders):
+        gone = [e for ended, _, e in bystanders if ended]
+        problems.append(f"{len(gone)} of {len(bystanders)} bystander streams ended: {gone[:3]}")
+    slow = sum(1 for ended, n, _ in bystanders if not ended and n < min_events)
+    if slow:
+        problems.append(f"{slow} bystander streams got fewer than {min_events} events in the "
+                        f"{plan.d_observe:g} s after the kill")
+    if flow_agents != set(family):
+        problems.append(f"the gateway cut flows of {len(flow_agents - set(family))} agents outside the "
+                        f"family and missed {len(set(family) - flow_agents)} of it")
+    if len(answer.get("descendants") or []) != len(family) or answer.get("sessions") != [lead_session]:
+        problems.append(f"the stop reached sessions {answer.get('sessions')} and "
+                        f"{len(answer.get('descendants') or [])} descendants, expected [{lead_session}] "
+                        f"and {len(family)}")
+    if len(lifted.get("lifted") or []) != 1 or after.status_code != 200:
+        problems.append(f"unrevoke lifted {len(lifted.get('lifted') or [])} action(s); a family agent's "
+                        f"next request then got HTTP {after.status_code}")
+    ends: dict[str, int] = {}
+    for h in cut:
+        k = (h.end or "").split(":", 1)[0]
+        ends[k] = ends.get(k, 0) + 1
+    return {
+        "round": r, "coordinator_session": lead_session, "streams": len(fam), "bystanders": len(bystanders),
+        "open_s": round(open_s, 2), "events_before_kill_min": min(h.events_at_kill for h in held),
+        "admin_status_ms": ms(status_s), "command_answered_ms": ms(answered),
+        "gateway_cut_ms": answer.get("cut_ms"),
+        "gateway_flows_cut": len(flows), "gateway_tunnels_closed": len(tunnels),
+        "descendants": len(answer.get("descendants") or []),
+        "client_cut_min_ms": ms(min(lat)) if lat else None,
+        "client_cut_p50_ms": ms(pct(lat, 50)), "client_cut_p95_ms": ms(pct(lat, 95)),
+        "client_cut_max_ms": ms(max(lat)) if lat else None,
+        "client_cut_ms": sorted(ms(x) for x in lat), "client_saw": ends,
+        "cut_seen_before_the_answer": sum(1 for x in lat if x < answered),
+        "family_cut": len(cut), "bystanders_cut": sum(1 for ended, _, _ in bystanders if ended),
+        "bystander_events_after_kill_min": min((n for _, n, _ in bystanders), default=None),
+        "lifted": len(lifted.get("lifted") or []), "after_lift_status": after.status_code,
+        "ok": not problems, "problems": problems,
+    }
+
+
+def _gate_in_process(n_actions: int, calls: int) -> dict[str, Any]:
+    """In-process: what the kill switch's gate does for every request of an agent with a
+    session (record it in the session graph, then ask the board for a verdict, which looks at
+    every action in force and, for a cascading one, the session's ancestors), with no action in
+    force and with ``n_actions`` stops that reach nobody. This thread's CPU time, best of
+    :data:`LIMITER_BATCHES` batches as for (a)'s limiter: the gateway difference is within a
+    round's noise, this is not."""
+    from fleetgate.kill.core import KillCore
+    from fleetgate.kill.model import Action, Scope, Subject, Verb
+    from fleetgate.kill.store import KillStore
+
+    core = KillCore(KillStore(None))
+    exp = time.time() + 3600
+    core.observe(Subject(agent=GATE_COORD, session=GATE_COORD_SESSION, role=BENCH_ROLE), None, exp)
+    subjects = [Subject(agent=f"bench-agent-{i:04d}", session=f"bench-agent-{i:04d}-session",
+                        role=BENCH_ROLE, jti=f"{i:032x}") for i in range(16)]
+    for s in subjects:
+        core.observe(s, GATE_COORD_SESSION, exp)
+
+    def timed() -> dict[str, Any]:
+        batches: list[list[float]] = []
+        for k in range(LIMITER_BATCHES + 1):  # batch 0 warms up: not counted
+            times: list[float] = []
+            for i in range(max(1, calls // LIMITER_BATCHES)):
+                s = subjects[i % len(subjects)]
+                t0 = time.thread_time_ns()
+                core.observe(s, GATE_COORD_SESSION, exp)
+                v = core.verdict(s)
+                times.append((time.thread_time_ns() - t0) / 1000)
+                if v is not None:
+                    raise BenchError(f"in-process, an idle stop reached {s}: {v}")
+            if k:
+                batches.append(times)
+        best = min(batches, key=lambda t: pct(t, 50))
+        return {"us_p50": round(pct(best, 50), 2), "us_p99": round(pct(best, 99), 2),
+                "batch_p50s_us": [round(pct(t, 50), 2) for t in batches]}
+
+    none = timed()
+    for sc in _idle_scopes(n_actions):
+        core.apply(Action(Verb.STOP, Scope.from_json(sc), "bench (d): reaches nobody", by="bench"))
+    stops = timed()
+    return {"calls": calls, "batches": LIMITER_BATCHES, "actions": n_actions, "none": none,
+            "stops": stops, "cost_us_p50": round(stops["us_p50"] - none["us_p50"], 2)}
+
+
+async def _gate_cost(b: Bench, plan: Plan, admin: _Admin) -> dict[str, Any]:
+    """What the kill switch's gate costs per request while stops are in force: bare mitmdump,
+    fleetgate with none and fleetgate with ``d_gate_actions`` stops that match none of the load
+    (each request is judged against all of them and passes), interleaved as in (a). The stops
+    are applied through the admin API before each of that target's slices and lifted after,
+    off the clock, so both fleetgate targets are the same process with the same agents."""
+    def claims(agent: str) -> dict[str, str]:
+        if agent == GATE_COORD:
+            return {"session_id": GATE_COORD_SESSION}
+        return {"session_id": f"{agent}-session", "parent_session": GATE_COORD_SESSION}
+
+    scopes = _idle_scopes(plan.d_gate_actions)
+    in_force: list[int] = []
+    after_lift: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def stops(name: str) -> AsyncIterator[None]:
+        if name == GATE_STOPS:
+            for sc in scopes:
+                await admin.post("/v1/actions", {"verb": "stop", "scope": sc, "by": "bench",
+                                                 "reason": "bench (d): a stop that reaches no load agent"})
+            in_force.append(len((await admin.get("/v1/status")).get("actions") or []))
+        try:
+            yield
+        finally:
+            if name == GATE_STOPS:
+                for sc in scopes:
+                    await admin.post("/v1/lift", {"action": "unrevoke", "scope": sc, "by": "bench"})
+                after_lift.append(len((await admin.get("/v1/status")).get("actions") or []))
+
+    for name in (GATE_NONE, GATE_STOPS):
+        b.targets[name] = _session_target(b, name, claims)
+    names = ["bare", GATE_NONE, GATE_STOPS]
+    slices: dict[str, list[Run]] = {}
+    try:
+        async with b.targets[GATE_NONE].client(GATE_COORD) as c:  # the load's parent session, seen
+            await chat_op(b.base_url)(c)
+        runs = await interleaved(b, names, plan.d_gate_agents, lambda t: chat_op(t.base_url),
+                                 plan.d_gate_warmup, plan.d_gate_rounds, plan.d_gate_slice, slices, stops)
+    finally:
+        for name in (GATE_NONE, GATE_STOPS):
+            b.targets.pop(name, None)
+    out: dict[str, Any] = {
+        "agents": plan.d_gate_agents, "actions": plan.d_gate_actions,
+        "action_scopes": {f"{k}{'+descendants' if c else ''}": sum(
+            1 for s in scopes if s["kind"] == k and s["cascade"] == c)
+            for k, c in dict.fromkeys(IDLE_SCOPES)},
+        "load_sessions": f"each agent its own session, a child of {GATE_COORD_SESSION}",
+        "actions_in_force_per_slice": in_force, "actions_after_lift": after_lift,
+        "targets": {n: summary(run) for n, run in runs.items()},
+    }
+    none, with_stops, bare = (out["targets"][n].get("proxy_cpu_ms_per_req") for n in names[1:] + names[:1])
+    if none and with_stops:
+        rounds = [(x.summary().get("proxy_cpu_ms_per_req"), y.summary().get("proxy_cpu_ms_per_req"))
+                  for x, y in zip(slices.get(GATE_STOPS, []), slices.get(GATE_NONE, []), strict=False)]
+        out["cost"] = {
+            "proxy_cpu_ms_per_req": round(with_stops - none, 3),
+            "per_round_ms": [round(x - y, 3) for x, y in rounds if x and y],
+            "pct_of_fleetgate": round((with_stops - none) / none * 100, 1),
+            "pct_of_bare": round((with_stops - none) / bare * 100, 1) if bare else None}
+    try:
+        out["in_process"] = await asyncio.to_thread(_gate_in_process, plan.d_gate_actions, plan.d_gate_calls)
+    except Exception as exc:  # a cross-check only: the gateway figures stand without it
+        out["in_process"] = {"error": f"{type(exc).__name__}: {exc}"}
+    problems = []
+    if any(n != plan.d_gate_actions for n in in_force) or any(after_lift):
+        problems.append(f"stops in force per slice {in_force} (expected {plan.d_gate_actions}), "
+                        f"after lifting {after_lift} (expected 0)")
+    errs = {n: s.get("errors") for n, s in out["targets"].items() if s.get("errors")}
+    if errs:
+        problems.append(f"requests failed (an idle stop refused a load agent?): {errs}; first: "
+                        f"{next(s.get('first_error') for s in out['targets'].values() if s.get('errors'))}")
+    out["ok"], out["problems"] = not problems, problems
+    return out
+
+
+async def scenario_d(b: Bench, plan: Plan) -> dict[str, Any]:
+    """The kill switch: command to cut of every in-flight stream of a session family (its
+    coordinator stopped with cascade), bystanders untouched; and what the gate costs per
+    request while stops are in force."""
+    out: dict[str, Any] = {
+        "streams": plan.d_streams, "bystanders": plan.d_bystanders, "rounds": plan.d_rounds,
+        "events": plan.d_events, "interval_ms": plan.d_interval_ms,
+        "stream_seconds": round(plan.d_events * plan.d_interval_ms / 1000),
+        "command": "POST /v1/actions {verb: stop, scope: {kind: session, value: <coordinator session>, "
+                   "cascade: true}} on the admin API",
+        "family": f"{plan.d_streams} agents, each its own session, each a child (parent_session) of one "
+                  "coordinator session; bystanders: children of another coordinator session",
+        "per_round": [],
+    }
+    async with _Admin(b) as admin:
+        for r in range(plan.d_rounds):
+            out["per_round"].append(await _kill_round(b, plan, admin, r))
+            await asyncio.sleep(0.5)
+        rounds = out["per_round"]
+        lat = [x for rd in rounds for x in rd["client_cut_ms"]]
+        cut_ms = [rd["gateway_cut_ms"] for rd in rounds if rd.get("gateway_cut_ms") is not None]
+        answered = [rd["command_answered_ms"] for rd in rounds]
+        out["client_cut_ms"] = {"n": len(lat), "p50": round(pct(lat, 50), 3), "p95": round(pct(lat, 95), 3),
+                                "max": max(lat) if lat else None}
+        out["last_cut_ms_per_round"] = [rd["client_cut_max_ms"] for rd in rounds]
+        out["gateway_cut_ms"] = {"per_round": cut_ms, "p50": round(statistics.median(cut_ms), 3) if cut_ms
+                                 else None, "max": max(cut_ms) if cut_ms else None}
+        out["command_answered_ms"] = {"per_round": answered, "p50": round(statistics.median(answered), 3),
+                                      "max": max(answered)}
+        status = [rd["admin_status_ms"] for rd in rounds]
+        out["admin_status_ms"] = {"per_round": status, "p50": round(statistics.median(status), 3)}
+        out["gate"] = await _gate_cost(b, plan, admin)
+    problems = [f"round {rd['round']}: {p}" for rd in rounds for p in rd["problems"]]
+    problems += [f"gate: {p}" for p in out["gate"]["problems"]]
+    out["check"] = {
+        "ok": not problems,
+        "family_cut": sum(rd["family_cut"] for rd in rounds),
+        "family_total": sum(rd["streams"] for rd in rounds),
+        "bystanders_cut": sum(rd["bystanders_cut"] for rd in rounds),
+        "bystanders_total": sum(rd["bystanders"] for rd in rounds),
+        "problems": problems,
+    }
+    if problems:
+        raise BenchError("(d) check failed: " + "; ".join(problems[:5]), result=out)
+    return out
 
 
 @dataclass(frozen=True)
@@ -849,6 +1244,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("a", "(a) small non-streaming LLM call", scenario_a),
     Scenario("b", "(b) streaming", scenario_b),
     Scenario("c", "(c) MCP tools/list and tools/call", scenario_c),
+    Scenario("d", "(d) kill switch: command to cut, 100 open streams", scenario_d),
     Scenario("e_streams", "(e) memory with concurrent streams", memory_streams),
     Scenario("f", "(f) 50 MB streamed download", scenario_f),
     Scenario("g", "(g) rules scale", scenario_g),
@@ -857,7 +1253,4 @@ SCENARIOS: list[Scenario] = [
 
 # Scenarios of the issue that arrive with the features they measure: they are listed in the
 # report as not measured yet, never faked. Add a Scenario above when the feature lands.
-PENDING: list[tuple[str, str]] = [
-    ("d", "(d) kill switch, command to last in-flight stream cut with 100 open streams: arrives "
-          "with the kill-switch issue"),
-]
+PENDING: list[tuple[str, str]] = []

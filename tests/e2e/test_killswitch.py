@@ -248,6 +248,7 @@ def test_killing_a_coordinator_session_recalls_its_whole_family(
         with gw.client(tok) as c:
             r = c.get(up.url + f"/after-{name}")
         assert r.status_code == 503, (name, r.text)
+        assert r.headers["x-should-retry"] == "false"  # the SDKs must not retry a stop
         body = r.json()["fleetgate"]
         assert body["rule"] == "killswitch.stop" and "runaway coordinator" in body["reason"]
     assert not any(p.startswith("/after-") for p in up.paths())

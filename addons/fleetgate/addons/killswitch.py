@@ -281,7 +281,8 @@ class KillSwitch:
         self.metrics.kill_refused.labels(verb="stop").inc()
         deny(flow, 503, "killswitch.stop", v.reason,
              hint=f"this identity is stopped (action {v.action.id}); only an operator can lift "
-                  "it ('fleetgate unrevoke ...')")
+                  "it ('fleetgate unrevoke ...')",
+             headers={"x-should-retry": "false"})  # SDKs retry 503s; this one will not pass
         flow.metadata[DECISION]["action"] = v.action.id
 
     async def _wait_paused(self, flow: http.HTTPFlow, subject: Subject,
