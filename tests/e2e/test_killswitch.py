@@ -210,6 +210,12 @@ def test_killing_a_coordinator_session_recalls_its_whole_family(
     with gw.client(coord) as c:
         r = c.post(CONTROL + "/v1/delegate", json={"role": "general"})
     assert r.status_code == 403 and r.json()["fleetgate"]["rule"] == "delegation.role"
+    with gw.client(coord) as c:
+        bad = c.post(CONTROL + "/v1/delegate", content=b"\xff not json",
+                     headers={"Content-Type": "application/json"})
+        unknown = c.get(CONTROL + "/v1/anything")
+    assert bad.status_code == 400 and bad.json()["fleetgate"]["rule"] == "delegation.bad_request"
+    assert unknown.status_code == 404
     with gw.client(family["general"]) as c:
         me = c.get(CONTROL + "/v1/whoami").json()
     assert me["role"] == "general" and me["depth"] == 2 and me["applies"] is None
