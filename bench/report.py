@@ -245,7 +245,8 @@ def _kill_rows(t: Table, d: dict[str, Any]) -> None:
     if not tg:
         return
     k = g.get("actions")
-    glabel = f"(d) kill-switch gate, {g.get('agents')} agents with sessions"
+    glabel = (f"(d) kill-switch gate, {g.get('agents')} agents with sessions, "
+              f"{_num(g.get('graph_sessions'), 0)} sessions in the graph")
     bare, none, stops = tg.get("bare", {}), tg.get(GATE_NONE, {}), tg.get(GATE_STOPS, {})
     for what, r in (("fleetgate, no kill-switch action in force", none),
                     (f"*fleetgate, {k} stops in force (none reaching the load)*", stops)):
@@ -262,9 +263,13 @@ def _kill_rows(t: Table, d: dict[str, Any]) -> None:
         if "stops" in inproc:
             gate = (f"; in-process the gate (session graph + verdict) takes {inproc['none']['us_p50']:g} µs "
                     f"with none, {inproc['stops']['us_p50']:g} µs with {k} (p50)")
+        applied = g.get("apply_all_s") or []
+        took = (f"; applying the {k} through the admin API took {min(applied):.1f} … {max(applied):.1f} s"
+                if applied else "")
         t.row(glabel, f"*cost of {k} stops in force*: proxy CPU per request, with {MINUS} without (ms)",
               f"{cost['proxy_cpu_ms_per_req']:+.3f}", None, None,
-              f"info: {cost.get('pct_of_fleetgate'):+.1f}% of fleetgate's{spread}{share}{gate}", ratios=False)
+              f"info: {cost.get('pct_of_fleetgate'):+.1f}% of fleetgate's{spread}{share}{gate}{took}",
+              ratios=False)
 
 
 def merge(base: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def loop_factory() -> tuple[Any, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="fleetgate vs bare mitmdump vs direct")
-    ap.add_argument("--quick", action="store_true", help="~1.5-minute smoke run (small counts, short soak)")
+    ap.add_argument("--quick", action="store_true", help="~2-minute smoke run (small counts, short soak)")
     ap.add_argument("--soak", type=float, default=None, help="soak seconds (default 300; --quick: 20)")
     ap.add_argument("--only", default="", help="comma-separated scenario keys: a,b,c,d,e,f,g "
                                                "(e = e_requests,e_streams,e_soak)")
