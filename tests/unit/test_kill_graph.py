@@ -284,3 +284,25 @@ def test_depth_and_fanout_limits() -> None:
         child_claims({"sub": "x", "agent_role": "coordinator", "exp": 1e9}, {"role": "cloud"},
                      POLICY, g, now=0.0)
     assert e.value.code == "delegation.no_session"
+
+
+def test_verdict_with_many_actions_in_force_uses_every_scope_kind() -> None:
+    g = SessionGraph()
+    g.observe(subj("child", agent="kid", role="general", user="bob"), "ghost", now=0.0)
+    board = KillBoard(g)
+    for i in range(500):  # an incident's worth of unrelated actions
+        board.apply(stop(ScopeKind.AGENT, f"other-{i}", cascade=True))
+    kid = subj("child", agent="kid", role="general", user="bob")
+    assert board.verdict(kid, 0.0) is None
+    # the placeholder parent is known by its session only: an agent-scoped cascade on ""
+    # (what a placeholder's agent would be) must not reach the child
+    board.apply(stop(ScopeKind.AGENT, "x", cascade=True))
+    assert board.verdict(kid, 0.0) is None
+    board.apply(Action(Verb.PAUSE, Scope(ScopeKind.USER, "bob"), "u", at=0.0))
+    assert board.verdict(kid, 0.0).action.verb is Verb.PAUSE
+    board.apply(stop(ScopeKind.SESSION, "ghost", cascade=True))
+    v = board.verdict(kid, 0.0)
+    assert v.action.verb is Verb.STOP and v.via == "ghost"
+    assert board.lift(Scope(ScopeKind.SESSION, "ghost"), [Verb.STOP])
+    assert board.verdict(kid, 0.0).action.verb is Verb.PAUSE
+    assert board.reach(stop(ScopeKind.SESSION, "ghost", cascade=True)).descendants == ("child",)

@@ -100,6 +100,7 @@ class KillSwitch:
         self._changed: asyncio.Event | None = None
         self._last_expire = 0.0
         self._last_prune = time.time()
+        self._last_gauges = 0.0
         self._rules_actions: tuple[Action, ...] = ()
         self._watch_core()
         if admin is not None:
@@ -179,12 +180,11 @@ class KillSwitch:
         for verb in Verb:
             self.metrics.kill_in_force.labels(verb=verb.value).set(
                 sum(1 for a in self.core.board.actions.values() if a.verb is verb))
-        self._session_gauges()
 
     def _session_gauges(self, limit: int = 5_000) -> None:
         """Sessions by state. Judging every session costs O(sessions x actions): past
         ``limit`` sessions only the unexpired total is exported (as ``known``)."""
-        now = time.time()
+        now = self._last_gauges = time.time()
         nodes = [n for n in self.core.graph.nodes.values()
                  if n.via != "placeholder" and (n.exp is None or n.exp > now)]
         counts = {"live": 0, "stopped": 0, "paused": 0, "throttled": 0}
@@ -221,7 +221,9 @@ class KillSwitch:
             self._last_expire = now
             if self.core.expire():
                 log.info("fleetgate: automatic kill-switch action(s) lifted (time ran out)")
-            self._session_gauges()
+                self._session_gauges()
+            elif now - self._last_gauges > 5.0:
+                self._session_gauges()
             if now - self._last_prune > 600:  # forget sessions whose tokens expired a day ago
                 self._last_prune = now
                 self.core.prune()
@@ -347,6 +349,7 @@ class KillSwitch:
                         action.source, action.reason, len(applied.reach.sessions),
                         len(applied.reach.descendants))
         cut = self.sweep(issued, spare) if action.verb is Verb.STOP else []
+        self._session_gauges()  # after the cut: bookkeeping never delays it
         out = {"action": applied.action.to_json(), "new": applied.new,
                "sessions": list(applied.reach.sessions),
                "descendants": list(applied.reach.descendants),
@@ -362,6 +365,8 @@ class KillSwitch:
                                              source=_source(a), event="lift").inc()
             log.warning("fleetgate: %s on %s lifted by %s: %s", a.verb.value, a.scope.label, by,
                         reason or "no reason given")
+        if gone:
+            self._session_gauges()
         return gone
 
     def sweep(self, issued: float | None = None,

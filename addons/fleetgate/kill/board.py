@@ -16,11 +16,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fleetgate.kill.graph import SessionGraph
-from fleetgate.kill.model import Action, Scope, Subject, Verb
+from fleetgate.kill.graph import Node, SessionGraph
+from fleetgate.kill.model import Action, Scope, ScopeKind, Subject, Verb
 from fleetgate.limits.bucket import Bucket, BucketSpec, Take
 
 __all__ = ["KillBoard", "Reach", "Verdict"]
+
+_KINDS = (ScopeKind.AGENT, ScopeKind.TOKEN, ScopeKind.SESSION, ScopeKind.ROLE, ScopeKind.USER)
+_NONE: list[Action] = []
+
+
+def _node_field(node: Node, kind: ScopeKind) -> str | None:
+    """A graph node's value for a scope kind (a placeholder only knows its session)."""
+    if kind is ScopeKind.SESSION:
+        return node.session
+    if node.via == "placeholder":
+        return None
+    return {ScopeKind.AGENT: node.agent or None, ScopeKind.TOKEN: node.jti,
+            ScopeKind.ROLE: node.role, ScopeKind.USER: node.user}[kind]
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,22 @@ class KillBoard:
         self.actions: dict[tuple[str, str, str | None, bool], Action] = {}
         self._buckets: dict[str, Bucket] = {}
         self.version = 0
+        # Indexes so a verdict costs O(ancestors x scope kinds), not O(actions): every
+        # request is judged, and an incident can put hundreds of actions in force.
+        self._direct: dict[tuple[ScopeKind, str | None], list[Action]] = {}
+        self._cascade: dict[tuple[ScopeKind, str | None], list[Action]] = {}
+        self._global: list[Action] = []
+
+    def _reindex(self) -> None:
+        self._direct, self._cascade, self._global = {}, {}, []
+        for a in self.actions.values():
+            if a.scope.kind is ScopeKind.GLOBAL:
+                self._global.append(a)
+                continue
+            key = (a.scope.kind, a.scope.value)
+            self._direct.setdefault(key, []).append(a)
+            if a.scope.cascade:
+                self._cascade.setdefault(key, []).append(a)
 
     def __iter__(self) -> Iterable[Action]:
         return iter(list(self.actions.values()))
@@ -64,6 +93,7 @@ class KillBoard:
             return existing, False
         self.actions[action.key] = action
         self.version += 1
+        self._reindex()
         return action, True
 
     def lift(self, scope: Scope, verbs: Iterable[Verb]) -> list[Action]:
@@ -87,6 +117,7 @@ class KillBoard:
         self.actions.pop(action.key, None)
         self._buckets.pop(action.id, None)
         self.version += 1
+        self._reindex()
 
     def expire(self, now: float) -> list[Action]:
         """Lift actions whose ``until`` has passed (automatic throttles and pauses)."""
@@ -100,22 +131,26 @@ class KillBoard:
         if not self.actions:
             return None
         best: Verdict | None = None
-        ancestors = None
-        for a in self.actions.values():
-            if not a.active(now):
-                continue
-            if best is not None and best.action.verb.strength >= a.verb.strength:
-                continue
-            if a.scope.matches(subject):
-                best = Verdict(a)
-                continue
-            if a.scope.cascade and subject.session:
-                if ancestors is None:
-                    ancestors = [n.subject() for n in self.graph.ancestors(subject.session)]
-                for anc in ancestors:
-                    if a.scope.matches(anc):
-                        best = Verdict(a, via=anc.session)
-                        break
+
+        def consider(actions: list[Action], via: str | None) -> None:
+            nonlocal best
+            for a in actions:
+                if a.active(now) and (best is None
+                                      or a.verb.strength > best.action.verb.strength):
+                    best = Verdict(a, via)
+
+        consider(self._global, None)
+        for kind in _KINDS:
+            value = subject.field(kind)
+            if value is not None:
+                consider(self._direct.get((kind, value), _NONE), None)
+        if self._cascade and subject.session and (best is None or
+                                                  best.action.verb is not Verb.STOP):
+            for anc in self.graph.ancestors(subject.session):
+                for kind in _KINDS:
+                    value = _node_field(anc, kind)
+                    if value is not None:
+                        consider(self._cascade.get((kind, value), _NONE), anc.session)
         return best
 
     def take(self, verdict: Verdict, now: float) -> Take:
@@ -132,7 +167,8 @@ class KillBoard:
     def reach(self, action: Action) -> Reach:
         """The sessions in the graph the action reaches directly, and through cascade."""
         direct = [n.session for n in self.graph.nodes.values()
-                  if n.via != "placeholder" and action.scope.matches(n.subject())]
+                  if (n.via != "placeholder" or action.scope.kind is ScopeKind.SESSION)
+                  and action.scope.matches(n.subject())]
         below: list[str] = []
         if action.scope.cascade:
             seen = set(direct)
