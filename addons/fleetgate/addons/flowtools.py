@@ -60,7 +60,7 @@ def deny(flow: http.HTTPFlow, status: int, rule: str, reason: str,
     flow.comment = f"denied by {rule}: {reason}"
 
 
-def cut_flow(flow: http.HTTPFlow, rule: str, reason: str) -> bool:
+def cut_flow(flow: http.HTTPFlow, rule: str, reason: str, abort: bool = False) -> bool:
     """Stop a flow that is already in transit, stream included.
 
     ``flow.kill()`` alone cannot stop a response that is streaming (mitmproxy issue 4711),
@@ -69,7 +69,7 @@ def cut_flow(flow: http.HTTPFlow, rule: str, reason: str) -> bool:
     """
     if not mark_cut(flow, rule, reason):
         return False
-    return close_flow(flow)
+    return close_flow(flow, abort)
 
 
 def mark_cut(flow: http.HTTPFlow, rule: str, reason: str) -> bool:
@@ -83,8 +83,10 @@ def mark_cut(flow: http.HTTPFlow, rule: str, reason: str) -> bool:
     return True
 
 
-def close_flow(flow: http.HTTPFlow) -> bool:
-    """Kill the flow and close its connections (see :func:`cut_flow`)."""
+def close_flow(flow: http.HTTPFlow, abort: bool = False) -> bool:
+    """Kill the flow and close its connections (see :func:`cut_flow`). ``abort`` drops the
+    sockets without a TLS goodbye or flushing what is buffered (a kill-switch stop: nothing
+    more is owed to the agent, and a graceful close needs several turns of the event loop)."""
     cut = False
     if flow.killable:
         flow.kill()
@@ -94,9 +96,23 @@ def close_flow(flow: http.HTTPFlow) -> bool:
     if handler is not None:
         for conn in (flow.client_conn, flow.server_conn):
             if conn in handler.transports:
-                handler.close_connection(conn)
+                _close_now(handler, conn, abort)
                 cut = True
     return cut
+
+
+def _close_now(handler: Any, conn: Any, abort: bool = False) -> None:
+    """Close the socket at once, then cancel its task. ``close_connection`` alone only
+    cancels the connection's task: the socket closes after the flow's error hooks have run
+    (usage estimates, settlements, logs), which for a hundred cut streams adds up to a
+    noticeable delay before the agent sees its stream end."""
+    writer = getattr(handler.transports.get(conn), "writer", None)
+    transport = getattr(writer, "transport", None)
+    if abort and transport is not None:
+        transport.abort()
+    elif writer is not None and not writer.is_closing():
+        writer.close()
+    handler.close_connection(conn)
 
 
 def _fail(flow: Any, hook: str, exc: BaseException) -> None:
@@ -156,13 +172,13 @@ def allowed(flow: http.HTTPFlow) -> dict[str, Any] | None:
     return decision if isinstance(decision, dict) and decision.get("allow") else None
 
 
-def close_client(client: Any) -> bool:
+def close_client(client: Any, abort: bool = False) -> bool:
     """Close one client connection (and with it every tunnel and stream on it)."""
     proxyserver: Any = ctx.master.addons.get("proxyserver") if ctx.master else None
     handler = getattr(proxyserver, "connections", {}).get(getattr(client, "id", None))
     if handler is None or client not in handler.transports:
         return False
-    handler.close_connection(client)
+    _close_now(handler, client, abort)
     return True
 
 

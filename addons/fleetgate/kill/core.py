@@ -141,7 +141,12 @@ class KillCore:
         return self.board.verdict(subject, self.clock())
 
     def record_cut(self, action: Action | None, rule: str, flow: dict[str, Any]) -> None:
-        self.store.append("cut", {"rule": rule, **flow}, action=action.id if action else None)
+        self.record_cuts([(action, rule, flow)])
+
+    def record_cuts(self, cuts: list[tuple[Action | None, str, dict[str, Any]]]) -> None:
+        """One kill-log row per cut flow, written in one transaction."""
+        self.store.append_many([("cut", {"rule": rule, **flow}, a.id if a else None)
+                                for a, rule, flow in cuts])
 
     def status(self) -> dict[str, Any]:
         now = self.clock()

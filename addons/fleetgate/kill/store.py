@@ -93,6 +93,20 @@ class KillStore:
                  json.dumps(body, default=str)))
             return int(cur.lastrowid or 0)
 
+    def append_many(self, rows: list[tuple[str, dict[str, Any], str | None]]) -> None:
+        """Several ``(event, body, action)`` rows in one transaction (a sweep's cuts)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT INTO log (at, event, action, body) VALUES (?, ?, ?, ?)",
+                    [(now, e, a, json.dumps(b, default=str)) for e, b, a in rows])
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     def log(self, limit: int = 100, action: str | None = None,
             since: float | None = None) -> list[dict[str, Any]]:
         """The newest ``limit`` log rows (oldest first), optionally for one action id or
