@@ -35,27 +35,42 @@ def _script_path() -> Path:
 # -- ca ---------------------------------------------------------------------------------
 
 
-def ca_init(confdir: Path, quiet: bool = False) -> Path:
-    """Create a CA in mitmproxy's confdir layout if none exists; return the public cert."""
+def ca_init(confdir: Path, quiet: bool = False, cn: str = "fleetgate development CA",
+            org: str = "fleetgate", days: int = 825) -> Path:
+    """Create a CA in mitmproxy's confdir layout if none exists; return the public cert.
+
+    mitmproxy's own CA builder (the extensions agents' TLS stacks expect) is used with our
+    lifetime: its default is ten years, too long for a key that can impersonate every site
+    to every agent. The DH parameters file is written too, so the directory can be mounted
+    read-only (mitmproxy writes it into its confdir when missing).
+    """
+    import datetime
+    from unittest import mock
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
-    from mitmproxy.certs import CertStore
+    from mitmproxy import certs
 
+    if days < 1:
+        raise SystemExit("fleetgate: --days must be at least 1")
     cert = confdir / f"{CA_BASENAME}-ca-cert.pem"
+    created = False
     if not (confdir / f"{CA_BASENAME}-ca.pem").exists():
-        CertStore.create_store(confdir, CA_BASENAME, 2048, organization="fleetgate",
-                               cn="fleetgate development CA")
+        with mock.patch.object(certs, "CA_EXPIRY", datetime.timedelta(days=days)):
+            certs.CertStore.create_store(confdir, CA_BASENAME, 2048, organization=org, cn=cn)
         os.chmod(confdir / f"{CA_BASENAME}-ca.pem", 0o600)
+        os.chmod(confdir / f"{CA_BASENAME}-ca.p12", 0o600)
         created = True
-    else:
-        created = False
+    certs.CertStore.load_dhparam(confdir / f"{CA_BASENAME}-dhparam.pem")
     if not quiet:
         c = x509.load_pem_x509_certificate(cert.read_bytes())
         fp = c.fingerprint(hashes.SHA256()).hex(":").upper()
         print(f"{'created' if created else 'existing'} CA in {confdir}")
+        print(f"  subject: {c.subject.rfc4514_string()}")
         print(f"  public certificate (give this to agents): {cert.resolve()}")
         print(f"  SHA-256 fingerprint: {fp}")
         print(f"  valid until: {c.not_valid_after_utc:%Y-%m-%d}")
+        print(f"  private key (never commit it): {(confdir / f'{CA_BASENAME}-ca.pem').resolve()}")
     return cert
 
 
@@ -198,7 +213,7 @@ def cmd_mcp_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
-    ca_init(Path(args.dir))
+    ca_init(Path(args.dir), cn=args.cn, org=args.org, days=args.days)
     return 0
 
 
@@ -265,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="ca_cmd", required=True)
     init = ca.add_parser("init", help="create a CA in mitmproxy's confdir layout")
     init.add_argument("--dir", default=str(DEV_DIR))
+    init.add_argument("--cn", default="fleetgate development CA",
+                      help="the CA's common name (agents' TLS errors show it)")
+    init.add_argument("--org", default="fleetgate", help="the CA's organization")
+    init.add_argument("--days", type=int, default=825,
+                      help="lifetime in days (default 825; rotate before it ends)")
     init.set_defaults(func=cmd_ca_init)
     return p
 

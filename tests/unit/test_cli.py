@@ -47,3 +47,17 @@ def test_ca_init_creates_a_ca_once(tmp_path: Path, capsys: pytest.CaptureFixture
     before = key.read_bytes()
     assert main(["ca", "init", "--dir", str(tmp_path)]) == 0
     assert "existing CA" in capsys.readouterr().out and key.read_bytes() == before
+    # mitmproxy would write this into its confdir: present, the directory can be read-only
+    assert b"-----BEGIN DH PARAMETERS-----" in (tmp_path / "mitmproxy-dhparam.pem").read_bytes()
+
+
+def test_ca_init_lifetime_and_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import datetime
+
+    from cryptography import x509
+    assert main(["ca", "init", "--dir", str(tmp_path), "--cn", "acme egress CA",
+                 "--days", "365"]) == 0
+    assert "CN=acme egress CA" in capsys.readouterr().out
+    cert = x509.load_pem_x509_certificate((tmp_path / "mitmproxy-ca-cert.pem").read_bytes())
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == datetime.timedelta(days=365)
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
