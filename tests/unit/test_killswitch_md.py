@@ -17,7 +17,7 @@ from fleetgate.kill.triggers import Event, Metric, TriggerEngine, TriggerSpec
 from fleetgate.mcp.policy import MCP_ROOTS
 from fleetgate.policy.loader import REQUEST_ROOTS
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "rules" / "killswitch" / "KILLSWITCH.md"
+EXAMPLE = Path(__file__).resolve().parents[2] / "rules" / "KILLSWITCH.general.md"
 T, P, S = Verb.THROTTLE, Verb.PAUSE, Verb.STOP
 
 
@@ -283,9 +283,9 @@ ERRORS = [
 @pytest.mark.parametrize(("text", "line", "message"), ERRORS, ids=[m for _, _, m in ERRORS])
 def test_errors_carry_the_line(text: str, line: int, message: str) -> None:
     with pytest.raises(ValueError) as info:
-        parse(text, "rules/killswitch/KILLSWITCH.md")
+        parse(text, "rules/KILLSWITCH.general.md")
     first = str(info.value).splitlines()[0]
-    assert first.startswith(f"rules/killswitch/KILLSWITCH.md:{line}: ")
+    assert first.startswith(f"rules/KILLSWITCH.general.md:{line}: ")
     assert message in str(info.value)
 
 

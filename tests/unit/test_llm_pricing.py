@@ -179,7 +179,8 @@ def test_shipped_table_leaves_unknown_models_unpriced(shipped: PricingTable) -> 
 def _operator_dir(tmp_path: Path, text: str, name: str = "zz-operator-pricing.yaml") -> Path:
     for f in RULES.glob("*.yaml"):
         shutil.copy(f, tmp_path / f.name)
-    shutil.copytree(RULES / "killswitch", tmp_path / "killswitch")  # fleet.yaml refers to it
+    for f in RULES.glob("*.md"):  # fleet.yaml refers to its KILLSWITCH.md
+        shutil.copy(f, tmp_path / f.name)
     (tmp_path / name).write_text(text)
     return tmp_path
 

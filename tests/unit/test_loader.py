@@ -738,3 +738,28 @@ def test_seed_rate_limits_load_verbatim(tmp_path: Path) -> None:
 def test_bad_rate_limits_are_refused(tmp_path: Path, body: str, what: str) -> None:
     [problem] = problems_of(write(tmp_path, "p.yaml", body))
     assert what in problem and "p.yaml:" in problem
+
+
+def test_kustomization_next_to_the_rules_is_not_rules(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", SEED)
+    (tmp_path / "kustomization.yaml").write_text("apiVersion: kustomize.config.k8s.io/v1beta1\n")
+    assert [p.name for p in policy_files(tmp_path)] == ["a.yaml"]
+
+
+def test_every_rules_file_is_in_the_configmap() -> None:
+    """rules/kustomization.yaml must list every file the gateway reads from rules/."""
+    rules = Path(__file__).resolve().parents[2] / "rules"
+    import yaml
+    listed = set(yaml.safe_load((rules / "kustomization.yaml").read_text())
+                 ["configMapGenerator"][0]["files"])
+    wanted = {p.name for p in policy_files(rules)} | {p.name for p in rules.glob("*.md")}
+    assert listed == wanted
+
+
+def test_editing_a_killswitch_document_changes_the_fingerprint(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", SEED)
+    doc = tmp_path / "KILLSWITCH.x.md"
+    doc.write_text("one")
+    before = fingerprint(tmp_path)
+    doc.write_text("two, longer")
+    assert fingerprint(tmp_path) != before

@@ -17,7 +17,7 @@ redeploys because the YAML is their home) and declares automatic triggers::
         per: 1m
       triggers: [...]                 # see fleetgate.kill.triggers
       files:                          # KILLSWITCH.md documents, one agent each
-      - killswitch/KILLSWITCH.md
+      - KILLSWITCH.general.md       # next to the rules files (a ConfigMap is flat)
 
 ``delegation:`` says which roles may spawn which, and how big a family may grow.
 """

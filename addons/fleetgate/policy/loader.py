@@ -108,14 +108,27 @@ def policy_files(path: Path) -> list[Path]:
 
     Directory entries starting with ``.`` are skipped: Kubernetes mounts a ConfigMap as
     ``..data`` plus timestamped hidden directories with symlinks at the top, and the
-    visible symlinks are the files to read. Subdirectories (such as ``cases/``) are not read.
+    visible symlinks are the files to read. Subdirectories (such as ``cases/``) are not read,
+    nor is a ``kustomization.yaml`` (the one in ``rules/`` turns the directory into the
+    gateway's ConfigMap, see deploy/).
     """
     if path.is_dir():
         return sorted(
             p for p in path.iterdir()
             if not p.name.startswith(".") and p.suffix in (".yaml", ".yml") and p.is_file()
+            and p.stem.lower() != "kustomization"
         )
     return [path]
+
+
+def _watched_files(path: Path) -> list[Path]:
+    """What a change to must reload the rules: the rules files and, in a rules directory,
+    the documents they refer to (KILLSWITCH.md files sit next to them)."""
+    files = policy_files(path)
+    if path.is_dir():
+        files += sorted(p for p in path.iterdir()
+                        if not p.name.startswith(".") and p.suffix == ".md" and p.is_file())
+    return files
 
 
 def fingerprint(path: Path) -> tuple[tuple[str, int, int, int], ...]:
@@ -125,7 +138,7 @@ def fingerprint(path: Path) -> tuple[tuple[str, int, int, int], ...]:
     the inode seen through every visible file, even when the size and mtime do not.
     """
     out = []
-    for f in policy_files(path) if path.exists() else []:
+    for f in _watched_files(path) if path.exists() else []:
         try:
             st = f.stat()
         except OSError:
