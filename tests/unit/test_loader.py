@@ -763,3 +763,15 @@ def test_editing_a_killswitch_document_changes_the_fingerprint(tmp_path: Path) -
     before = fingerprint(tmp_path)
     doc.write_text("two, longer")
     assert fingerprint(tmp_path) != before
+
+
+def test_a_killswitch_document_edit_changes_the_revision(tmp_path: Path) -> None:
+    """A hot edit of KILLSWITCH.md alone must produce a new policy, not be ignored."""
+    doc = tmp_path / "KILLSWITCH.x.md"
+    doc.write_text("---\nagent: x\n---\n## TRIGGERS\n- requests > 60/minute\n")
+    write(tmp_path, "a.yaml", SEED + "killswitch:\n  files: [KILLSWITCH.x.md]\n")
+    before = load_policy(tmp_path)
+    doc.write_text("---\nagent: x\n---\n## TRIGGERS\n- requests > 10/minute\n")
+    after = load_policy(tmp_path)
+    assert after.revision != before.revision
+    assert [t.above for t in after.kill_triggers] == [10]

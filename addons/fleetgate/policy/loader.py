@@ -169,6 +169,8 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
             continue
         digest.update(f.name.encode() + b"\0" + text.encode() + b"\0")
         builder.add_file(str(f), text)
+    for name, text in builder.documents:  # referenced KILLSWITCH.md files are policy too
+        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
     builder._check_aliases()
     if builder.problems:
         raise PolicyError(builder.problems)
@@ -234,6 +236,7 @@ class _Builder:
         self.kill_actions: list[Action] = []
         self.kill_triggers: list[TriggerSpec] = []
         self.trigger_ids: dict[str, str] = {}
+        self.documents: list[tuple[str, str]] = []  # (name, text) of referenced documents
         self.delegation: DelegationPolicy | None = None
         self._file = ""
         self._lines = _Lines()
@@ -695,7 +698,9 @@ class _Builder:
         lines become deny rules for its agent."""
         file = Path(self._file).parent / name
         try:
-            doc = parse_killswitch_md(file.read_text(encoding="utf-8"), str(file))
+            text = file.read_text(encoding="utf-8")
+            self.documents.append((name, text))
+            doc = parse_killswitch_md(text, str(file))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             self.err(path, f"cannot use {name}: {exc}")
             return
