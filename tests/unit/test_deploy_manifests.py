@@ -1,0 +1,457 @@
+"""The security requirements of issue #8, asserted on the rendered manifests.
+
+Every kustomization under ``deploy/kubernetes`` is rendered by the same pinned kustomize as
+``make deploy-check`` (``scripts/deploy_check.py``); these are cheap structural checks on
+what would be applied: the gateway runs as uid 10001 with a read-only root file system and
+no capabilities, its probes hit the real health endpoints, the admin port is reachable only
+from the operators' namespaces, agents may reach only the gateway and DNS, the mounted files
+are readable by the gateway's user, and no key of any kind is in the repository.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import ipaddress
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+UID = 10001
+
+
+def _load_deploy_check() -> ModuleType:
+    """scripts/deploy_check.py, loaded once per session (its rendering is cached)."""
+    if "deploy_check" in sys.modules:
+        return sys.modules["deploy_check"]
+    spec = importlib.util.spec_from_file_location("deploy_check", REPO / "scripts" / "deploy_check.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("deploy_check", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+dc = _load_deploy_check()
+
+
+def _builds() -> list[Any]:
+    try:
+        builds, _ = dc.kustomization_dirs()
+    except dc.CheckError as e:
+        return [pytest.param(None, id=f"missing: {e}")]
+    return [pytest.param(d, id=dc.rel(d).removeprefix("deploy/kubernetes/")) for d in builds]
+
+
+BUILDS = _builds()
+# the kustomizations that deploy the gateway: the base and every overlay (not agents/)
+GATEWAY_BUILDS = [b for b in BUILDS if b.values[0] is None or dc.rel(b.values[0]) == "deploy/kubernetes/base"
+                  or "/overlays/" in dc.rel(b.values[0])] or [pytest.param(None, id="no-gateway")]
+
+
+def render(d: Path | None) -> list[dict[str, Any]]:
+    if d is None:
+        pytest.fail("deploy/kubernetes has no kustomization (issue #8 requires it)")
+    try:
+        return dc.render(d)
+    except dc.CheckError as e:
+        pytest.fail(str(e))
+
+
+def gateway(d: Path | None, docs: list[dict[str, Any]] | None = None,
+            ) -> list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    found = dc.gateway_containers(render(d) if docs is None else docs)
+    assert found, f"{dc.rel(d) if d else d} renders no Deployment running the fleetgate image"
+    return found
+
+
+def options(argv: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for i, a in enumerate(argv):
+        if a == "--set" and i + 1 < len(argv):
+            k, _, v = argv[i + 1].partition("=")
+            out[k] = v
+        elif a.startswith("--set="):
+            k, _, v = a[len("--set="):].partition("=")
+            out[k] = v
+        elif a in ("--listen-port", "-p") and i + 1 < len(argv):
+            out["listen_port"] = argv[i + 1]
+        elif a.startswith("--listen-port="):
+            out["listen_port"] = a.partition("=")[2]
+        elif a == "--web-port" and i + 1 < len(argv):
+            out["web_port"] = argv[i + 1]
+    return out
+
+
+def image() -> Any:
+    return dc.parse_dockerfile(DEPLOY / "Dockerfile")[-1]
+
+
+def argv_of(container: dict[str, Any]) -> list[str]:
+    img = image()
+    if container.get("command") is not None:
+        return [*container["command"], *(container.get("args") or [])]
+    return [*(img.entrypoint or []), *(container.get("args") or img.cmd or [])]  # [] is unset
+
+
+def port_number(container: dict[str, Any], ref: int | str) -> int:
+    if isinstance(ref, int):
+        return ref
+    for p in container.get("ports") or []:
+        if p.get("name") == ref:
+            return int(p["containerPort"])
+    raise AssertionError(f"port {ref!r} is not a containerPort of {container['name']}")
+
+
+def listen_port(container: dict[str, Any], option: str) -> int:
+    value = options(argv_of(container)).get(option)
+    assert value, f"{option} is not set on the command line"
+    return int(value.rsplit(":", 1)[1])
+
+
+# -- the image ------------------------------------------------------------------------------
+
+
+def test_image_runs_as_uid_10001_in_exec_form() -> None:
+    img = image()
+    assert img.user is not None and img.user.split(":")[0] == str(UID), (
+        f"deploy/Dockerfile: USER {img.user}; a numeric {UID} lets runAsNonRoot verify it")
+    assert img.entrypoint and img.entrypoint[:2] != ["/bin/sh", "-c"], "ENTRYPOINT: use the exec (JSON) form"
+    assert "mitmdump" in img.entrypoint[0] and any(a.endswith("/gateway.py") for a in img.entrypoint)
+
+
+# -- the gateway's pod -------------------------------------------------------------------------
+
+
+def _effective(pod: dict[str, Any], container: dict[str, Any], key: str) -> Any:
+    csc, psc = container.get("securityContext") or {}, pod.get("securityContext") or {}
+    return csc.get(key, psc.get(key))
+
+
+@pytest.mark.parametrize("build", GATEWAY_BUILDS)
+def test_gateway_pod_security(build: Path | None) -> None:
+    found = gateway(build)
+    for dep, pod, c in found:
+        where = f"{dep['metadata']['name']}/{c['name']}"
+        csc = c.get("securityContext") or {}
+        expected = {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID}
+        for key, want in expected.items():
+            assert _effective(pod, c, key) == want, f"{where}: securityContext.{key} is not {want}"
+        for key, want in {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False}.items():
+            assert csc.get(key) is want, f"{where}: container securityContext.{key} is not {want}"
+        assert not csc.get("privileged"), f"{where}: privileged"
+        caps = csc.get("capabilities") or {}
+        assert "ALL" in caps.get("drop", []) and not caps.get("add"), f"{where}: capabilities {caps}"
+        seccomp = (_effective(pod, c, "seccompProfile") or {}).get("type")
+        assert seccomp in ("RuntimeDefault", "Localhost"), f"{where}: seccompProfile {seccomp}"
+        for key in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not pod.get(key), f"{where}: {key}"
+        assert pod.get("automountServiceAccountToken") is False, f"{where}: the gateway needs no API token"
+        res = c.get("resources") or {}
+        assert res.get("requests", {}).get("memory") and res.get("limits", {}).get("memory"), where
+        tag = str(c.get("image", "")).split("@")[0].rpartition(":")[2]
+        assert "@sha256:" in str(c.get("image")) or (tag and tag != "latest" and "/" not in tag), (
+            f"{where}: image {c.get('image')!r} must name a tag other than latest (or a digest)")
+
+
+@pytest.mark.parametrize("build", GATEWAY_BUILDS)
+def test_gateway_probes_and_ports(build: Path | None) -> None:
+    docs = render(build)
+    found = gateway(build, docs)
+    for dep, _pod, c in found:
+        metrics = listen_port(c, "fleetgate_metrics_listen")
+        ready, live = c.get("readinessProbe", {}).get("httpGet"), c.get("livenessProbe", {}).get("httpGet")
+        assert ready and ready.get("path") == "/healthz/ready", c.get("readinessProbe")
+        assert live and live.get("path") == "/healthz/live", c.get("livenessProbe")
+        assert port_number(c, ready["port"]) == metrics and port_number(c, live["port"]) == metrics
+        if "startupProbe" in c:
+            start = c["startupProbe"]["httpGet"]
+            assert start["path"] in ("/healthz/live", "/healthz/ready")
+            assert port_number(c, start["port"]) == metrics
+        # every declared containerPort is one the command line listens on, and vice versa
+        declared = {int(p["containerPort"]) for p in c.get("ports") or []}
+        opts = options(argv_of(c))
+        listened = {int(opts.get("listen_port", "8080")), metrics, listen_port(c, "fleetgate_admin_listen")}
+        if "mitmweb" in argv_of(c)[0]:
+            listened.add(int(opts.get("web_port", "8081")))
+        assert declared == listened, (declared, listened)
+        # Services that select the gateway point at its ports
+        labels = dep["spec"]["template"]["metadata"].get("labels") or {}
+        for svc in (d for d in docs if d.get("kind") == "Service"):
+            sel = svc["spec"].get("selector") or {}
+            if sel and all(labels.get(k) == v for k, v in sel.items()):
+                for p in svc["spec"]["ports"]:
+                    port_number(c, p.get("targetPort", p["port"]))
+
+
+@pytest.mark.parametrize("build", GATEWAY_BUILDS)
+def test_gateway_mounts(build: Path | None) -> None:
+    """Every path on the command line is on a volume or in the image, written paths on a
+    writable volume, and every mounted ConfigMap/Secret file readable by uid 10001."""
+    found = gateway(build)
+    stages = dc.parse_dockerfile(DEPLOY / "Dockerfile")
+    for _dep, pod, c in found:
+        mounts = {m["mountPath"].rstrip("/"): m for m in c.get("volumeMounts") or []}
+        volumes = {v["name"]: v for v in pod.get("volumes") or []}
+
+        def mount_of(path: str, mounts: dict[str, Any] = mounts) -> dict[str, Any] | None:
+            best = [m for m in mounts if path == m or path.startswith(m + "/")]
+            return mounts[max(best, key=len)] if best else None
+
+        for option, value in options(argv_of(c)).items():
+            if not value.startswith("/"):
+                continue
+            m = mount_of(value)
+            if m is None:
+                assert dc.image_path_to_repo(stages, value) is not None, (
+                    f"{option}={value} is neither on a volume nor in the image")
+                continue
+            vol = volumes[m["name"]]
+            if option in ("fleetgate_state_dir", "fleetgate_mcp_pins"):
+                assert ("emptyDir" in vol or "persistentVolumeClaim" in vol) and not m.get("readOnly"), (
+                    f"{option}={value}: the gateway writes there; {m['name']} is not writable")
+        fs_group = (pod.get("securityContext") or {}).get("fsGroup")
+        for m in c.get("volumeMounts") or []:
+            vol = volumes[m["name"]]
+            kind = next((k for k in ("configMap", "secret", "projected") if k in vol), None)
+            if kind is None:
+                continue
+            default = vol[kind].get("defaultMode", 0o644)
+            modes = [default]
+            sources = vol[kind].get("sources", []) if kind == "projected" else [vol[kind]]
+            for src in sources:
+                for item in (src.get("configMap") or src.get("secret") or src).get("items") or []:
+                    modes.append(item.get("mode", default))
+            # the kubelet gives the files to group fsGroup with g+r; without it they stay root's
+            readable = fs_group == UID or all(mode & 0o004 for mode in modes)
+            assert readable, f"volume {m['name']}: modes {[oct(x) for x in modes]} with fsGroup {fs_group}"
+
+
+def test_base_args_are_the_image_cmd() -> None:
+    """deploy/Dockerfile: "The Deployment's args repeat CMD exactly" (the base; overlays patch)."""
+    for _dep, _pod, c in gateway(DEPLOY / "kubernetes" / "base"):
+        assert c.get("command") is None, "the base keeps the image's ENTRYPOINT"
+        assert c.get("args") == image().cmd
+
+
+def test_rules_configmap_is_the_repository_rules() -> None:
+    """The base's ConfigMaps hold every rules/*.yaml and every KILLSWITCH.md the rules name,
+    byte for byte (deploy/kubernetes/base keeps copies: kustomize reads nothing outside it)."""
+    configmaps = [d for d in render(DEPLOY / "kubernetes" / "base") if d.get("kind") == "ConfigMap"]
+    values = {k: v for cm in configmaps for k, v in (cm.get("data") or {}).items()}
+    wanted = {f.name: f for f in sorted((REPO / "rules").glob("*.yaml")) if f.name != "kustomization.yaml"}
+    for f in list(wanted.values()):
+        for doc in yaml.safe_load_all(f.read_text()):
+            for ks in ((doc or {}).get("killswitch") or {}).get("files") or []:
+                wanted[ks] = REPO / "rules" / ks
+    for name, f in wanted.items():
+        text = f.read_text()
+        assert text in values.values(), (
+            f"rules/{f.relative_to(REPO / 'rules')} is not in any base ConfigMap as it is in the repository "
+            f"(keys: {sorted(values)}); run deploy/kubernetes/sync-rules.sh")
+        if name.endswith(".yaml"):
+            assert values.get(name) == text, f"ConfigMap key {name} differs from rules/{name}"
+
+
+@pytest.mark.parametrize("build", GATEWAY_BUILDS)
+def test_credential_files_are_mounted_secrets(build: Path | None) -> None:
+    """Every credentials secretFile in the rules ConfigMap is a file of a Secret volume of the
+    gateway (and a key of that Secret where it is rendered): the e2e test cannot see these
+    paths, which the rules name as they are inside the container."""
+    docs = render(build)
+    found = gateway(build, docs)
+    _dep, pod, c = found[0]
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    files = []
+    for cm in (d for d in docs if d.get("kind") == "ConfigMap"):
+        for key, text in (cm.get("data") or {}).items():
+            if not key.endswith((".yaml", ".yml")):
+                continue
+            for doc in yaml.safe_load_all(text):
+                if isinstance(doc, dict) and doc.get("apiVersion") == "fleetgate/v1":
+                    files += [r["secretFile"] for r in doc.get("credentials") or [] if "secretFile" in r]
+    for path in files:
+        mounts = [m for m in c.get("volumeMounts") or [] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        assert mounts, f"secretFile {path} is on no volume of the gateway"
+        m = max(mounts, key=lambda m: len(m["mountPath"]))
+        vol = volumes[m["name"]]
+        rel = path[len(m["mountPath"].rstrip("/")) + 1:]
+        refs = [vol["secret"] | {"name": vol["secret"]["secretName"]}] if "secret" in vol else [
+            src["secret"] for src in vol.get("projected", {}).get("sources", []) if "secret" in src]
+        assert refs, f"secretFile {path} is on volume {m['name']}, which is no Secret"
+        provided = set()
+        for ref in refs:
+            secret = next((d for d in docs if d.get("kind") == "Secret"
+                           and d["metadata"]["name"] == ref["name"]), None)
+            if ref.get("items"):
+                provided |= {i["path"] for i in ref["items"]}
+            elif secret is not None:
+                provided |= set(secret.get("data") or {}) | set(secret.get("stringData") or {})
+            else:
+                provided.add(rel)  # made by the operator (deploy/README.md lists its keys)
+        assert rel in provided, f"secretFile {path}: volume {m['name']} provides {sorted(provided)}"
+
+
+# -- network -------------------------------------------------------------------------------------
+
+
+def _selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    if selector is None:
+        return False
+    ok = all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+    for expr in selector.get("matchExpressions") or []:
+        v = labels.get(expr["key"])
+        op = expr["operator"]
+        ok &= {"In": v in expr.get("values", []), "NotIn": v not in expr.get("values", []),
+               "Exists": v is not None, "DoesNotExist": v is None}[op]
+    return ok
+
+
+def _covers(rule: dict[str, Any], port: int, names: dict[str, int]) -> bool:
+    ports = rule.get("ports")
+    if not ports:
+        return True
+    for p in ports:
+        if "port" not in p:
+            return True
+        n = names.get(p["port"], p["port"]) if isinstance(p["port"], str) else p["port"]
+        if n == port or (p.get("endPort") and n <= port <= p["endPort"]):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("build", GATEWAY_BUILDS)
+def test_gateway_ingress(build: Path | None) -> None:
+    """The gateway's pods are under an Ingress policy; the admin port is open only to the
+    operators' namespaces, the proxy port only to namespaces (the agents'), never to an IP block."""
+    docs = render(build)
+    found = gateway(build, docs)
+    for dep, _pod, c in found:
+        labels = dep["spec"]["template"]["metadata"].get("labels") or {}
+        policies = [d for d in docs if d.get("kind") == "NetworkPolicy"
+                    and "Ingress" in (d["spec"].get("policyTypes") or ["Ingress"])
+                    and _selects(d["spec"].get("podSelector"), labels)]
+        assert policies, "no NetworkPolicy restricts ingress to the gateway"
+        names = {p["name"]: int(p["containerPort"]) for p in c.get("ports") or [] if p.get("name")}
+        admin = listen_port(c, "fleetgate_admin_listen")
+        proxy = int(options(argv_of(c)).get("listen_port", "8080"))
+        for pol in policies:
+            for rule in pol["spec"].get("ingress") or []:
+                peers = rule.get("from")
+                for port, who in ((admin, "operator"), (proxy, "agent")):
+                    if not _covers(rule, port, names):
+                        continue
+                    assert peers, f"{pol['metadata']['name']}: port {port} open to every source"
+                    for peer in peers:
+                        assert "ipBlock" not in peer, f"{pol['metadata']['name']}: port {port} open to {peer}"
+                        ns = peer.get("namespaceSelector")
+                        keys = " ".join(f"{k}={v}" for k, v in ((ns or {}).get("matchLabels") or {}).items())
+                        assert ns is not None and who in keys, (
+                            f"{pol['metadata']['name']}: port {port} open to {peer}, not only {who}s")
+
+
+def test_agents_reach_only_the_gateway_and_dns() -> None:
+    """An egress policy for agent pods: every rule goes to the gateway's pods on its proxy port
+    or to cluster DNS on port 53; nothing to an IP block, nothing unrestricted."""
+    agents = DEPLOY / "kubernetes" / "agents"
+    if not agents.is_dir():
+        pytest.fail("deploy/kubernetes/agents is missing (the agents' NetworkPolicy)")
+    docs = render(agents)
+    egress = [d for d in docs if d.get("kind") == "NetworkPolicy"
+              and "Egress" in (d["spec"].get("policyTypes") or [])]
+    assert egress, "deploy/kubernetes/agents has no egress NetworkPolicy"
+    base = render(DEPLOY / "kubernetes" / "base")
+    gw = dc.gateway_containers(base)
+    assert gw
+    gw_labels = gw[0][0]["spec"]["template"]["metadata"]["labels"]
+    gw_ns = gw[0][0]["metadata"].get("namespace")
+    proxy = int(options(argv_of(gw[0][2])).get("listen_port", "8080"))
+    for pol in egress:
+        name = pol["metadata"]["name"]
+        for rule in pol["spec"].get("egress") or []:
+            peers, ports = rule.get("to"), rule.get("ports")
+            assert peers and ports, f"{name}: an egress rule without 'to' or 'ports' allows too much"
+            numbers = {p.get("port") for p in ports}
+            for peer in peers:
+                assert "ipBlock" not in peer, f"{name}: egress to an IP block {peer}"
+                pods = peer.get("podSelector")
+                ns = (peer.get("namespaceSelector") or {}).get("matchLabels") or {}
+                to_gateway = _selects(pods, gw_labels) and (
+                    gw_ns is None or ns.get("kubernetes.io/metadata.name") == gw_ns)
+                to_dns = (pods or {}).get("matchLabels", {}).get("k8s-app") == "kube-dns"
+                assert to_gateway or to_dns, f"{name}: egress to {peer}"
+                if to_gateway:
+                    assert numbers <= {proxy, "proxy"}, f"{name}: gateway ports {numbers}"
+                else:
+                    assert numbers <= {53}, f"{name}: DNS ports {numbers}"
+
+
+# -- no keys in the repository ---------------------------------------------------------------------
+
+KEY_PATTERNS = {
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "Anthropic key": re.compile(r"sk-ant-[A-Za-z0-9_-]{20,}"),
+    "OpenAI key": re.compile(r"\bsk-(?:proj-)?[A-Za-z0-9_-]{32,}"),
+    "xAI key": re.compile(r"\bxai-[A-Za-z0-9]{32,}"),
+    "GitHub token": re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}"),
+    "AWS access key": re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
+    "Slack token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
+    "JWT": re.compile(r"\beyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\."),
+}
+
+
+def _findings(text: str) -> list[str]:
+    return [name for name, pat in KEY_PATTERNS.items() if pat.search(text)]
+
+
+def test_no_keys_in_deploy_files() -> None:
+    assert DEPLOY.is_dir(), "deploy/ is missing"
+    bad = {}
+    for f in sorted(DEPLOY.rglob("*")):
+        if f.is_file():
+            found = _findings(f.read_text(errors="replace"))
+            if found:
+                bad[dc.rel(f)] = found
+    assert not bad, f"keys in the repository: {bad}"
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_no_keys_in_rendered_secrets(build: Path | None) -> None:
+    for doc in render(build):
+        if doc.get("kind") != "Secret":
+            continue
+        values = [base64.b64decode(v).decode(errors="replace") for v in (doc.get("data") or {}).values()]
+        values += [str(v) for v in (doc.get("stringData") or {}).values()]
+        for v in values:
+            assert not _findings(v), f"Secret {doc['metadata']['name']}: {_findings(v)}"
+            if "CERTIFICATE" in v:
+                continue
+            # a long random-looking value is a real key, whatever its format: placeholders must say so
+            obvious = re.search(r"(?i)placeholder|example|change|replace|fake|dummy|not-a", v)
+            if len(v.strip()) >= 24 and not obvious:
+                assert len(set(v.strip())) < 16, (
+                    f"Secret {doc['metadata']['name']}: a value looks like a real key; make it an obvious "
+                    "placeholder (say 'placeholder')")
+
+
+def test_ip_blocks_parse() -> None:
+    """Every ipBlock CIDR (and except entry) is a valid network (kubernetes-validate takes strings)."""
+    for b in BUILDS:
+        if b.values[0] is None:
+            continue
+        for doc in render(b.values[0]):
+            if doc.get("kind") != "NetworkPolicy":
+                continue
+            for direction in ("ingress", "egress"):
+                for rule in doc["spec"].get(direction) or []:
+                    for peer in rule.get("from", []) + rule.get("to", []):
+                        if "ipBlock" in peer:
+                            for cidr in [peer["ipBlock"]["cidr"], *peer["ipBlock"].get("except", [])]:
+                                ipaddress.ip_network(cidr)
