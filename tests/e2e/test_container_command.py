@@ -43,7 +43,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import importlib.util
 import os
 import posixpath
 import re
@@ -61,9 +60,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import deploy_check as dc  # scripts/ (pytest pythonpath): the same rendering CI checks
 import httpx
 import pytest
 import yaml
@@ -78,19 +77,6 @@ OVERLAYS_DIR = REPO / "deploy" / "kubernetes" / "overlays"
 ABS_PATH = re.compile(r"(?<![\w.:/-])/[\w.@%+-]+(?:/[\w.@%+-]+)*/?")
 
 
-def _load_deploy_check() -> ModuleType:
-    """scripts/deploy_check.py, loaded once per session (its rendering is cached)."""
-    if "deploy_check" in sys.modules:
-        return sys.modules["deploy_check"]
-    spec = importlib.util.spec_from_file_location("deploy_check", REPO / "scripts" / "deploy_check.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("deploy_check", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-dc = _load_deploy_check()
 
 
 def _overlays() -> list[Any]:

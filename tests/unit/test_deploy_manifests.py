@@ -11,14 +11,12 @@ are readable by the gateway's user, and no key of any kind is in the repository.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import ipaddress
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import deploy_check as dc  # scripts/ (pytest pythonpath): the same rendering CI checks
 import pytest
 import yaml
 
@@ -27,19 +25,6 @@ DEPLOY = REPO / "deploy"
 UID = 10001
 
 
-def _load_deploy_check() -> ModuleType:
-    """scripts/deploy_check.py, loaded once per session (its rendering is cached)."""
-    if "deploy_check" in sys.modules:
-        return sys.modules["deploy_check"]
-    spec = importlib.util.spec_from_file_location("deploy_check", REPO / "scripts" / "deploy_check.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("deploy_check", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-dc = _load_deploy_check()
 
 
 def _builds() -> list[Any]:
