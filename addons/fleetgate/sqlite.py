@@ -9,9 +9,10 @@ lock; autocommit (``isolation_level=None``) makes every statement its own transa
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
-__all__ = ["open_db"]
+__all__ = ["SqliteStore", "open_db"]
 
 
 def open_db(path: Path | None, schema: str) -> sqlite3.Connection:
@@ -23,3 +24,18 @@ def open_db(path: Path | None, schema: str) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(schema)
     return db
+
+
+class SqliteStore:
+    """Base of the state stores: one connection, one lock, ``SCHEMA`` applied at open."""
+
+    SCHEMA = ""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._db = open_db(path, self.SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

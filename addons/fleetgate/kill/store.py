@@ -14,14 +14,12 @@ The embedded default is this file; with ``path=None`` everything is in memory (t
 from __future__ import annotations
 
 import json
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from fleetgate.kill.graph import Node
 from fleetgate.kill.model import Action
-from fleetgate.sqlite import open_db
+from fleetgate.sqlite import SqliteStore
 
 __all__ = ["KillStore"]
 
@@ -39,15 +37,8 @@ CREATE INDEX IF NOT EXISTS log_action ON log (action);
 """
 
 
-class KillStore:
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._db = open_db(path, _SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+class KillStore(SqliteStore):
+    SCHEMA = _SCHEMA
 
     # -- actions in force ------------------------------------------------------------
 

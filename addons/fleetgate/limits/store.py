@@ -8,11 +8,8 @@ starts with budget and key). A shared backend for several gateways is a later re
 
 from __future__ import annotations
 
-import threading
-from pathlib import Path
-
 from fleetgate.limits.budget import Amount
-from fleetgate.sqlite import open_db
+from fleetgate.sqlite import SqliteStore
 
 __all__ = ["SpendStore"]
 
@@ -28,15 +25,8 @@ CREATE TABLE IF NOT EXISTS spend (
 """
 
 
-class SpendStore:
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._db = open_db(path, _SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+class SpendStore(SqliteStore):
+    SCHEMA = _SCHEMA
 
     def add(self, budget: str, key: str, window_start: int, amount: Amount) -> None:
         with self._lock:
