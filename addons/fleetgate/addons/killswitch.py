@@ -53,7 +53,7 @@ from fleetgate.kill.board import Verdict
 from fleetgate.kill.core import Applied, GraphError, KillCore
 from fleetgate.kill.model import Action, Scope, ScopeKind, Subject, Throttle, Verb
 from fleetgate.kill.store import KillStore
-from fleetgate.kill.triggers import Event, TriggerEngine, request_fingerprint
+from fleetgate.kill.triggers import Event, Metric, TriggerEngine, request_fingerprint
 from fleetgate.metrics import GatewayMetrics, HealthServer
 from fleetgate.policy.model import Policy
 
@@ -102,6 +102,8 @@ class KillSwitch:
         self._last_prune = time.time()
         self._last_gauges = 0.0
         self._rules_actions: tuple[Action, ...] = ()
+        self.triggers = False  # any trigger in the rules (KillWatch observes nothing otherwise)
+        self.fingerprint_requests = False  # an identical_requests trigger needs body hashes
         self._watch_core()
         if admin is not None:
             admin.json_routes.update({"/v1/status": self._api_status,
@@ -430,6 +432,9 @@ class KillSwitch:
                                              scope=r.action.scope.kind.value, source="rules",
                                              event="apply").inc()
         self.engine.replace(new.kill_triggers)
+        self.triggers = bool(new.kill_triggers)
+        self.fingerprint_requests = any(t.metric is Metric.IDENTICAL_REQUESTS
+                                        for t in new.kill_triggers)
         if lifted:
             log.warning("fleetgate: %d kill-switch action(s) removed from the rules lifted",
                         len(lifted))
@@ -577,22 +582,28 @@ class KillWatch:
         ident = flow.metadata.get(IDENTITY)
         if not isinstance(ident, dict):
             return
-        depth = flow.metadata.get(DEPTH)
+        if self.switch.triggers:
+            self._observe_request(flow, ident)
+        if allowed(flow):
+            self.switch.live[flow.id] = flow
+
+    def _observe_request(self, flow: http.HTTPFlow, ident: dict[str, Any]) -> None:
         decision = flow.metadata.get(DECISION)
         denied = isinstance(decision, dict) and not decision.get("allow")
         if denied and isinstance(decision, dict) and decision.get("rule") in (
                 "killswitch.stop", "killswitch.pause"):
             return  # already stopped or held: waiting is not misbehaving (a throttled loop is)
         deleg = flow.metadata.get(DELEGATION) or (None, None)
-        req = flow.request
-        fp = request_fingerprint(req.method, req.pretty_host, req.path,
-                                 (req.raw_content or b"")[: 1 << 16])
+        fp = None
+        if self.switch.fingerprint_requests:  # hashing bodies only when a trigger compares them
+            req = flow.request
+            fp = request_fingerprint(req.method, req.pretty_host, req.path,
+                                     (req.raw_content or b"")[: 1 << 16])
         self._observe(Event.request(subject_of(ident, flow.metadata.get(CLAIMS)),
-                                    fingerprint=fp, denied=denied, message_depth=depth,
+                                    fingerprint=fp, denied=denied,
+                                    message_depth=flow.metadata.get(DEPTH),
                                     delegation_depth=deleg[0], delegation_fanout=deleg[1]),
                       flow)
-        if allowed(flow):
-            self.switch.live[flow.id] = flow
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Count what a streamed response has delivered (the kill log's "how far")."""
@@ -621,7 +632,7 @@ class KillWatch:
     def _finished(self, flow: http.HTTPFlow) -> None:
         was_live = self.switch.live.pop(flow.id, None) is not None
         ident = flow.metadata.get(IDENTITY)
-        if not was_live or not isinstance(ident, dict):
+        if not was_live or not isinstance(ident, dict) or not self.switch.triggers:
             return
         usage = flow.metadata.get(LLM_USAGE)
         tokens, usd = 0, 0.0
