@@ -428,6 +428,7 @@ def test_no_keys_in_rendered_secrets(build: Path | None) -> None:
 
 def test_ip_blocks_parse() -> None:
     """Every ipBlock CIDR (and except entry) is a valid network (kubernetes-validate takes strings)."""
+    seen = 0
     for b in BUILDS:
         if b.values[0] is None:
             continue
@@ -438,5 +439,9 @@ def test_ip_blocks_parse() -> None:
                 for rule in doc["spec"].get(direction) or []:
                     for peer in rule.get("from", []) + rule.get("to", []):
                         if "ipBlock" in peer:
-                            for cidr in [peer["ipBlock"]["cidr"], *peer["ipBlock"].get("except", [])]:
-                                ipaddress.ip_network(cidr)
+                            net = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+                            for cidr in peer["ipBlock"].get("except", []):
+                                sub = ipaddress.ip_network(cidr)
+                                assert sub.version == net.version and sub.subnet_of(net), cidr
+                            seen += 1
+    assert seen >= 2  # the gateway's internet egress, IPv4 and IPv6

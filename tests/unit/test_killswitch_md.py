@@ -368,5 +368,6 @@ def test_forbidden_cel_quotes_strings_safely(pattern: str) -> None:
 
 def test_example_forbidden_entries_all_compile() -> None:
     doc = parse_killswitch_md(EXAMPLE.read_text(encoding="utf-8"), str(EXAMPLE))
-    for item in doc.forbidden:
+    assert {f.kind for f in doc.forbidden} == {"tool", "host", "method", "path"}
+    for item in doc.forbidden:  # raises CelError if one does not compile
         compile_expr(item.cel(), MCP_ROOTS if item.kind == "tool" else REQUEST_ROOTS)
