@@ -184,8 +184,9 @@ class KillSwitch:
                 sum(1 for a in self.core.board.actions.values() if a.verb is verb))
 
     def _session_gauges(self, limit: int = 5_000) -> None:
-        """Sessions by state. Judging every session costs O(sessions x actions): past
-        ``limit`` sessions only the unexpired total is exported (as ``known``)."""
+        """Sessions by state. Judging every session costs O(sessions x ancestors) (actions are
+        indexed by scope): past ``limit`` sessions only the unexpired total is exported (as
+        ``known``), so the event loop is never held long for a gauge."""
         now = self._last_gauges = time.time()
         nodes = [n for n in self.core.graph.nodes.values()
                  if n.via != "placeholder" and (n.exp is None or n.exp > now)]
@@ -241,7 +242,7 @@ class KillSwitch:
             if v is None or settled(flow):
                 return
         if v.action.verb is Verb.STOP:
-            self._refuse_stop(flow, v)
+            self.refuse_stop(flow, v)
         elif v.action.verb is Verb.THROTTLE:
             take = self.core.board.take(v, time.time())
             if not take.ok:
@@ -281,7 +282,7 @@ class KillSwitch:
             return True
         return False
 
-    def _refuse_stop(self, flow: http.HTTPFlow, v: Verdict) -> None:
+    def refuse_stop(self, flow: http.HTTPFlow, v: Verdict) -> None:
         self.metrics.kill_refused.labels(verb="stop").inc()
         deny(flow, 503, "killswitch.stop", v.reason,
              hint=f"this identity is stopped (action {v.action.id}); only an operator can lift "
@@ -654,7 +655,7 @@ class KillWatch:
                 # the request that tripped the stop is refused, not cut mid-air
                 v = self.switch.core.verdict(event.subject)
                 if v is not None:
-                    self.switch._refuse_stop(flow, v)
+                    self.switch.refuse_stop(flow, v)
 
 
 # -- helpers --------------------------------------------------------------------------
