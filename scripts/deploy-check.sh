@@ -6,5 +6,5 @@
 # cached in the git-ignored .tools/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/bootstrap.sh
+./scripts/bootstrap.sh deploy
 exec .venv/bin/python scripts/deploy_check.py "$@"
