@@ -4,6 +4,9 @@ Every later feature's e2e tests reuse these pieces:
 
 * :class:`Upstream` — a TLS (or plain) HTTP/1.1 server on 127.0.0.1 that records every
   request it receives and speaks JSON and SSE; extend it with :meth:`Upstream.route`.
+  Agents reach it **by name**, as they reach api.openai.com: ``up<port>.fleetgate.test``
+  (plus any ``names`` it is given, on port 443), which every :class:`Gateway` started while
+  it runs resolves to 127.0.0.1 through ``fleetgate_resolve`` (:func:`resolve_entries`).
 * :class:`Gateway` — ``mitmdump -s addons/gateway.py`` on a free port with a rules file,
   a decision log and a metrics port; :meth:`Gateway.client` gives an httpx client that
   goes through it with a JWT in the proxy URL, exactly as an agent pod would.
@@ -114,28 +117,75 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     owner: Upstream
 
+    def get_request(self) -> tuple[Any, Any]:
+        conn = super().get_request()
+        with self.owner._lock:
+            self.owner.connections += 1  # TCP connections accepted (reuse shows here)
+        return conn
+
+
+# name -> (port the name is used with, port the server listens on) of every live test server
+_NAMES: dict[str, tuple[int, int]] = {}
+_NAMES_LOCK = threading.Lock()
+
+
+def upstream_name(port: int) -> str:
+    """The host name agents use for the test server listening on ``port``."""
+    return f"up{port}.fleetgate.test"
+
+
+def register_name(name: str, port: int, listen_port: int) -> None:
+    """Make gateways started from now on dial 127.0.0.1:``listen_port`` for ``name:port``."""
+    with _NAMES_LOCK:
+        _NAMES[name] = (port, listen_port)
+
+
+def unregister_names(listen_port: int) -> None:
+    with _NAMES_LOCK:
+        for name in [n for n, (_, lp) in _NAMES.items() if lp == listen_port]:
+            del _NAMES[name]
+
+
+def resolve_entries() -> list[str]:
+    """``fleetgate_resolve`` entries for every live test server (curl's ``--connect-to``)."""
+    with _NAMES_LOCK:
+        return [f"{name}:{port}=127.0.0.1:{listen}" for name, (port, listen) in _NAMES.items()]
+
 
 class Upstream:
     """An HTTP(S) server on 127.0.0.1 that records what reaches it."""
 
-    def __init__(self, ca: trustme.CA | None) -> None:
+    def __init__(self, ca: trustme.CA | None, names: tuple[str, ...] = ()) -> None:
+        """``names`` (e.g. ``api.openai.com``) are served on port 443 as agents would use them."""
         self.seen: list[Seen] = []
         self.routes: dict[str, Handler] = {"/stream": sse_stream()}
         self.cut_streams = 0
+        self.connections = 0
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _RequestHandler)
         self._server.owner = self
         self.tls = ca is not None
+        self.port = self._server.server_address[1]
+        self.name = upstream_name(self.port)
+        self.names = names
         if ca is not None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+            ca.issue_cert(self.name, *names, "127.0.0.1", "localhost").configure_cert(ctx)
             self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
-        self.port = self._server.server_address[1]
+        register_name(self.name, self.port, self.port)
+        for n in names:
+            register_name(n, 443 if self.tls else 80, self.port)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
     @property
     def url(self) -> str:
+        """The URL agents use: by name, through the gateway."""
+        return f"{'https' if self.tls else 'http'}://{self.name}:{self.port}"
+
+    @property
+    def ip_url(self) -> str:
+        """The URL for a direct connection (no gateway to resolve the name)."""
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def record(self, seen: Seen) -> None:
@@ -150,6 +200,7 @@ class Upstream:
         self.routes[path] = handler
 
     def stop(self) -> None:
+        unregister_names(self.port)
         self._server.shutdown()
         self._server.server_close()
 
@@ -165,7 +216,7 @@ def write_rules(path: Path, ports: list[int], extra: str = "", revoked: list[str
     The seed's deny rules are included verbatim; ``extra`` is appended to the ``agents`` list
     (more profiles), ``top`` adds top-level sections (e.g. ``llm:``).
     """
-    hosts = ", ".join(f'"127.0.0.1:{p}", "localhost:{p}"' for p in ports)
+    hosts = ", ".join(f'"{upstream_name(p)}:{p}", "127.0.0.1:{p}", "localhost:{p}"' for p in ports)
     text = f"""apiVersion: fleetgate/v1
 {top}
 destinations:
@@ -256,6 +307,9 @@ class Gateway:
             argv += ["--flow-detail", "0"]
         for k, v in opts.items():
             argv += ["--set", f"{k}={v}"]
+        if "fleetgate_resolve" not in opts:
+            for entry in resolve_entries():
+                argv += ["--set", f"fleetgate_resolve={entry}"]
         return argv
 
     def start(self, timeout: float = 30.0) -> Gateway:

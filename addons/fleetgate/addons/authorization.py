@@ -5,6 +5,15 @@ request facts, refuses domain fronting (a ``Host`` header or TLS SNI naming anot
 the one dialled), and in ``server_connect`` resolves the destination itself, refuses internal
 addresses and pins the connection to the address it checked, so DNS cannot change between
 check and dial.
+
+The pin is undone once the socket is open (``server_connected``): mitmproxy reuses an upstream
+connection only for a request whose ``(host, port)`` equals the connection's address, and
+limits itself to five open connections per address. Leaving the checked IP there made every
+request to a *name* open a new connection and the sixth on a keep-alive tunnel wait forever.
+The address actually dialled is kept in ``server.peername``.
+
+``fleetgate_resolve`` (``NAME:PORT=ADDRESS[:PORT]``, like curl's ``--connect-to``) replaces
+DNS for the names it lists; the address it gives is judged like a resolved one.
 """
 
 from __future__ import annotations
@@ -14,9 +23,10 @@ import ipaddress
 import socket
 import time
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
-from mitmproxy import connection, ctx, http
+from mitmproxy import connection, ctx, exceptions, http
 
 from fleetgate.addons.flowtools import (
     CLAIMS,
@@ -29,6 +39,7 @@ from fleetgate.addons.flowtools import (
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.metrics import GatewayMetrics, HealthServer
 from fleetgate.policy.decide import decide, private_destination_reason
+from fleetgate.policy.netaddr import Endpoint, parse_resolve_overrides
 from fleetgate.policy.normalize import normalize_host, request_facts
 
 
@@ -43,6 +54,25 @@ class HttpAuthorization:
         # some later hook rewrote.
         self.approved: weakref.WeakKeyDictionary[connection.Client, set[tuple[str, int]]] = (
             weakref.WeakKeyDictionary())
+        # (name, port) -> (address, port) to dial instead of asking DNS (fleetgate_resolve)
+        self.overrides: dict[Endpoint, Endpoint] = {}
+        # server connection -> the (host, port) the request named, while its dial is pinned
+        self.named: weakref.WeakKeyDictionary[connection.Server, tuple[str, int]] = (
+            weakref.WeakKeyDictionary())
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "fleetgate_resolve", Sequence[str], [],
+            "Dial ADDRESS[:PORT] instead of asking DNS for NAME:PORT, as "
+            "'NAME:PORT=ADDRESS[:PORT]' (curl's --connect-to). Host header, SNI and "
+            "certificate checks keep NAME; the address is judged like a resolved one.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "fleetgate_resolve" in updated:
+            try:
+                self.overrides = parse_resolve_overrides(ctx.options.fleetgate_resolve)
+            except ValueError as exc:
+                raise exceptions.OptionsError(f"fleetgate_resolve: {exc}") from None
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
@@ -105,26 +135,52 @@ class HttpAuthorization:
             data.server.error = (f"fleetgate refused to connect to {host}:{port}: no request "
                                  "to it was allowed on this connection")
             return
-        try:
-            ipaddress.ip_address(host)
-            addresses = [host]
-        except ValueError:
-            loop = asyncio.get_running_loop()
+        dial_port = port
+        override = self.overrides.get((normalize_host(host), port))
+        if override is not None:
+            addresses = [override[0]]
+            dial_port = override[1]
+        else:
             try:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except OSError as exc:
-                data.server.error = f"fleetgate: cannot resolve {host}: {exc}"
-                return
-            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+                ipaddress.ip_address(host)
+                addresses = [host]
+            except ValueError:
+                loop = asyncio.get_running_loop()
+                try:
+                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                except OSError as exc:
+                    data.server.error = f"fleetgate: cannot resolve {host}: {exc}"
+                    return
+                addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         for addr in addresses:
             why = private_destination_reason(policy, addr)
-            if why is None and self._is_self(addr, port):
-                why = f"{addr}:{port} is fleetgate itself"
+            if why is None and self._is_self(addr, dial_port):
+                why = f"{addr}:{dial_port} is fleetgate itself"
             if why:
                 self.metrics.connections_refused.labels(reason="internal-destination").inc()
                 data.server.error = f"fleetgate refused to connect to {host}: {why}"
                 return
-        data.server.address = (addresses[0], port)
+        if (addresses[0], dial_port) != (host, port):
+            self.named[data.server] = (host, port)
+            data.server.address = (addresses[0], dial_port)
+
+    def server_connected(self, data: Any) -> None:
+        """Give the connection back its name, so mitmproxy reuses it for that name.
+
+        The socket is open to the checked address (``server.peername``); from here on the
+        address only serves mitmproxy's reuse lookup, which compares it to the next request's
+        ``(host, port)``. ``Server.__setattr__`` refuses any change of address on an open
+        connection, to stop addons from re-targeting one; this is not a re-target (the
+        socket stays where it is, and the name is the one the request was judged for), so
+        the guard is stepped around on purpose. The e2e test of reuse by name
+        (``tests/e2e/test_upstream_by_name.py``) fails if mitmproxy stops honouring it.
+        """
+        named = self.named.pop(data.server, None)
+        if named is not None:
+            object.__setattr__(data.server, "address", named)
+
+    def server_connect_error(self, data: Any) -> None:
+        self.named.pop(data.server, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
         """A connection we refused in ``server_connect`` is a denial: record it as one."""

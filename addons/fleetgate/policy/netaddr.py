@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-__all__ = ["HostPattern", "internal_reason", "parse_networks"]
+__all__ = ["HostPattern", "internal_reason", "parse_networks", "parse_resolve_overrides"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -123,3 +123,58 @@ class HostPattern:
 
     def __repr__(self) -> str:
         return f"HostPattern({self.source!r})"
+
+
+Endpoint = tuple[str, int]
+
+
+def _split_endpoint(text: str, what: str) -> tuple[str, int | None]:
+    t = text.strip()
+    if t.startswith("["):  # [v6]:port
+        host, sep, rest = t[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{what} {text!r}: unclosed '['")
+        port_text = rest[1:] if rest.startswith(":") else (None if not rest else "!")
+    elif t.count(":") == 1:
+        host, _, port_text = t.partition(":")
+    else:
+        host, port_text = t, None  # a bare name, IPv4 or IPv6 address
+    if port_text == "!":
+        raise ValueError(f"{what} {text!r}: expected ':port' after ']'")
+    port: int | None = None
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{what} {text!r}: {port_text!r} is not a port (1-65535)")
+        port = int(port_text)
+    if not host:
+        raise ValueError(f"{what} {text!r}: no host")
+    return host.lower().rstrip("."), port
+
+
+def parse_resolve_overrides(entries: Iterable[str]) -> dict[Endpoint, Endpoint]:
+    """Parse ``NAME:PORT=ADDRESS[:PORT]`` entries (curl's ``--connect-to``, one per entry).
+
+    The gateway then dials ``ADDRESS`` (and the new port, when given) whenever a request for
+    ``NAME:PORT`` was allowed, instead of asking DNS. Host header, TLS SNI and certificate
+    checks still use ``NAME``; the address is judged like any resolved one (``allowPrivate``
+    still decides whether a private address may be dialled). Raises ``ValueError`` naming the
+    entry that is wrong.
+    """
+    out: dict[Endpoint, Endpoint] = {}
+    for raw in entries:
+        name_part, sep, addr_part = str(raw).partition("=")
+        if not sep:
+            raise ValueError(f"resolve entry {raw!r}: expected NAME:PORT=ADDRESS[:PORT]")
+        name, port = _split_endpoint(name_part, "resolve entry")
+        if port is None:
+            raise ValueError(f"resolve entry {raw!r}: the name needs a port (NAME:PORT)")
+        addr, addr_port = _split_endpoint(addr_part, "resolve entry")
+        try:
+            addr = str(ipaddress.ip_address(addr))
+        except ValueError:
+            raise ValueError(f"resolve entry {raw!r}: {addr!r} is not an IP address") from None
+        key = (name, port)
+        if key in out:
+            raise ValueError(f"resolve entry {raw!r}: {name}:{port} is given twice")
+        out[key] = (addr, addr_port or port)
+    return out
