@@ -23,12 +23,15 @@ ERROR_TYPES = {
     500: "api_error",
     502: "api_error",
     503: "overloaded_error",
+    504: "api_error",
 }
 
 
 def denial_body(status: int, rule: str, reason: str, decision_id: str,
-                hint: str | None = None, **extra: Any) -> bytes:
-    message = f"fleetgate denied this request ({rule}): {reason}"
+                hint: str | None = None, *, lead: str = "fleetgate denied this request",
+                **extra: Any) -> bytes:
+    """``lead`` starts the message: a refusal by default, or e.g. an upstream failure."""
+    message = f"{lead} ({rule}): {reason}"
     if hint:
         message += f". {hint}"
     body: dict[str, Any] = {

@@ -77,6 +77,9 @@ class GatewayMetrics:
         self.flows_cut = Counter(
             "fleetgate_flows_cut", "In-flight flows cut by fleetgate, by rule.", ["rule"],
             registry=r)
+        self.upstream_failures = Counter(
+            "fleetgate_upstream_failures", "Allowed requests whose upstream could not be reached "
+            "(answered by the gateway in the client's format), by rule.", ["rule"], registry=r)
         self.connections_refused = Counter(
             "fleetgate_connections_refused", "Connections refused before any request, by reason.",
             ["reason"], registry=r)

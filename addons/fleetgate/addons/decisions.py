@@ -143,6 +143,8 @@ class DecisionLog:
         decision = flow.metadata.get(DECISION)
         if isinstance(decision, dict) and decision.get("action"):
             extra["killswitch_action"] = decision["action"]
+        if isinstance(decision, dict) and isinstance(decision.get("upstream"), dict):
+            extra["upstream"] = decision["upstream"]  # the rules allowed it; the upstream failed
         return extra or None
 
     def _write(self, rec: dict[str, Any]) -> None:

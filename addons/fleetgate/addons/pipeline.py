@@ -28,6 +28,7 @@ from fleetgate.addons.llm import LlmInspector, LlmMeter
 from fleetgate.addons.mcp import McpGuard
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.streaming import StreamPassthrough
+from fleetgate.addons.upstream_errors import UpstreamErrors
 from fleetgate.llm.ledger import Ledger
 from fleetgate.metrics import GatewayMetrics, HealthServer
 
@@ -66,5 +67,7 @@ def pipeline() -> list[Any]:
         StreamPassthrough(),
         watch,
         HealthEndpoint(health, admin),
+        # answers an allowed request whose upstream failed, before the log records its status
+        UpstreamErrors(metrics),
         DecisionLog(store, metrics),
     ]
