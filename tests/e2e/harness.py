@@ -210,13 +210,16 @@ class Upstream:
 
 def write_rules(path: Path, ports: list[int], extra: str = "", revoked: list[str] = (),
                 allow_private: str = '["127.0.0.1/32"]', top: str = "",
-                revoked_roles: list[str] = ()) -> Path:
+                revoked_roles: list[str] = (), hosts: list[str] = ()) -> Path:
     """A policy letting role ``tester`` (and ``other``) reach the local upstreams.
 
     The seed's deny rules are included verbatim; ``extra`` is appended to the ``agents`` list
-    (more profiles), ``top`` adds top-level sections (e.g. ``llm:``).
+    (more profiles), ``top`` adds top-level sections (e.g. ``llm:``), ``hosts`` more egress
+    entries for the profile.
     """
-    hosts = ", ".join(f'"{upstream_name(p)}:{p}", "127.0.0.1:{p}", "localhost:{p}"' for p in ports)
+    names = [f'"{upstream_name(p)}:{p}", "127.0.0.1:{p}", "localhost:{p}"' for p in ports]
+    names += [json.dumps(h) for h in hosts]  # more egress entries, e.g. "api.openai.com:443"
+    hosts_text = ", ".join(names)
     text = f"""apiVersion: fleetgate/v1
 {top}
 destinations:
@@ -233,7 +236,7 @@ agents:
 - name: tester
   match: 'jwt.agent_role in ["tester", "other"]'
   egress:
-    hosts: [{hosts}]
+    hosts: [{hosts_text}]
   authorization:
     rules:
     - id: tester.allow

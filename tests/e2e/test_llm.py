@@ -23,6 +23,17 @@ from harness import Gateway, Upstream, ssl_context, token, wait_until, write_rul
 pytestmark = pytest.mark.e2e
 
 
+PROVIDERS = ("api.openai.com", "api.anthropic.com")
+
+
+@pytest.fixture
+def upstream(upstream_ca) -> Iterator[Upstream]:
+    """The providers' real names: the SDKs run with their default base URLs, as agents do."""
+    up = Upstream(upstream_ca, names=PROVIDERS)
+    yield up
+    up.stop()
+
+
 @pytest.fixture
 def ctl(upstream: Upstream) -> Control:
     return install(upstream)
@@ -38,7 +49,7 @@ def llm_gateway(make_gateway, tmp_path: Path, upstream: Upstream, ctl: Control) 
     rules.mkdir()
     shutil.copy(REPO / "rules" / "pricing.yaml", rules / "pricing.yaml")
     write_rules(rules / "llm.yaml", [upstream.port], top=llm_rules_extra(upstream.port),
-                extra="""
+                hosts=[f"{name}:443" for name in PROVIDERS], extra="""
 - name: no-big-gpt
   match: 'jwt.agent_role == "tester"'
   authorization:
@@ -66,7 +77,8 @@ def _close_clients() -> Iterator[None]:
 
 
 def openai_client(gw: Gateway, upstream: Upstream, sub: str = "oa-agent") -> openai.OpenAI:
-    return _track(openai.OpenAI(base_url=upstream.url + "/v1", api_key="sk-test", max_retries=0,
+    # no base_url: https://api.openai.com/v1, which the gateway resolves to the local upstream
+    return _track(openai.OpenAI(api_key="sk-test", max_retries=0,
                          http_client=http_client(gw, sub)))
 
 
@@ -76,7 +88,7 @@ def anthropic_client(gw: Gateway, upstream: Upstream,
     # the gateway as proxy with the JWT in the URL, the gateway's CA trusted.
     http = anthropic.DefaultHttpxClient(proxy=gw.proxy_url(token(sub)),
                                         verify=ssl_context(gw.ca_cert), timeout=20)
-    return _track(anthropic.Anthropic(base_url=upstream.url, api_key="sk-ant-test",
+    return _track(anthropic.Anthropic(api_key="sk-ant-test",
                                       max_retries=0, http_client=http))
 
 
