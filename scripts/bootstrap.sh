@@ -44,20 +44,30 @@ if [ ! -x "$UV" ] || [ "$("$UV" --version 2>/dev/null | cut -d' ' -f2)" != "$wan
 fi
 
 PY=$(find_python) || { echo "bootstrap: need Python >= 3.12 (set FLEETGATE_PYTHON=/path/to/python3.12)" >&2; exit 1; }
-args=(--frozen --python "$PY" --no-python-downloads)
+# --compile-bytecode: this machine (and CI) sets PYTHONDONTWRITEBYTECODE, so without .pyc files
+# every mitmdump start compiled mitmproxy from source: 4.5 s to listening instead of 1.3 s.
+args=(--frozen --python "$PY" --no-python-downloads --compile-bytecode)
 for g in "$@"; do args+=(--group "$g"); done
 if [ "$project" = 1 ]; then
   # --inexact: one group's sync keeps the others' tools (`make run` after `make test`)
   args+=(--inexact)
 else
   # a side environment holds only its group (no fleetgate, no runtime dependencies)
-  args=(--frozen --python "$PY" --no-python-downloads --no-install-project)
+  args=(--frozen --python "$PY" --no-python-downloads --compile-bytecode --no-install-project)
   for g in "$@"; do args+=(--only-group "$g"); done
 fi
 if ! UV_PROJECT_ENVIRONMENT="$env_dir" "$UV" sync --quiet "${args[@]}" 2> "${TMPDIR:-/tmp}/fleetgate-bootstrap.$$"; then
   cat "${TMPDIR:-/tmp}/fleetgate-bootstrap.$$" >&2
   rm -f "${TMPDIR:-/tmp}/fleetgate-bootstrap.$$"
+if [ "$project" = 1 ]; then
+  # the project's own code is installed editable: byte-compile it too (stale files are ignored)
+  "$env_dir/bin/python" -m compileall -q -j 0 addons >/dev/null || true
+fi
   echo "bootstrap: uv sync failed (groups: ${*:-runtime only}, environment: $env_dir)" >&2
   exit 1
 fi
 rm -f "${TMPDIR:-/tmp}/fleetgate-bootstrap.$$"
+if [ "$project" = 1 ]; then
+  # the project's own code is installed editable: byte-compile it too (stale files are ignored)
+  "$env_dir/bin/python" -m compileall -q -j 0 addons >/dev/null || true
+fi
