@@ -2,8 +2,9 @@
 kill switch (``stop | kill | pause | throttle | resume | unrevoke | status | sessions |
 killlog``, see :mod:`fleetgate.cli_kill`).
 
-``run`` is a thin wrapper over ``mitmdump -s addons/gateway.py`` with our options: anything
-it does can be done with ``mitmdump``/``mitmweb`` and ``--set fleetgate_...`` directly.
+``run`` is a thin wrapper over ``mitmdump -s "$(fleetgate script-path)"`` (the script the
+package ships) with our options: anything it does can be done with ``mitmdump``/``mitmweb``
+and ``--set fleetgate_...`` directly.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import fleetgate
 from fleetgate.cli_kill import DEFAULT_ADMIN, add_kill_commands, admin_call
+from fleetgate.demo import add_demo_command
 from fleetgate.identity.mint import mint_token, parse_ttl
 
 DEV_DIR = Path("certs/dev")
@@ -25,11 +28,19 @@ CA_BASENAME = "mitmproxy"  # the names mitmproxy looks for in its confdir
 
 
 def _script_path() -> Path:
-    """``addons/gateway.py`` next to the package (source checkout or container image)."""
-    candidate = Path(__file__).resolve().parent.parent / "gateway.py"
-    if candidate.exists():
-        return candidate
-    raise SystemExit("fleetgate: cannot find addons/gateway.py next to the fleetgate package")
+    """The script the installed package ships (:func:`fleetgate.script_path`): ``run`` works
+    from any directory, with no checkout."""
+    try:
+        return fleetgate.script_path()
+    except FileNotFoundError as exc:
+        raise SystemExit(f"fleetgate: {exc}") from None
+
+
+def version_text() -> str:
+    """``fleetgate --version``: this distribution's version and the mitmproxy it runs on."""
+    from mitmproxy.version import VERSION as MITMPROXY_VERSION
+
+    return f"fleetgate {fleetgate.__version__} (mitmproxy {MITMPROXY_VERSION})"
 
 
 # -- ca ---------------------------------------------------------------------------------
@@ -113,10 +124,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  metrics: http://{args.metrics}/metrics   readiness: /healthz/ready")
         print(f"  admin:   http://{args.admin}/v1/status (token: {args.state_dir}/admin-token)")
         print(f"  rules:   {Path(args.rules).resolve()}")
-        print("  a token: .venv/bin/fleetgate token mint --sub demo-security "
+        me = shutil.which("fleetgate", path=str(Path(sys.executable).parent)) or "fleetgate"
+        print(f"  a token: {me} token mint --sub demo-security "
               "--claim agent_role=security --ttl 1h")
+        # curl reads CURL_CA_BUNDLE before SSL_CERT_FILE when both are set (this machine does)
         print(f"  try it:  HTTPS_PROXY=http://agent:$TOKEN@{host}:{args.listen_port} "
-              f"SSL_CERT_FILE={cert.resolve()} curl https://api.anthropic.com/v1/models",
+              f"SSL_CERT_FILE={cert.resolve()} CURL_CA_BUNDLE={cert.resolve()} "
+              "curl https://api.anthropic.com/v1/models",
               flush=True)
     elif args.jwt_secret_file:
         opts.append(f"fleetgate_jwt_secret_file={args.jwt_secret_file}")
@@ -212,6 +226,11 @@ def cmd_mcp_approve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_script_path(args: argparse.Namespace) -> int:
+    print(_script_path())
+    return 0
+
+
 def cmd_ca_init(args: argparse.Namespace) -> int:
     ca_init(Path(args.dir), cn=args.cn, org=args.org, days=args.days)
     return 0
@@ -219,6 +238,7 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleetgate", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=version_text())
     sub = p.add_subparsers(dest="cmd", required=True)
 
     run = sub.add_parser("run", help="run the gateway (mitmdump with fleetgate's addons)")
@@ -241,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("mitmproxy_args", nargs=argparse.REMAINDER,
                      help="after '--': more mitmdump arguments")
     run.set_defaults(func=cmd_run)
+
+    script = sub.add_parser("script-path", help="print the path of the mitmproxy script "
+                            "(mitmdump -s \"$(fleetgate script-path)\")")
+    script.set_defaults(func=cmd_script_path)
 
     rules = sub.add_parser("rules", help="work with rules files").add_subparsers(
         dest="rules_cmd", required=True)
@@ -275,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "state/admin-token)")
 
     add_kill_commands(sub)
+    add_demo_command(sub)  # fleetgate demo: see fleetgate.demo
 
     ca = sub.add_parser("ca", help="certificate authority").add_subparsers(
         dest="ca_cmd", required=True)

@@ -12,10 +12,16 @@ and PVCs empty.
 
 What differs from the container, and nothing else:
 
+* the image's virtualenv (its ``VIRTUAL_ENV``, ``/opt/venv``) is the one ``wheelenv`` makes
+  the way the Dockerfile's builder makes it: the wheel built from this checkout, installed with
+  the runtime dependencies ``uv.lock`` pins. So the ENTRYPOINT's script path is the packaged
+  script inside an installed wheel, and nothing of the checkout is imported;
 * in the args, env and working directory, each volume's mount path is replaced by its temp
-  dir, and a path the image got from the build context (COPY, also through a build stage) by
-  its source in the repo (``/app/addons/gateway.py`` -> ``addons/gateway.py``);
-* the executable is the one of the same name in ``.venv/bin`` (PATH leads there);
+  dir, a path in the image's venv by the same path in that venv, and a path the image got from
+  the build context (COPY, also through a build stage) by its source in the repo
+  (``/app/rules`` -> ``rules``);
+* the executable is the one of the same name in that venv's ``bin`` (the image's PATH leads
+  there);
 * each containerPort is replaced by a free port, and ``0.0.0.0`` by ``127.0.0.1``;
 * the container's ``/tmp`` volume is also given to the process as ``TMPDIR``;
 * Secrets are not in the repo (the example overlay renders placeholders that are not keys):
@@ -53,7 +59,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -66,10 +71,11 @@ import deploy_check as dc  # scripts/ (pytest pythonpath): the same rendering CI
 import httpx
 import pytest
 import yaml
+from wheelenv import wheel_venv
 
 from fleetgate.cli import ca_init
 from fleetgate.identity.mint import mint_token
-from harness import REPO, Upstream, free_port, mitmproxy_exe
+from harness import REPO, Upstream, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -444,8 +450,12 @@ def localize(pod: Pod, layout: Layout) -> Local:
         argv = argv[argv.index("--") + 1:] if "--" in argv else argv[1:]
     assert argv, "the container runs no command"
     exe = posixpath.basename(argv[0])
-    local_exe = Path(mitmproxy_exe(exe)) if exe.startswith("mitm") else Path(sys.executable).parent / exe
-    assert local_exe.exists(), f"the container runs {argv[0]}; .venv has no {exe}"
+    image_venv = image.env.get("VIRTUAL_ENV")
+    assert image_venv, ("deploy/Dockerfile: the image sets no VIRTUAL_ENV (the venv its wheel is "
+                        "installed in, whose bin/ PATH leads to)")
+    wheel = wheel_venv()
+    local_exe = wheel.bin / exe
+    assert local_exe.exists(), f"the container runs {argv[0]}; the image's venv would have no {exe}"
     assert exe in ("mitmdump", "mitmweb", "mitmproxy", "fleetgate") or exe.startswith("python"), (
         f"the container runs {argv[0]}, which this test does not know")
 
@@ -454,6 +464,10 @@ def localize(pod: Pod, layout: Layout) -> Local:
         for mount in sorted(layout.paths, key=len, reverse=True):
             if path == mount or path.startswith(mount + "/"):
                 return str(layout.paths[mount]) + path[len(mount):]
+        if path == image_venv or path.startswith(image_venv.rstrip("/") + "/"):
+            local = str(wheel.venv) + path[len(image_venv.rstrip("/")):]
+            assert Path(local).exists(), f"{path} is not in the installed wheel's venv ({local})"
+            return local
         repo_path = dc.image_path_to_repo(pod.stages, path)
         return str(repo_path) if repo_path is not None and repo_path.exists() else path
 
@@ -789,7 +803,8 @@ def test_container_forwards_allowed_request(overlay: Path | None, plain_upstream
 
     with run_container(overlay, extra_rules=extra) as c, \
             c.client(c.token("e2e-forward", "e2e-container-test")) as agent:
-        r = agent.get(plain_upstream.url + "/through-the-container")
+        # by address: the container's command line names no fleetgate_resolve for test names
+        r = agent.get(plain_upstream.ip_url + "/through-the-container")
         assert r.status_code == 200, r.text
         assert r.headers.get("x-fleetgate-decision-id")
         assert plain_upstream.paths() == ["/through-the-container"]
@@ -800,7 +815,7 @@ def test_container_forwards_allowed_request(overlay: Path | None, plain_upstream
             key = c.layout.local(creds[0]).read_text().strip()
             assert seen.get("x-e2e-upstream-key") == key, seen
         # the fleet-wide deny rules of the ConfigMap apply to this profile too
-        assert agent.get(plain_upstream.url + "/delete-everything").status_code == 403
+        assert agent.get(plain_upstream.ip_url + "/delete-everything").status_code == 403
 
 
 def test_overlays_exist() -> None:

@@ -60,12 +60,12 @@ def cred_gateway(make_gateway, tmp_path: Path, upstream: Upstream, other: Upstre
     missing = tmp_path / "secrets" / "not-there"
     top = llm_rules_extra(upstream.port) + f"""credentials:
 - id: broken
-  hosts: [127.0.0.1]
+  hosts: [{upstream.name}]
   ports: [{upstream.port}]
   pathPrefix: /broken
   secretFile: {missing}
 - id: openai-local
-  hosts: [127.0.0.1]
+  hosts: [{upstream.name}]
   ports: [{upstream.port}]
   pathPrefix: /v1/
   secretFile: {key_file}

@@ -25,7 +25,16 @@ import openai
 import pytest
 from conftest import GatewayFactory
 
-from harness import ADMIN_TOKEN, Gateway, Seen, Upstream, ssl_context, token, wait_until
+from harness import (
+    ADMIN_TOKEN,
+    Gateway,
+    Seen,
+    Upstream,
+    ssl_context,
+    token,
+    upstream_name,
+    wait_until,
+)
 
 CONTROL = "https://fleetgate.internal"
 
@@ -81,11 +90,11 @@ llm:
   providers:
   - name: openai
     api: openai
-    hosts: ["127.0.0.1:{port}"]
+    hosts: ["{upstream_name(port)}:{port}", "127.0.0.1:{port}"]
 mcp:
   servers:
   - name: tools
-    hosts: ["127.0.0.1:{port}"]
+    hosts: ["{upstream_name(port)}:{port}", "127.0.0.1:{port}"]
     path: /mcp
     mcpAuthorization:
       rules:
@@ -111,7 +120,7 @@ agents:
 - name: fleet
   match: 'jwt.agent_role in ["coordinator", "security", "network", "cloud", "general"]'
   egress:
-    hosts: ["127.0.0.1:{port}"]
+    hosts: ["{upstream_name(port)}:{port}", "127.0.0.1:{port}"]
   authorization:
     rules:
     - allow: 'true'

@@ -16,7 +16,7 @@ import pytest
 from conftest import GatewayFactory
 from llm_upstream import WORDS, Control, install, llm_rules_extra
 
-from harness import Gateway, Upstream, ssl_context, token, wait_until, write_rules
+from harness import Gateway, Upstream, ssl_context, token, upstream_name, wait_until, write_rules
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,7 +64,7 @@ def profiles(port: int, limits: dict[str, str]) -> str:
         out += f"""
 - name: {role}
   match: 'jwt.agent_role == "{role}"'
-  egress: {{hosts: ["127.0.0.1:{port}"]}}
+  egress: {{hosts: ["{upstream_name(port)}:{port}", "127.0.0.1:{port}"]}}
   authorization: {{rules: [{{allow: 'true'}}]}}
   policies:
 {textwrap.indent(textwrap.dedent(block), "    ")}"""

@@ -112,6 +112,65 @@ def test_image_runs_as_uid_10001_in_exec_form() -> None:
     assert "mitmdump" in img.entrypoint[0] and any(a.endswith("/gateway.py") for a in img.entrypoint)
 
 
+def _packaged_script(img: Any) -> str:
+    """The image's path of the script the wheel ships: <VIRTUAL_ENV>/lib/pythonX.Y/site-packages/
+    fleetgate/script/gateway.py, X.Y the Python of the base image's tag."""
+    import fleetgate
+
+    venv = img.env.get("VIRTUAL_ENV")
+    assert venv, "deploy/Dockerfile: the image sets no VIRTUAL_ENV (the venv its wheel is installed in)"
+    assert img.env.get("PATH", "").startswith(f"{venv}/bin:"), img.env.get("PATH")
+    m = re.fullmatch(r"python:(\d+\.\d+)[\w.-]*(?:@sha256:[0-9a-f]{64})?", img.base)
+    assert m, f"deploy/Dockerfile: base image {img.base!r} is not python:X.Y-... (the venv's Python)"
+    package = Path(fleetgate.__file__).resolve().parent
+    inside = fleetgate.script_path().relative_to(package.parent).as_posix()
+    return f"{venv}/lib/python{m.group(1)}/site-packages/{inside}"
+
+
+def test_image_runs_the_script_the_wheel_ships() -> None:
+    """ENTRYPOINT is mitmdump -s <the packaged script>, inside the venv the builder installed
+    the wheel into; the builder checks the same path against ``fleetgate script-path``."""
+    img = image()
+    assert img.entrypoint is not None
+    script = _packaged_script(img)
+    assert img.entrypoint == ["mitmdump", "-s", script], img.entrypoint
+    text = (DEPLOY / "Dockerfile").read_text()
+    check = r'test "\$\(/opt/venv/bin/fleetgate script-path\)" = \\\n\s*' + re.escape(script)
+    assert re.search(check, text), "the builder no longer checks the ENTRYPOINT's script against script-path"
+    assert any(c[0] == img.env["VIRTUAL_ENV"] and c[1].startswith("stage:") for c in img.copies), img.copies
+
+
+@pytest.mark.parametrize("build", GATEWAY_BUILDS)
+def test_overlay_commands_load_the_same_script(build: Path | None) -> None:
+    """An overlay that replaces the command (mitmweb) loads the script the ENTRYPOINT loads."""
+    script = _packaged_script(image())
+    for _dep, _pod, c in gateway(build):
+        argv = argv_of(c)
+        scripts = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-s"]
+        assert scripts == [script], f"{c['name']}: {argv[:3]}"
+
+
+def test_build_context_holds_what_the_dockerfile_copies() -> None:
+    """Every COPY from the build context is admitted by deploy/Dockerfile.dockerignore, and the
+    image's version label is pyproject's version (the one place it is written)."""
+    import tomllib
+
+    ignore = [ln.strip() for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+              if ln.strip() and not ln.startswith("#")]
+    admitted = {ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")}
+    assert ignore[0] == "*", "the context filter must start by excluding everything"
+    sources = {src for st in dc.parse_dockerfile(DEPLOY / "Dockerfile") for _dest, src in st.copies
+               if not src.startswith("stage:")}
+    for src in sources:
+        src = src.rstrip("/")
+        assert src in admitted or any(src.startswith(a + "/") for a in admitted), (
+            f"COPY {src}: not sent in the build context (deploy/Dockerfile.dockerignore)")
+        assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+    assert "uv.lock" in sources and "deploy/constraints.txt" not in sources
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert f'org.opencontainers.image.version="{version}"' in (DEPLOY / "Dockerfile").read_text()
+
+
 # -- the gateway's pod -------------------------------------------------------------------------
 
 
