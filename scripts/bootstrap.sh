@@ -2,7 +2,7 @@
 # Install exactly what uv.lock says into .venv (Python >= 3.12), and nothing else.
 #
 #   scripts/bootstrap.sh                 the runtime: what `make run` needs
-#   scripts/bootstrap.sh test lint ...   the runtime plus those dependency groups
+#   scripts/bootstrap.sh test lint ...   the runtime plus those dependency groups (demo: the extra)
 #   scripts/bootstrap.sh --env DIR GROUP an environment of its own (e.g. .venv-mcp1 for the
 #                                        MCP SDK 1.x, which cannot share .venv with 2.x)
 #
@@ -47,7 +47,12 @@ PY=$(find_python) || { echo "bootstrap: need Python >= 3.12 (set FLEETGATE_PYTHO
 # --compile-bytecode: this machine (and CI) sets PYTHONDONTWRITEBYTECODE, so without .pyc files
 # every mitmdump start compiled mitmproxy from source: 4.5 s to listening instead of 1.3 s.
 args=(--frozen --python "$PY" --no-python-downloads --compile-bytecode)
-for g in "$@"; do args+=(--group "$g"); done
+for g in "$@"; do
+  case $g in
+    demo) args+=(--extra "$g") ;;   # [project.optional-dependencies]: pip install 'fleetgate[demo]'
+    *) args+=(--group "$g") ;;
+  esac
+done
 if [ "$project" = 1 ]; then
   # --inexact: one group's sync keeps the others' tools (`make run` after `make test`)
   args+=(--inexact)

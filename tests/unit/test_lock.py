@@ -30,6 +30,7 @@ PYPROJECT = _load("pyproject.toml")
 LOCK = _load("uv.lock")
 ROOT = canonicalize_name(PYPROJECT["project"]["name"])
 
+
 def _from_pyproject(items: list[str]) -> set[tuple[str, tuple[str, ...], str, str]]:
     out = set()
     for item in items:
@@ -56,7 +57,12 @@ def _root() -> dict[str, Any]:
 
 def test_lock_records_the_project_dependencies() -> None:
     want = _from_pyproject(PYPROJECT["project"]["dependencies"])
-    got = _from_lock(_root()["metadata"].get("requires-dist", []))
+    for extra, items in PYPROJECT["project"].get("optional-dependencies", {}).items():
+        # uv records an extra's requirements with the marker pip would read from the wheel
+        want |= {(n, e, spec, f'extra == "{extra}"' if not m else f'({m}) and extra == "{extra}"')
+                 for n, e, spec, m in _from_pyproject(items)}
+    got = {(n, e, spec, m.replace("'", '"')) for n, e, spec, m in
+           _from_lock(_root()["metadata"].get("requires-dist", []))}
     assert got == want, (f"pyproject.toml and uv.lock disagree on [project] dependencies: only in "
                          f"pyproject {sorted(want - got)}, only in uv.lock {sorted(got - want)}; run "
                          ".tools/uv/bin/uv lock (make lock upgrades everything)")
