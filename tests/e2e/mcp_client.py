@@ -9,12 +9,13 @@ sync (pytest runs with ``-p no:anyio``; the wrappers use :func:`anyio.run`).
 client trusts: a CA file (the gateway's ``ca_cert``), a ``trustme.CA`` (the upstream's, when
 going direct) or a ready ``ssl.SSLContext``.
 
-Note the SDK's habits (mcp 1.30): ``call_tool`` on a tool the session has not listed yet makes
-the client send a ``tools/list`` of its own right after the call (to learn output schemas);
+Note the SDK's habits (mcp 2.3; its HTTP client is ``httpx2``): ``call_tool`` on a tool the
+session has not listed yet makes the client send a ``tools/list`` of its own right after the
+call (to learn output schemas);
 streamable HTTP (stateful) opens a standing ``GET`` stream after ``initialize`` and sends
-``DELETE`` on close.  Refusals: a JSON-RPC error raises ``McpError``; a non-2xx answer to a
-streamable POST raises ``httpx.HTTPStatusError``; over HTTP+SSE a non-2xx POST is only logged
-and the request times out (``McpError`` "Timed out ...") unless the error arrives on the SSE
+``DELETE`` on close.  Refusals: a JSON-RPC error raises ``MCPError``; a non-2xx answer to a
+streamable POST raises ``httpx2.HTTPStatusError``; over HTTP+SSE a non-2xx POST is only logged
+and the request times out (``MCPError`` "Timed out ...") unless the error arrives on the SSE
 stream.  :func:`run_session` unwraps the SDK's ``ExceptionGroup``s to the first real error.
 """
 
@@ -25,18 +26,18 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 import mcp.types as types
 import trustme
 from mcp.client.session import ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
-from mcp_upstream import TRANSPORTS, Transport
+
+from fleetgate.mocks.mcp_server import TRANSPORTS, Transport
 
 Trust = Path | str | ssl.SSLContext | trustme.CA | None
 
@@ -60,16 +61,16 @@ def ssl_context_for(ca: Trust) -> ssl.SSLContext | bool:
 
 
 def http_client_factory(proxy: str | None, ca: Trust, timeout: float = 10.0,
-                        hooks: list[Callable[[httpx.Request], Awaitable[None]]] | None = None
-                        ) -> Callable[..., httpx.AsyncClient]:
+                        hooks: list[Callable[[httpx2.Request], Awaitable[None]]] | None = None
+                        ) -> Callable[..., httpx2.AsyncClient]:
     """An ``McpHttpClientFactory`` for the SDK: every client goes through ``proxy`` trusting ``ca``."""
     verify = ssl_context_for(ca)
-    ours = httpx.Timeout(timeout, read=max(timeout, 30.0))
+    ours = httpx2.Timeout(timeout, read=max(timeout, 30.0))
 
-    def factory(headers: dict[str, str] | None = None, timeout: httpx.Timeout | None = None,
-                auth: httpx.Auth | None = None) -> httpx.AsyncClient:
+    def factory(headers: dict[str, str] | None = None, timeout: httpx2.Timeout | None = None,
+                auth: httpx2.Auth | None = None) -> httpx2.AsyncClient:
         # the SDK passes its own timeouts (30 s, 300 s reads); ours are shorter so tests fail fast
-        return httpx.AsyncClient(proxy=proxy, verify=verify, headers=headers, auth=auth, timeout=ours,
+        return httpx2.AsyncClient(proxy=proxy, verify=verify, headers=headers, auth=auth, timeout=ours,
                                  event_hooks={"request": list(hooks or [])})
 
     return factory
@@ -79,7 +80,7 @@ def http_client_factory(proxy: str | None, ca: Trust, timeout: float = 10.0,
 async def open_session(url: str, transport: Transport, *, proxy: str | None = None, ca: Trust = None,
                        headers: dict[str, str] | None = None, timeout: float = 10.0,
                        initialize: bool = True,
-                       hooks: list[Callable[[httpx.Request], Awaitable[None]]] | None = None,
+                       hooks: list[Callable[[httpx2.Request], Awaitable[None]]] | None = None,
                        notifications: list[types.ServerNotification] | None = None,
                        ) -> AsyncIterator[ClientSession]:
     """An MCP ``ClientSession`` over ``transport`` (initialized unless ``initialize=False``).
@@ -89,7 +90,7 @@ async def open_session(url: str, transport: Transport, *, proxy: str | None = No
     """
 
     async def on_message(message: Any) -> None:
-        if notifications is not None and isinstance(message, types.ServerNotification):
+        if notifications is not None and not isinstance(message, Exception):
             notifications.append(message)
 
     if transport not in TRANSPORTS:
@@ -102,9 +103,9 @@ async def open_session(url: str, transport: Transport, *, proxy: str | None = No
                            httpx_client_factory=make))
         else:
             client = await stack.enter_async_context(make(headers=headers))
-            read, write, _ = await stack.enter_async_context(streamable_http_client(url, http_client=client))
+            read, write = await stack.enter_async_context(streamable_http_client(url, http_client=client))
         session = await stack.enter_async_context(
-            ClientSession(read, write, read_timeout_seconds=timedelta(seconds=timeout),
+            ClientSession(read, write, read_timeout_seconds=timeout,
                           message_handler=on_message))
         if initialize:
             await session.initialize()
@@ -119,7 +120,7 @@ async def list_all_tools(session: ClientSession) -> list[types.Tool]:
         params = types.PaginatedRequestParams(cursor=cursor) if cursor else None
         page = await session.list_tools(params=params)
         tools += page.tools
-        cursor = page.nextCursor
+        cursor = page.next_cursor
         if not cursor:
             return tools
 
@@ -130,7 +131,7 @@ async def wait_for_notification(notifications: list[types.ServerNotification], m
     with anyio.fail_after(timeout):
         while True:
             for n in notifications:
-                if n.root.method == method:
+                if n.method == method:
                     return n
             await anyio.sleep(0.01)
 
@@ -143,13 +144,13 @@ def result_text(result: types.CallToolResult) -> str:
 def run_session[T](url: str, transport: Transport, fn: Callable[[ClientSession], Awaitable[T]], *,
                    proxy: str | None = None, ca: Trust = None, headers: dict[str, str] | None = None,
                    timeout: float = 10.0, initialize: bool = True,
-                   hooks: list[Callable[[httpx.Request], Awaitable[None]]] | None = None,
+                   hooks: list[Callable[[httpx2.Request], Awaitable[None]]] | None = None,
                    notifications: list[types.ServerNotification] | None = None) -> T:
     """Open a session, run ``await fn(session)`` and close everything; returns ``fn``'s result.
 
     The whole thing is bounded by ``3 * timeout`` seconds (raises ``TimeoutError``).  The SDK's
     task groups wrap errors in (nested) ``ExceptionGroup``s; the first real error is re-raised
-    on its own (``McpError``, ``httpx.HTTPStatusError``, ...) so ``pytest.raises`` works.
+    on its own (``MCPError``, ``httpx2.HTTPStatusError``, ...) so ``pytest.raises`` works.
     """
 
     async def main() -> T:

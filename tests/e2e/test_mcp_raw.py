@@ -4,22 +4,26 @@ a minimal JSON-RPC upstream that records every message reaching it.
 The SDK-driven end-to-end tests are in ``test_mcp_sdk.py``; these pin the wire-level edges:
 direct denials never reaching the server, batch placeholders, stateless header checks,
 compressed/duplicate-key/oversized bodies, JSON (sized and chunked) and SSE answers, session
-ownership.
+ownership.  The server is reached by name (``up<port>.fleetgate.test``) and declared by it; the
+tests that do not change the gateway share one (module scope).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trustme
 from conftest import GatewayFactory
+from mcp_upstream import GatewayPool
 
-from harness import Seen, Upstream, token, write_rules
+from harness import Gateway, Seen, Upstream, token, write_rules
 
 TOOLS = [{"name": n, "description": f"{n} does its job", "inputSchema": {"type": "object"}}
          for n in ("nmap_scan", "trivy_image", "terraform_apply", "kubectl")]
@@ -28,7 +32,7 @@ MCP_RULES = """
 mcp:
   servers:
   - name: tools
-    hosts: ["127.0.0.1:{port}"]
+    hosts: ["{name}:{port}"]
     mcpAuthorization:
       rules:
       - >-
@@ -53,8 +57,9 @@ def rpc_answer(msg: dict[str, Any]) -> dict[str, Any] | None:
     return {"jsonrpc": "2.0", "id": msg["id"], "result": result}
 
 
-def mcp_route(mode: str):  # type: ignore[no-untyped-def]
-    """JSON-RPC answers as application/json with a length, chunked JSON, or an SSE stream."""
+def mcp_route(mode: str, session: str = "sess-1"):  # type: ignore[no-untyped-def]
+    """JSON-RPC answers as application/json with a length, chunked JSON, or an SSE stream;
+    every answer names ``session`` in ``Mcp-Session-Id``."""
 
     def handler(h: BaseHTTPRequestHandler, seen: Seen) -> None:
         body = json.loads(seen.body)
@@ -66,7 +71,7 @@ def mcp_route(mode: str):  # type: ignore[no-untyped-def]
             h.end_headers()
             return
         h.send_response(200)
-        h.send_header("Mcp-Session-Id", "sess-1")
+        h.send_header("Mcp-Session-Id", session)
         if mode == "sse":
             items = answers if isinstance(answers, list) else [answers]
             payload = b"".join(f"event: message\ndata: {json.dumps(a)}\n\n".encode() for a in items)
@@ -90,14 +95,36 @@ def mcp_route(mode: str):  # type: ignore[no-untyped-def]
     return handler
 
 
+@pytest.fixture(scope="module")
+def mcp_upstream(upstream_ca: trustme.CA) -> Iterator[Upstream]:
+    up = Upstream(upstream_ca)
+    up.route("/mcp", mcp_route("json"))
+    up.route("/mcp-chunked", mcp_route("chunked"))
+    up.route("/mcp-sse", mcp_route("sse"))
+    up.route("/mcp-own", mcp_route("json", session="sess-own"))
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_gw(mcp_upstream: Upstream, tmp_path_factory: pytest.TempPathFactory, confdir: Path,
+              upstream_ca_file: Path) -> Iterator[Gateway]:
+    pool = GatewayPool(tmp_path_factory.mktemp("mcp-raw-gateway"), confdir, upstream_ca_file)
+    yield pool.get("mcp", lambda path: write_rules(
+        path, [mcp_upstream.port], top=MCP_RULES.format(name=mcp_upstream.name, port=mcp_upstream.port)))
+    pool.stop()
+
+
 @pytest.fixture
-def gw(make_gateway: GatewayFactory, upstream: Upstream, tmp_path: Path):  # type: ignore[no-untyped-def]
-    upstream.route("/mcp", mcp_route("json"))
-    upstream.route("/mcp-chunked", mcp_route("chunked"))
-    upstream.route("/mcp-sse", mcp_route("sse"))
-    rules = write_rules(tmp_path / "rules.yaml", [upstream.port],
-                        top=MCP_RULES.format(port=upstream.port))
-    return make_gateway(rules)
+def upstream(mcp_upstream: Upstream) -> Upstream:
+    """The module's MCP upstream, its record cleared for this test."""
+    mcp_upstream.seen.clear()
+    return mcp_upstream
+
+
+@pytest.fixture
+def gw(shared_gw: Gateway, upstream: Upstream) -> Gateway:
+    return shared_gw
 
 
 def post(gw: Any, upstream: Upstream, body: Any, path: str = "/mcp", sub: str = "agent-1",
@@ -140,10 +167,12 @@ def test_denied_call_never_reaches_the_server(gw: Any, upstream: Upstream) -> No
     r = post(gw, upstream, call(9, "terraform_apply", dir="/prod"))
     assert r.status_code == 200
     assert r.json()["error"]["message"] == "Unknown tool: terraform_apply"
-    assert r.json()["id"] == 9 and r.headers["x-fleetgate-decision-id"]
+    decision_id = r.headers["x-fleetgate-decision-id"]
+    assert r.json()["id"] == 9 and decision_id
     assert ("tools/call", "terraform_apply") not in calls_seen(upstream)
     assert calls_seen(upstream) == []
-    rec = gw.wait_for_decision(lambda d: d.get("mcp") is not None)
+    rec = gw.wait_for_decision(lambda d: d.get("decision_id") == decision_id)
+    assert rec["mcp"] is not None
     assert rec["result"] == "deny" and rec["rule"] == "mcp.default-deny"
     assert rec["mcp"]["calls"][0]["target"] == "terraform_apply"
 
@@ -206,12 +235,12 @@ def test_gzip_body_is_judged_and_bomb_refused(gw: Any, upstream: Upstream) -> No
 
 def test_a_session_belongs_to_the_agent_that_opened_it(gw: Any, upstream: Upstream) -> None:
     init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}
-    r = post(gw, upstream, init, sub="parent")
-    assert r.headers["mcp-session-id"] == "sess-1"
-    assert "result" in post(gw, upstream, call(1, "nmap_scan"), sub="parent",
-                            headers={"Mcp-Session-Id": "sess-1"}).json()
-    other = post(gw, upstream, call(2, "nmap_scan"), sub="child",
-                 headers={"Mcp-Session-Id": "sess-1"})
+    r = post(gw, upstream, init, "/mcp-own", sub="parent")
+    assert r.headers["mcp-session-id"] == "sess-own"
+    assert "result" in post(gw, upstream, call(1, "nmap_scan"), "/mcp-own", sub="parent",
+                            headers={"Mcp-Session-Id": "sess-own"}).json()
+    other = post(gw, upstream, call(2, "nmap_scan"), "/mcp-own", sub="child",
+                 headers={"Mcp-Session-Id": "sess-own"})
     assert other.status_code == 403 and "another agent" in other.json()["error"]["message"]
     assert calls_seen(upstream).count(("tools/call", "nmap_scan")) == 1
 

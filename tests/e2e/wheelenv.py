@@ -108,8 +108,10 @@ def wheel_venv() -> WheelVenv:
     _run([py, "-m", "venv", "--without-pip", str(venv)], cwd=root)
     vpy = str(venv / "bin" / "python")
     _run([str(UV), "pip", "install", "--python", vpy, "--require-hashes", "--no-deps", "--quiet",
+          "--compile-bytecode",
           "-r", str(requirements)], cwd=root)
-    _run([str(UV), "pip", "install", "--python", vpy, "--no-deps", "--quiet", str(wheels[0])], cwd=root)
+    _run([str(UV), "pip", "install", "--python", vpy, "--no-deps", "--quiet", "--compile-bytecode",
+          str(wheels[0])], cwd=root)
     timings["install"] = time.monotonic() - t
     assert sysconfig.get_python_version() in str(next(venv.glob("lib/python*"))), "not .venv's Python"
     print(f"wheel venv: {root} " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
