@@ -175,7 +175,9 @@ class Upstream:
         register_name(self.name, self.port, self.port)
         for n in names:
             register_name(n, 443 if self.tls else 80, self.port)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # a short poll: stop() waits for serve_forever to notice (0.5 s by default, per test)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
         self._thread.start()
 
     @property

@@ -195,7 +195,7 @@ def test_mcp_tool_calls_per_minute_keyed_by_tool(make_gateway: GatewayFactory, t
     from test_mcp_raw import MCP_RULES, call, calls_seen, mcp_route, post
 
     upstream.route("/mcp", mcp_route("json"))
-    top = MCP_RULES.format(port=upstream.port) + """
+    top = MCP_RULES.format(name=upstream.name, port=upstream.port) + """
 policies:
   localRateLimit:
   - id: tool-calls

@@ -255,7 +255,7 @@ class LlmProvider:
         self.port: int = self._server.server_address[1]
         self.control = install(self)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="mock-llm-provider")
+                                        kwargs={"poll_interval": 0.05}, name="mock-llm-provider")
         self._thread.start()
 
     def route(self, path: str, handler: Handler) -> None:
