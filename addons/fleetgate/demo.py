@@ -357,8 +357,8 @@ class Demo:
 
     def run(self) -> int:
         t0 = time.monotonic()
-        step_names = ["an allowed LLM call, metered", "a rule denies an LLM call",
-                      "a token budget runs out (429)", "MCP tools filtered per agent",
+        step_names = ["an allowed LLM call, metered", "rules deny LLM calls (model, max_tokens)",
+                      "a budget runs out (429)", "MCP tools filtered per agent",
                       "the kill switch cuts a live stream", "where to look"]
         steps: list[Callable[[], str]] = [self.step_metered, self.step_denied, self.step_budget,
                                           self.step_mcp, self.step_kill, self.step_where]
@@ -486,64 +486,99 @@ class Demo:
             f"tokens={json.dumps(llm.get('tokens'))} cost_usd={llm.get('cost_usd')}")
 
     def step_denied(self) -> str:
-        say("  The security agent may only reach Anthropic (its egress list in rules/fleet.yaml):")
-        say("  it asks OpenAI's gpt-4o. Then a general agent asks for max_tokens=64000, more than its")
-        say("  token limit (20,000 per minute) could ever hold. Both are refused before the provider")
-        say("  sees anything, with the error body the OpenAI/Anthropic SDKs raise.")
+        say("  The general agent's profile in rules/fleet.yaml says \"(Sonnet or Haiku)\" and rule")
+        say("  general.models enforces it, whatever the agent's prompt says: it asks claude-opus-4-5.")
+        say("  Then it asks Sonnet for max_tokens=64000 (rule general.max-tokens: at most 8192), and")
+        say("  the security agent, which may only reach Anthropic (its egress list), asks OpenAI's")
+        say("  gpt-4o. Each is refused before the provider sees anything, with the error body the")
+        say("  OpenAI/Anthropic SDKs raise.")
         before = len(self.m.llm.seen)
-        with self.g.client(self.g.token("sec-1", "security")) as c:
-            r = c.post("https://api.openai.com/v1/chat/completions",
-                       json={"model": "gpt-4o", "max_tokens": 100,
-                             "messages": [{"role": "user", "content": "Which CVEs matter today?"}]})
-        rule1, msg1 = error_of(body_of(r))
-        say(f"  security -> api.openai.com: HTTP {r.status_code}, rule {rule1}")
-        show("SDK error", msg1)
-        expect(r.status_code == 403, f"security -> OpenAI: expected 403, got {r.status_code}")
-        expect(rule1, "the 403 names no rule")
         with self.g.client(self.g.token("gen-1", "general")) as c:
-            r2 = c.post("https://api.anthropic.com/v1/messages",
-                        json={"model": "claude-sonnet-4-5", "max_tokens": 64000,
-                              "messages": [{"role": "user", "content": "Write the whole runbook."}]})
-        rule2, msg2 = error_of(body_of(r2))
-        say(f"  general, max_tokens=64000 -> api.anthropic.com: HTTP {r2.status_code}, rule {rule2}, "
-            f"x-should-retry: {r2.headers.get('x-should-retry')}")
-        show("SDK error", msg2)
-        expect(r2.status_code == 429, f"max_tokens=64000: expected 429, got {r2.status_code}")
-        expect(rule2 == "general.localRateLimit[0]", f"max_tokens=64000: rule {rule2!r}")
+            opus = c.post("https://api.anthropic.com/v1/messages",
+                          json={"model": "claude-opus-4-5", "max_tokens": 1024,
+                                "messages": [{"role": "user", "content": "Plan the Proxmox upgrade."}]})
+            big = c.post("https://api.anthropic.com/v1/messages",
+                         json={"model": "claude-sonnet-4-5", "max_tokens": 64000,
+                               "messages": [{"role": "user", "content": "Write the whole runbook."}]})
+        with self.g.client(self.g.token("sec-1", "security")) as c:
+            egress = c.post("https://api.openai.com/v1/chat/completions",
+                            json={"model": "gpt-4o", "max_tokens": 100,
+                                  "messages": [{"role": "user", "content": "Which CVEs matter today?"}]})
+        rules: list[str] = []
+        for who, r, want in (("general, claude-opus-4-5", opus, "general.models"),
+                             ("general, max_tokens=64000", big, "general.max-tokens"),
+                             ("security -> api.openai.com", egress, "egress")):
+            rule, msg = error_of(body_of(r))
+            say(f"  {who}: HTTP {r.status_code}, rule {rule}")
+            show("SDK error", msg)
+            expect(r.status_code == 403, f"{who}: expected 403, got {r.status_code} {r.text[:300]}")
+            expect(rule == want, f"{who}: expected rule {want}, got {rule!r}")
+            expect(f"({want})" in msg, f"{who}: the SDK-readable message names no rule: {msg!r}")
+            rules.append(rule)
+        d = self.g.decision(opus.headers.get("x-fleetgate-decision-id"))
+        say(f"    decision log (claude-opus-4-5): result={d.get('result')} rule={d.get('rule')} "
+            f"agent={d.get('agent')} status={d.get('status')}")
+        expect(d.get("rule") == "general.models", f"the decision log names {d.get('rule')!r}")
         expect(len(self.m.llm.seen) == before, "a refused call reached the provider")
-        return f"403 {rule1}; 429 {rule2} (the provider saw neither)"
+        return f"{'; '.join(f'403 {r}' for r in rules)} (the provider saw none)"
 
     def step_budget(self) -> str:
-        say("  The general role's token budget in rules/fleet.yaml is 20,000 LLM tokens per minute")
-        say("  per agent (localRateLimit, type tokens). The mock provider bills one long conversation")
-        say("  19,990 tokens; the gateway settles the call to that usage, and the next call no longer fits.")
+        usage = {"input_tokens": 20000, "output_tokens": 400000,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        billed = usage["input_tokens"] + usage["output_tokens"]
+        say("  Opus is expensive: each security agent may spend $10 a day (budget security.daily-usd")
+        say("  in rules/fleet.yaml; a fleet-wide monthly budget sits above it). To skip a day's work,")
+        say(f"  the mock provider bills the first call {billed:,} tokens of claude-opus-4-5; the gateway")
+        say("  settles the budget to what the provider billed, and the next call no longer fits.")
         ctl = self.m.llm.control
-        ctl.anthropic_usage = {"input_tokens": 12000, "output_tokens": 7990,
-                               "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        ctl.anthropic_usage = usage
         try:
-            with self.g.client(self.g.token("gen-1", "general")) as c:
+            with self.g.client(self.g.token("sec-2", "security")) as c:
                 r1 = c.post("https://api.anthropic.com/v1/messages",
-                            json={"model": "claude-sonnet-4-5", "max_tokens": 1024,
-                                  "messages": [{"role": "user", "content": "Review these CI logs."}]})
+                            json={"model": "claude-opus-4-5", "max_tokens": 4096,
+                                  "messages": [{"role": "user", "content": "Triage today's CVEs."}]})
                 expect(r1.status_code == 200, f"first call: HTTP {r1.status_code} {r1.text[:300]}")
                 d1 = self.g.decision(r1.headers.get("x-fleetgate-decision-id"))
-                say(f"  call 1 -> 200, billed {json.dumps((d1.get('llm') or {}).get('tokens'))}")
-                show("limits after it", d1.get("limits"))
+                llm = d1.get("llm") or {}
+                say(f"  call 1 -> 200, billed {json.dumps(llm.get('tokens'))}, "
+                    f"${llm.get('cost_usd')}")
+                show("budgets it counted in", [b.get("budget") for b in d1.get("budgets") or []])
+                seen = len(self.m.llm.seen)
                 r2 = c.post("https://api.anthropic.com/v1/messages",
-                            json={"model": "claude-sonnet-4-5", "max_tokens": 1024,
-                                  "messages": [{"role": "user", "content": "Now the Docker hosts."}]})
+                            json={"model": "claude-opus-4-5", "max_tokens": 4096,
+                                  "messages": [{"role": "user", "content": "And the base images?"}]})
         finally:
             ctl.anthropic_usage = None
         rule, msg = error_of(body_of(r2))
-        say(f"  call 2 -> HTTP {r2.status_code}, rule {rule}, "
-            f"Retry-After: {r2.headers.get('retry-after')} s, "
-            f"x-ratelimit-remaining: {r2.headers.get('x-ratelimit-remaining')}")
+        retry = int(r2.headers.get("retry-after") or 0)
+        no_retry = r2.headers.get("x-should-retry")
+        say(f"  call 2 -> HTTP {r2.status_code}, rule {rule}, Retry-After: {retry} s, "
+            f"x-ratelimit-remaining: {r2.headers.get('x-ratelimit-remaining')}, "
+            f"x-should-retry: {no_retry}")
         show("SDK error", msg)
         expect(r2.status_code == 429, f"call 2: expected 429, got {r2.status_code} {r2.text[:300]}")
-        expect(rule == "general.localRateLimit[0]", f"call 2: rule {rule!r}")
-        retry = int(r2.headers.get("retry-after") or 0)
+        expect(rule == "security.daily-usd", f"call 2: rule {rule!r}")
         expect(retry > 0, "the 429 says nothing about when the budget refills (Retry-After)")
-        return f"429 {rule}, refills in {retry} s"
+        expect("refills at" in msg, f"the SDK message does not say when the budget refills: {msg!r}")
+        # fleetgate_limits_no_retry_after (60 s): a longer wait tells the SDKs not to retry
+        expect((no_retry == "false") == (retry > 60),
+               f"x-should-retry {no_retry!r} with Retry-After {retry} s")
+        expect(len(self.m.llm.seen) == seen, "the refused call reached the provider")
+        spent = self._budget_spend("security.daily-usd", "sec-2")
+        if spent is not None:
+            say(f"  GET {self.g.metrics_url}/budgets, security.daily-usd for sec-2: {json.dumps(spent)}")
+        return f"429 {rule}, refills in {retry} s (x-should-retry: {no_retry or 'unset'})"
+
+    def _budget_spend(self, budget: str, key: str) -> dict[str, Any] | None:
+        """One key's line of ``GET /budgets``: the budget's limits and what the key spent."""
+        for b in self.g.metrics_json("/budgets").get("budgets") or []:
+            if b.get("budget") == budget:
+                row = next((s for s in b.get("spend") or [] if s.get("key") == key), None)
+                if row is not None:
+                    return {"limit": b.get("limit"), "soft_usd": b.get("soft_usd"),
+                            "hard_usd": b.get("hard_usd"), "spent_usd": row.get("usd"),
+                            "tokens": row.get("tokens")}
+        return None
 
     def step_mcp(self) -> str:
         say("  One MCP server answers as mcp-security.tools.example.com and mcp-cloud.tools.example.com.")

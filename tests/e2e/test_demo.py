@@ -33,8 +33,15 @@ def test_demo_check_passes_every_step() -> None:
     assert "demo: all 6 steps ok" in out
     # what each step showed, from the gateway's own answers and records
     assert re.search(r"2 calls metered, [1-9]\d* input \+ [1-9]\d* output tokens, \$0\.0*[1-9]", out), out
-    assert "403 egress" in out and "429 general.localRateLimit[0]" in out
-    assert re.search(r"429 general\.localRateLimit\[0\], refills in [1-9]\d* s", out), out
+    # step 2: the general agent's model rule and max_tokens cap, an egress refusal
+    assert "403 general.models; 403 general.max-tokens; 403 egress (the provider saw none)" in out, out
+    assert re.search(r"^    SDK error: fleetgate denied this request \(general\.models\): .*Sonnet", out,
+                     re.M), out
+    # step 3: the security agent's daily budget, exhausted by the provider's bill
+    assert re.search(r"429 security\.daily-usd, refills in [1-9]\d* s \(x-should-retry: (false|unset)\)",
+                     out), out
+    assert re.search(r"^    SDK error: fleetgate denied this request \(security\.daily-usd\): budget "
+                     r"security\.daily-usd .* it refills at \d{4}-\d\d-\d\dT00:00:00Z", out, re.M), out
     assert "security sees: nmap_scan, trivy_image, falco_events" in out
     assert "cloud-tools.not-agent-infra" in out
     assert re.search(r"stream cut after 1 event\(s\); 503 killswitch\.stop; 200 after unrevoke", out), out

@@ -1,8 +1,10 @@
 """Decision tables for the example rules: every case in rules/cases/*.yaml is one test.
 
-A case is ``{name, jwt: {claims}, request: {method, url, headers?}, expect: {allow, rule}}``.
+A case is ``{name, jwt: {claims}, request: {method, url, headers?, body?}, expect: {allow, rule}}``.
 The URL goes through the same normalisation as live traffic (``request_facts``), so a case
-written with ``%64elete`` or ``API.Example.COM.`` checks the gateway, not the test.
+written with ``%64elete`` or ``API.Example.COM.`` checks the gateway, not the test. A ``body``
+(the JSON an SDK sends) on an LLM provider's route gives rules the ``llm.*`` facts the gateway
+would read from it (``parse_request``), so model and ``max_tokens`` rules have cases too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from fleetgate.llm.request import parse_request
 from fleetgate.policy.decide import decide
 from fleetgate.policy.loader import load_policy
 from fleetgate.policy.model import Policy
@@ -54,6 +57,16 @@ def facts_from(request: dict[str, Any]) -> RequestFacts:
     return request_facts(request["method"], scheme, host, port, target, headers)
 
 
+def llm_facts(policy: Policy, request: dict[str, Any], facts: RequestFacts) -> dict[str, Any] | None:
+    """``llm.*`` as LlmInspector sets them: only for a POST with a body on a provider's route."""
+    if "body" not in request:
+        return None
+    route = policy.providers.route(facts.host, facts.port, facts.path)
+    assert route is not None and facts.method == "POST", (
+        f"{request['url']}: a case body is only read on an LLM provider's route (POST)")
+    return {"is_llm": True, **parse_request(route, request["body"], facts.path).to_cel()}
+
+
 @pytest.fixture(scope="module")
 def policy() -> Policy:
     return load_policy(RULES)
@@ -71,7 +84,8 @@ def test_facts_from_url_keeps_the_spelling_for_request_facts() -> None:
 @pytest.mark.parametrize("case", _load_cases())
 def test_rule_case(policy: Policy, case: dict[str, Any]) -> None:
     assert set(case) <= {"name", "jwt", "request", "expect", "why"}, case
-    decision = decide(policy, case["jwt"], facts_from(case["request"]))
+    facts = facts_from(case["request"])
+    decision = decide(policy, case["jwt"], facts, llm_facts(policy, case["request"], facts))
     expect = case["expect"]
     assert (decision.allow, decision.rule) == (expect["allow"], expect["rule"]), (
         f"{case['request']['method']} {case['request']['url']}: got "
