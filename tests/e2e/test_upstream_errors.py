@@ -166,3 +166,4 @@ def test_a_working_upstream_is_untouched(gw: Gateway, upstream: Upstream) -> Non
         r = c.get(f"{upstream.url}/fine")
     assert r.status_code == 200 and r.json()["path"] == "/fine"
     assert r.headers.get("x-fleetgate-decision-id")
+
