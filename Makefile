@@ -21,7 +21,7 @@ test:
 	.venv/bin/ruff check addons tests scripts
 	.venv/bin/mypy
 	@./scripts/deploy-check.sh
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile
 
 lint:
 	@./scripts/bootstrap.sh lint
