@@ -36,6 +36,8 @@ _TIMEOUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
 def classify(message: str, destination: str) -> UpstreamFailure:
     """Turn mitmproxy's error message for a flow with no response into an answer."""
     msg = _KILLED.sub("", message.strip()) or "the upstream connection failed"
+    if msg.startswith("fleetgate: ") and not msg.startswith("fleetgate: no policy"):
+        msg = msg.removeprefix("fleetgate: ")  # our own server_connect message, said once
     if msg.startswith("fleetgate refused to connect"):
         return UpstreamFailure(
             502, "destinations.connect", msg,
@@ -45,7 +47,8 @@ def classify(message: str, destination: str) -> UpstreamFailure:
         return UpstreamFailure(503, "no-policy", msg, "Retry shortly.", True)
     if _RESOLVE.search(msg):
         return UpstreamFailure(
-            502, "upstream.resolve", f"cannot resolve {destination}: {msg}",
+            502, "upstream.resolve",
+            msg if msg.startswith("cannot resolve") else f"cannot resolve {destination}: {msg}",
             "Check the host name; the gateway's DNS does not know it.", False)
     if _TIMEOUT.search(msg):
         return UpstreamFailure(

@@ -32,8 +32,8 @@ def test_sequential_requests_on_one_tunnel_reuse_one_upstream_connection(
 
 def test_concurrent_tunnels_each_reuse_their_upstream_connection(
         gateway: Gateway, upstream: Upstream) -> None:
-    # The gateway speaks HTTP/1.1 to agents (connections are opened lazily, so it cannot offer
-    # h2 before it knows the upstream): concurrency is one tunnel per request in flight.
+    # The SDKs' HTTP stack (httpx) speaks HTTP/1.1 in a proxy tunnel: concurrency is one
+    # tunnel per request in flight.
     # 20 concurrent requests, then 20 more on the same 20 tunnels: each tunnel keeps its one
     # upstream connection (before the fix: 40 connections, and tunnels hung past five).
     with gateway.client(token(), timeout=10.0, limits=httpx.Limits(max_connections=20)) as c:
