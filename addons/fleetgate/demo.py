@@ -180,8 +180,10 @@ class Gateway:
         for o in opts:
             argv += ["--set", o]
         with self.output_file.open("wb") as out:
+            # unbuffered: the "listening" lines must reach the file while the gateway runs
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, cwd=self.workdir,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                          start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -320,7 +320,8 @@ class Gateway:
     def start(self, timeout: float = 30.0) -> Gateway:
         self.proc = subprocess.Popen(
             self.argv(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            cwd=self.workdir, start_new_session=True)
+            cwd=self.workdir, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its log lines as they are written
         threading.Thread(target=self._pump, daemon=True).start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -72,7 +72,8 @@ def base_python() -> str:
 
 
 @functools.cache
-def wheel_venv() -> WheelVenv:
+def wheel_venv(extras: tuple[str, ...] = ()) -> WheelVenv:
+    """The wheel and the runtime dependencies (plus ``extras``, e.g. ``("demo",)``) from the lock."""
     assert UV.is_file(), f"{UV} is missing: run ./scripts/bootstrap.sh"
     root = Path(tempfile.mkdtemp(prefix="fleetgate-wheel-"))
     atexit.register(shutil.rmtree, root, True)
@@ -100,6 +101,7 @@ def wheel_venv() -> WheelVenv:
     t = time.monotonic()
     requirements = root / "requirements.txt"
     _run([str(UV), "export", "--frozen", "--no-dev", "--no-emit-project", "--format", "requirements-txt",
+          *[a for e in extras for a in ("--extra", e)],
           "--output-file", str(requirements), "--quiet"], cwd=REPO)
     timings["export"] = time.monotonic() - t
 
