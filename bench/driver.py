@@ -6,7 +6,10 @@ agent's own JWT (fleetgate) or no credentials (bare mitmdump), or there is no pr
 The proxy URL is passed to the client explicitly rather than through the environment because
 every agent in this one process has its own token; httpx does the same CONNECT either way.
 
-Timings are ``time.perf_counter()`` around each request, measured by the agent itself.
+Timings are ``time.perf_counter()`` around each request, measured by the agent itself. Every
+target reaches the upstream by name (``https://localhost:<port>``, ``Target.base_url``); an
+agent's client sends request after request on its one connection, so the upstream must see one
+connection per agent (``Run.upstream_connections``, checked by ``scenarios.reuse_problems``).
 """
 
 from __future__ import annotations
@@ -213,6 +216,11 @@ class Run:
     elapsed: float = 0.0
     proxy_cpu: float | None = None
     driver_cpu: float = 0.0
+    # What the upstream saw of this target (scenarios.interleaved, warm-up included): TLS
+    # connections it accepted and requests it served. With keep-alive working, one connection
+    # per agent however many requests; a proxy that stops reusing connections shows here.
+    upstream_connections: int | None = None
+    upstream_requests: int | None = None
 
     def merge(self, other: Run) -> None:
         self.latencies += other.latencies
@@ -237,6 +245,9 @@ class Run:
         if self.proxy_cpu is not None and n:
             out["proxy_cpu_ms_per_req"] = round(self.proxy_cpu * 1000 / n, 3)
             out["proxy_cpu_util"] = round(self.proxy_cpu / self.elapsed, 3) if self.elapsed else None
+        if self.upstream_connections is not None:
+            out["upstream_connections"] = self.upstream_connections
+            out["upstream_requests"] = self.upstream_requests
         if self.first_error:
             out["first_error"] = self.first_error
         return out

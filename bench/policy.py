@@ -10,6 +10,19 @@ from pathlib import Path
 
 BENCH_ROLE = "bench"
 
+# The upstream is reached by this name, never by its address, through every target (direct,
+# bare mitmdump, fleetgate): real providers are host names, and a gateway bug that only shows
+# for names (issue 13: mitmproxy never reused an upstream connection to a name, so the 6th
+# request on a keep-alive tunnel hung) went unseen while the bench dialled 127.0.0.1. Bare
+# mitmdump has no ``fleetgate_resolve``, so it has to be a name the system resolver knows
+# without edits; ``stack.check_upstream_name`` makes sure it means 127.0.0.1 and nothing else.
+UPSTREAM_HOST = "localhost"
+
+
+def upstream_hostport(upstream_port: int) -> str:
+    """How the rules name the upstream: ``localhost:<port>``."""
+    return f"{UPSTREAM_HOST}:{upstream_port}"
+
 SEED_DENY = """authorization:
   rules:
   - deny: 'request.path.contains("delete")'
@@ -25,7 +38,7 @@ def llm_section(upstream_port: int) -> str:
   providers:
   - name: bench-openai
     api: openai
-    hosts: ["127.0.0.1:{upstream_port}"]
+    hosts: ["{upstream_hostport(upstream_port)}"]
   pricing:
     models:
       bench-model: {{input: 1.0, output: 2.0}}
@@ -46,7 +59,7 @@ def mcp_section(upstream_port: int) -> str:
     return f"""mcp:
   servers:
   - name: {MCP_SERVER}
-    hosts: ["127.0.0.1:{upstream_port}"]
+    hosts: ["{upstream_hostport(upstream_port)}"]
     path: /mcp
     mcpAuthorization:
       rules:
@@ -120,11 +133,13 @@ def limits_block() -> str:
 
 def small_policy(upstream_port: int, llm: bool = False, mcp: bool = True, limits: bool = False) -> str:
     """What the gateway runs in scenarios (a)-(f): the seed's global deny rules, four decoy
-    profiles like rules/fleet.yaml's specialists, the ``bench`` profile the agents match,
+    profiles like rules/fleet.yaml's specialists, the ``bench`` profile the agents match (egress
+    to the upstream by name, ``localhost:<port>``; ``allowPrivate`` admits the one address that
+    name resolves to, 127.0.0.1, as a private upstream must be admitted in production),
     (``llm``) the upstream declared as an LLM provider and (``mcp``) its ``/mcp`` declared as
     an MCP server whose rules let the bench agents use 120 of its 1,000 tools; (``limits``) the
     bench profile with :func:`limits_block`, for scenario (a)'s rate-limit variant only."""
-    up = f"127.0.0.1:{upstream_port}"
+    up = upstream_hostport(upstream_port)
     decoys = "".join(f"""- name: {role}
   match: 'jwt.agent_role == "{role}"'
   egress:
@@ -168,7 +183,7 @@ def scale_policy(upstream_port: int, agents: int = 1000, variant: int = 0, llm: 
     """``agents`` profiles, each selecting one ``jwt.agent_id`` and carrying 5 rules (deny,
     host-scoped require, deny on a header, two allows): 1,000 agents -> 5,000 rules, plus the
     seed's 3 global deny rules. ``variant`` changes one reason so a rewrite is a new revision."""
-    up = f"127.0.0.1:{upstream_port}"
+    up = upstream_hostport(upstream_port)
     out = [f"""apiVersion: fleetgate/v1
 kind: Policy
 metadata: {{name: bench-scale, variant: {variant}}}

@@ -7,6 +7,7 @@ group, so nothing outlives the run.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import json
@@ -208,6 +209,17 @@ class Upstream:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    async def counts(self) -> tuple[int, int]:
+        """(TLS connections accepted, requests served) so far, from the upstream's stats
+        listener: a connection of its own, so reading never changes the figures."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(self.info["stats_port"]))
+        try:
+            line = await reader.readline()
+        finally:
+            writer.close()
+        d = json.loads(line)
+        return int(d["connections"]), int(d["requests"])
 
 
 def start_upstream(workdir: Path, cert: Path, key: Path) -> Upstream:

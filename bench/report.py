@@ -160,6 +160,25 @@ def _mcp_rows(t: Table, c: dict[str, Any]) -> None:
               "result (forwarded)", "result", ratios=False)
 
 
+def _reuse_row(t: Table, label: str, r: dict[str, Any], agents: int | None) -> None:
+    """(a): connections the upstream accepted for each target's requests (warm-up included),
+    reached by name. One per keep-alive agent is connection reuse working; one per request
+    would be issue 13 again (a proxy that never reuses a connection to a name)."""
+    def cell(x: dict[str, Any]) -> str | None:
+        c, n = x.get("upstream_connections"), x.get("upstream_requests")
+        return f"{c:,} / {n:,}" if isinstance(c, int) and isinstance(n, int) else None
+
+    fg, bare, direct = r.get("fleetgate", {}), r.get("bare", {}), r.get("direct", {})
+    if cell(fg) is None:
+        return
+    conns = [x.get("upstream_connections") for x in r.values() if isinstance(x, dict)]
+    ok = agents is not None and all(isinstance(c, int) and c <= agents for c in conns)
+    verdict = (f"info: keep-alive by name: at most one upstream connection per agent ({agents}), "
+               "every target" if ok else "**upstream connections not reused**")
+    t.row(label, "upstream connections / requests (by name, warm-up included)", cell(fg), cell(bare),
+          cell(direct), verdict, ratios=False)
+
+
 LIMITED = "fleetgate-limits"  # stack.LIMITED (report.py imports nothing of the running bench)
 
 
@@ -354,6 +373,7 @@ def markdown(results: dict[str, Any]) -> str:
             tgt = _met(c["met"], f"+{(c['value'] - 1) * 100:.0f}% vs ≤ +15%") if c["value"] else ""
         t.row(label, "proxy CPU per request (ms)", fg.get("proxy_cpu_ms_per_req"),
               bare.get("proxy_cpu_ms_per_req"), None, tgt, nd=3)
+        _reuse_row(t, label, r, int(conc) if conc.isdigit() else None)
         plain = r.get("fleetgate-nollm")
         if plain:
             t.row(label, "*fleetgate, upstream not an LLM provider*: requests/s", plain.get("rps"),

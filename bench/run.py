@@ -22,10 +22,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from policy import UPSTREAM_HOST
 from procs import NoiseMeter, install_cleanup, stop_all
 from report import judge, markdown, merge
 from scenarios import PENDING, SCENARIOS, Plan
-from stack import Bench, bring_up, environment, workspace
+from stack import Bench, ResolverError, bring_up, check_upstream_name, environment, workspace
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -101,20 +102,27 @@ def main(argv: list[str] | None = None) -> int:
             log(t0, f"work directory {workdir}")
             bench = bring_up(workdir)
             results["setup"] = {
-                "upstream": {"port": bench.upstream.port, **bench.upstream.info},
+                "upstream": {"host": UPSTREAM_HOST, "port": bench.upstream.port,
+                             "resolves_to": check_upstream_name(bench.upstream.port),
+                             **bench.upstream.info},
                 "llm_provider_routed": bench.llm,
                 "mcp_server_declared": bench.mcp,
                 "rate_limit_variant": bench.limits,
                 "proxies": {n: {"argv": p.argv, "startup_s": round(p.started_s, 2)}
                             for n, p in bench.proxies.items()},
             }
-            log(t0, "up: " + ", ".join(f"{n} :{p.port} ({p.started_s:.1f} s)"
-                                       for n, p in bench.proxies.items()))
+            log(t0, f"up: upstream {bench.base_url} (by name; {UPSTREAM_HOST} resolves to "
+                    f"{', '.join(results['setup']['upstream']['resolves_to'])}), "
+                    + ", ".join(f"{n} :{p.port} ({p.started_s:.1f} s)" for n, p in bench.proxies.items()))
             with asyncio.Runner(loop_factory=factory) as runner:
                 runner.run(run_scenarios(bench, plan, only, results, t0))
     except KeyboardInterrupt:
         results["errors"]["interrupted"] = "interrupted"
         code = 130
+    except ResolverError as exc:  # said plainly, without a traceback: the machine, not the bench
+        print(exc, file=sys.stderr)
+        results["errors"]["setup"] = str(exc)
+        code = 2
     except Exception as exc:
         traceback.print_exc()
         results["errors"]["setup"] = f"{type(exc).__name__}: {exc}"

@@ -54,8 +54,10 @@ from policy import (
     LIMIT_TYPES,
     MCP_ALLOWED_PREFIXES,
     MCP_SERVER,
+    UPSTREAM_HOST,
     scale_agent_id,
     scale_policy,
+    upstream_hostport,
     write_atomic,
 )
 from procs import launch_proxy, mem_kib, reset_peak, rss_mib
@@ -144,9 +146,18 @@ async def interleaved(b: Bench, names: list[str], agents: int, op_for: Callable[
     targets = [b.targets[n] for n in names]
     clients = {t.name: t.clients(agents) for t in targets}
     runs = {t.name: Run() for t in targets}
+    seen = {t.name: [0, 0] for t in targets}  # upstream connections, requests
 
-    def state(name: str) -> contextlib.AbstractAsyncContextManager[Any]:
-        return around(name) if around is not None else contextlib.nullcontext()
+    @contextlib.asynccontextmanager
+    async def state(name: str) -> AsyncIterator[None]:
+        # The upstream's counters around each of the target's slices, off the clock: only this
+        # target's agents talk to the upstream meanwhile, so the difference is theirs.
+        c0, r0 = await b.upstream.counts()
+        async with around(name) if around is not None else contextlib.nullcontext():
+            yield
+        c1, r1 = await b.upstream.counts()
+        seen[name][0] += c1 - c0
+        seen[name][1] += r1 - r0
 
     try:
         for t in targets:
@@ -163,7 +174,22 @@ async def interleaved(b: Bench, names: list[str], agents: int, op_for: Callable[
     finally:
         for cl in clients.values():
             await close_all(cl)
+    for name, (conns, reqs) in seen.items():
+        runs[name].upstream_connections, runs[name].upstream_requests = conns, reqs
     return runs
+
+
+def reuse_problems(runs: dict[str, Run], agents: int, what: str) -> list[str]:
+    """Targets whose agents did not keep their one upstream connection: each agent is a client
+    with a single keep-alive connection that sends request after request, as an agent does, so
+    the upstream must see at most one connection per agent over the whole of
+    :func:`interleaved`. A proxy that opens a connection per request (issue 13: mitmproxy
+    never reused a connection to a *name* once fleetgate had rewritten the server address, and
+    the 6th request of a tunnel hung) fails this, instead of being measured as merely slow."""
+    return [f"{what}: {name} made the upstream accept {run.upstream_connections} connections for "
+            f"{run.upstream_requests} requests of {agents} keep-alive agent(s)"
+            for name, run in runs.items()
+            if run.upstream_connections is not None and run.upstream_connections > agents]
 
 
 async def scenario_a(b: Bench, plan: Plan) -> dict[str, Any]:
@@ -179,11 +205,13 @@ async def scenario_a(b: Bench, plan: Plan) -> dict[str, Any]:
             "probe": await _limits_probe(b, b.targets[LIMITED], log)}
         offset = log.stat().st_size
     slices: dict[str, dict[str, list[Run]]] = {}
+    reuse: list[str] = []
     for agents in plan.a_concurrency:
         slices[str(agents)] = {}
         runs = await interleaved(b, names, agents, lambda t: chat_op(t.base_url), plan.a_warmup,
                                  plan.a_rounds, plan.a_slice, slices[str(agents)])
         out["concurrency"][str(agents)] = {name: summary(run) for name, run in runs.items()}
+        reuse += reuse_problems(runs, agents, f"(a) {agents} agent(s)")
     if limited:
         rl = out["rate_limits"]
         await asyncio.sleep(0.3)
@@ -210,6 +238,9 @@ async def scenario_a(b: Bench, plan: Plan) -> dict[str, Any]:
                     "pct_of_bare": round((lim - fg) / bare * 100, 1) if bare else None,
                     "rps_ratio": round(r[LIMITED]["rps"] / r["fleetgate"]["rps"], 3)
                     if r[LIMITED].get("rps") and r["fleetgate"].get("rps") else None}
+    out["upstream_reuse"] = {"ok": not reuse, "problems": reuse}
+    if reuse:
+        raise BenchError("(a) upstream connections not reused: " + "; ".join(reuse), result=out)
     return out
 
 
@@ -335,11 +366,11 @@ def _limiter_cost(rules: Path, port: int, n: int, kinds: list[str]) -> dict[str,
     store = PolicyStore(metrics)
     store.policy = policy
     limiter = RateLimiter(store, metrics)
-    route = policy.providers.route("127.0.0.1", port, CHAT_PATH)
+    route = policy.providers.route(UPSTREAM_HOST, port, CHAT_PATH)
     llm = ({"is_llm": True, **parse_request(route, json.loads(CHAT_BODY), CHAT_PATH).to_cel(),
             "injected_usage": False} if route is not None else None)
     usage = {"tokens": {"input": 18, "output": 10}}
-    headers = [("host", f"127.0.0.1:{port}"), ("accept", "application/json"),
+    headers = [("host", upstream_hostport(port)), ("accept", "application/json"),
                ("accept-encoding", "gzip, deflate"), ("connection", "keep-alive"),
                ("user-agent", "python-httpx/0.28.1"), ("content-type", "application/json"),
                ("content-length", str(len(CHAT_BODY)))]
@@ -347,7 +378,7 @@ def _limiter_cost(rules: Path, port: int, n: int, kinds: list[str]) -> dict[str,
     def flow(i: int) -> Any:
         f = tflow.tflow(resp=False)
         req = f.request
-        req.method, req.scheme, req.host, req.port, req.path = "POST", "https", "127.0.0.1", port, CHAT_PATH
+        req.method, req.scheme, req.host, req.port, req.path = "POST", "https", UPSTREAM_HOST, port, CHAT_PATH
         req.headers.clear()
         for k, v in headers:
             req.headers.add(k, v)
@@ -414,6 +445,7 @@ async def scenario_b(b: Bench, plan: Plan) -> dict[str, Any]:
     runs.update(await interleaved(b, ["bare"], plan.b_agents, op_for, 0.0, 1, plan.b_slice))
     out: dict[str, Any] = {"events": plan.b_events, "interval_ms": plan.b_interval_ms,
                            "agents": plan.b_agents, "targets": {}}
+    reuse = reuse_problems(runs, plan.b_agents, "(b)")
     for name, run in runs.items():
         first = [x[0] for x in run.extra]
         last = [x[1] for x in run.extra]
@@ -423,8 +455,12 @@ async def scenario_b(b: Bench, plan: Plan) -> dict[str, Any]:
             "ttle_p50_ms": ms(pct(last, 50)), "ttle_p99_ms": ms(pct(last, 99)),
             "proxy_cpu_ms_per_stream": summary(run).get("proxy_cpu_ms_per_req"),
             "proxy_cpu_util": summary(run).get("proxy_cpu_util"),
+            "upstream_connections": run.upstream_connections, "upstream_requests": run.upstream_requests,
             **({"first_error": run.first_error} if run.first_error else {}),
         }
+    out["upstream_reuse"] = {"ok": not reuse, "problems": reuse}
+    if reuse:
+        raise BenchError("(b) upstream connections not reused: " + "; ".join(reuse), result=out)
     return out
 
 
@@ -522,15 +558,22 @@ async def scenario_c(b: Bench, plan: Plan) -> dict[str, Any]:
     def timed(op_for: Callable[[Target], Any], agents: int) -> Awaitable[dict[str, Run]]:
         return interleaved(b, names, agents, op_for, plan.c_warmup, plan.c_rounds, plan.c_slice)
 
+    reuse: list[str] = []
     for agents in plan.c_concurrency:
         runs = await timed(lambda t: mcp_list_op(t.base_url, expect[t.name]), agents)
         out["list"][str(agents)] = {n: summary(r) for n, r in runs.items()}
+        reuse += reuse_problems(runs, agents, f"(c) tools/list, {agents} agent(s)")
     for agents in plan.c_concurrency:
         runs = await timed(lambda t: mcp_call_op(t.base_url), agents)
         out["call"][str(agents)] = {n: summary(r) for n, r in runs.items()}
+        reuse += reuse_problems(runs, agents, f"(c) tools/call, {agents} agent(s)")
     for agents in plan.c_sse_concurrency:
         runs = await timed(lambda t: mcp_list_op(t.base_url, expect[t.name], sse=True), agents)
         out["list_sse"][str(agents)] = {n: summary(r) for n, r in runs.items()}
+        reuse += reuse_problems(runs, agents, f"(c) tools/list as SSE, {agents} agent(s)")
+    out["upstream_reuse"] = {"ok": not reuse, "problems": reuse}
+    if reuse:
+        raise BenchError("(c) upstream connections not reused: " + "; ".join(reuse), result=out)
     return out
 
 
@@ -684,10 +727,10 @@ def _decision_cost(policy_path: Path, agent: str, port: int, n: int) -> dict[str
     policy = load_policy(policy_path)
     claims = {"sub": agent, "agent_id": agent, "agent_role": "bench", "jti": "0" * 32,
               "exp": int(time.time()) + 3600}
-    headers = [("host", f"127.0.0.1:{port}"), ("content-type", "application/json"),
+    headers = [("host", upstream_hostport(port)), ("content-type", "application/json"),
                ("accept", "application/json"), ("user-agent", "python-httpx/0.28.1"),
                ("content-length", "180")]
-    args = ("POST", "https", "127.0.0.1", port, "/v1/chat/completions", headers)
+    args = ("POST", "https", UPSTREAM_HOST, port, "/v1/chat/completions", headers)
     assert decide(policy, claims, request_facts(*args)).allow, "bench agent must be allowed"
     both: list[float] = []
     only: list[float] = []
@@ -1187,6 +1230,7 @@ async def _gate_cost(b: Bench, plan: Plan, admin: _Admin) -> dict[str, Any]:
     if any(n != plan.d_gate_actions for n in in_force) or any(after_lift):
         problems.append(f"stops in force per slice {in_force} (expected {plan.d_gate_actions}), "
                         f"after lifting {after_lift} (expected 0)")
+    problems += reuse_problems(runs, plan.d_gate_agents, "gate")
     errs = {n: s.get("errors") for n, s in out["targets"].items() if s.get("errors")}
     if errs:
         problems.append(f"requests failed (an idle stop refused a load agent?): {errs}; first: "

@@ -7,6 +7,7 @@ import os
 import platform
 import secrets
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import trustme
 from driver import Target
 from policy import (
     BENCH_ROLE,
+    UPSTREAM_HOST,
     small_policy,
     supports_limits_section,
     supports_llm_section,
@@ -70,13 +72,14 @@ class Bench:
 
     @property
     def base_url(self) -> str:
-        return f"https://127.0.0.1:{self.upstream.port}"
+        """The upstream by name (``policy.UPSTREAM_HOST``), for every target alike."""
+        return f"https://{UPSTREAM_HOST}:{self.upstream.port}"
 
     def mint(self, agent: str, **claims: Any) -> str:
         from fleetgate.identity.mint import mint_token
 
-        return mint_token(self.secret, agent, 4 * 3600,
-                          {"agent_role": BENCH_ROLE, "agent_id": agent, **claims})
+        return str(mint_token(self.secret, agent, 4 * 3600,
+                              {"agent_role": BENCH_ROLE, "agent_id": agent, **claims}))
 
     def fleetgate_argv(self, rules: Path, decision_log: Path, **extra: str) -> list[str]:
         opts = {**COMMON, **self.fleetgate_options, "fleetgate_rules": str(rules),
@@ -98,9 +101,40 @@ def supports_admin_api() -> bool:
     return importlib.util.find_spec("fleetgate.addons.killswitch") is not None
 
 
+class ResolverError(RuntimeError):
+    """The system resolver does not map the upstream's name to 127.0.0.1 alone."""
+
+
+def check_upstream_name(port: int = 443) -> list[str]:
+    """The addresses :data:`policy.UPSTREAM_HOST` resolves to, as fleetgate resolves a name
+    (``getaddrinfo(host, port, type=SOCK_STREAM)``, in the resolver's order); raises unless
+    that is 127.0.0.1 and nothing else.
+
+    The upstream listens on 127.0.0.1 only and the rules admit only 127.0.0.1/32 as a private
+    destination. Where ``localhost`` also (or first) means ``::1``, fleetgate judges every
+    address and refuses ``::1``, and bare mitmdump dials ``::1`` first and falls back: the run
+    would measure refusals and connection fallbacks, not the proxies. Better to stop and say
+    so than to publish such figures."""
+    try:
+        infos = socket.getaddrinfo(UPSTREAM_HOST, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ResolverError(f"bench: cannot resolve {UPSTREAM_HOST!r}: {exc}") from exc
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if addresses != ["127.0.0.1"]:
+        first = f"first {addresses[0]}, " if addresses and addresses[0] != "127.0.0.1" else ""
+        raise ResolverError(
+            f"bench: this machine resolves {UPSTREAM_HOST!r} to {addresses} ({first}not 127.0.0.1 alone). "
+            "The bench reaches its upstream by that name through every target; its upstream listens on "
+            "127.0.0.1 only and its rules admit only 127.0.0.1/32, so fleetgate would dial (and refuse) "
+            f"{addresses[0] if addresses else 'nothing'} and bare mitmdump would try it first: the figures "
+            f"would not be the proxies'. Map {UPSTREAM_HOST} to 127.0.0.1 only (/etc/hosts: "
+            f"'127.0.0.1 {UPSTREAM_HOST}', and no '::1 {UPSTREAM_HOST}' line) and run again.")
+    return addresses
+
+
 def make_certs(workdir: Path) -> tuple[Path, Path, Path]:
     ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    leaf = ca.issue_cert(*dict.fromkeys((UPSTREAM_HOST, "127.0.0.1", "localhost")))
     ca_pem = workdir / "upstream-ca.pem"
     cert, key = workdir / "upstream-cert.pem", workdir / "upstream-key.pem"
     ca.cert_pem.write_to_path(str(ca_pem))
@@ -114,6 +148,7 @@ def make_certs(workdir: Path) -> tuple[Path, Path, Path]:
 def bring_up(workdir: Path) -> Bench:
     from fleetgate.cli import ca_init
 
+    check_upstream_name()  # before anything starts: a wrong resolver fails the run up front
     ca_pem, cert, key = make_certs(workdir)
     confdir = workdir / "confdir"
     confdir.mkdir()

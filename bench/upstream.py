@@ -1,10 +1,17 @@
-"""The benchmark's upstream: a TLS server on 127.0.0.1 that plays an LLM API, an MCP server and a
-file server. Runs in its own process (uvicorn + httptools + uvloop, one raw ASGI app) so its work
-never shares the load generator's GIL.
+"""The benchmark's upstream: a TLS server on 127.0.0.1 (reached as ``localhost``) that plays an
+LLM API, an MCP server and a file server. Runs in its own process (uvicorn + httptools + uvloop,
+one raw ASGI app) so its work never shares the load generator's GIL.
 
     python bench/upstream.py --cert CERT.pem --key KEY.pem [--port 0]
 
-prints one JSON line ``{"port": N}`` on stdout once it accepts connections.
+prints one JSON line ``{"port": N, "stats_port": M, ...}`` on stdout once it accepts connections.
+
+Counters: every TLS connection accepted and every request served are counted; a plain TCP
+listener on ``stats_port`` (127.0.0.1) answers each connection with one JSON line
+``{"connections": C, "requests": R}`` and closes it. It is a separate listener so that reading
+the counters never adds a connection to them; the bench reads them between slices to see that
+every agent's keep-alive connection is reused (``connections`` grows by one per client, not
+per request).
 
 Endpoints
 * ``POST /v1/chat/completions`` — OpenAI-style. ``"stream": false``: a ``chat.completion`` JSON
@@ -36,6 +43,7 @@ from urllib.parse import parse_qs
 Scope = dict[str, Any]
 
 MCP_TOOLS = 1000
+CONNECTIONS = 0  # TLS connections accepted (handshake done), see counting_protocol()
 DOWNLOAD_CHUNK = 64 * 1024
 _ZEROS = b"\0" * DOWNLOAD_CHUNK
 
@@ -138,6 +146,20 @@ def mcp_tools() -> list[dict[str, Any]]:
                 })
     assert len(tools) == MCP_TOOLS
     return tools
+
+
+def counting_protocol(base: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class, counting the connections it is made for (one instance per
+    connection; with TLS, ``connection_made`` runs once the handshake is done). An integer
+    increment per connection: nothing a request pays for."""
+
+    class Counting(base):  # type: ignore[valid-type,misc]
+        def connection_made(self, transport: Any) -> None:
+            global CONNECTIONS
+            CONNECTIONS += 1
+            super().connection_made(transport)
+
+    return Counting
 
 
 class App:
@@ -317,22 +339,35 @@ def main(argv: list[str] | None = None) -> None:
     http = "httptools"
     try:
         import httptools  # noqa: F401
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Proto
     except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Proto  # type: ignore[assignment]
         http = "h11"
-    config = uvicorn.Config(App(), loop=loop, http=http, log_level="warning", access_log=False,
-                            lifespan="on", ssl_certfile=args.cert, ssl_keyfile=args.key,
+    app = App()
+    config = uvicorn.Config(app, loop=loop, http=counting_protocol(Proto), log_level="warning",
+                            access_log=False, lifespan="on", ssl_certfile=args.cert, ssl_keyfile=args.key,
                             timeout_keep_alive=900, backlog=4096)
     server = uvicorn.Server(config)
 
+    async def stats(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(json.dumps({"connections": CONNECTIONS, "requests": app.requests}).encode() + b"\n")
+        try:
+            await writer.drain()
+        finally:
+            writer.close()
+
     async def serve() -> None:
+        stats_server = await asyncio.start_server(stats, "127.0.0.1", 0)
+        stats_port = stats_server.sockets[0].getsockname()[1]
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
             if task.done():
                 task.result()
                 return
             await asyncio.sleep(0.01)
-        print(json.dumps({"port": port, "loop": loop, "http": http}), flush=True)
+        print(json.dumps({"port": port, "stats_port": stats_port, "loop": loop, "http": http}), flush=True)
         await task
+        stats_server.close()
 
     factory = config.get_loop_factory() if hasattr(config, "get_loop_factory") else None
     with asyncio.Runner(loop_factory=factory) as runner:
