@@ -5,16 +5,33 @@ decode, truncated, not JSON, or with duplicate keys (which different parsers res
 differently, so we might judge one request while the upstream runs another) raises
 :class:`BodyError`, and the gateway answers 400/413 instead of forwarding an unread body.
 Used for LLM and MCP traffic alike.
+
+JSON nesting is bounded (``fleetgate_max_json_depth``): Python's parser recurses once per
+level, so a body nested thousands deep would crash it (``RecursionError``, a 500) instead of
+being refused. A pre-scan counts brackets outside strings before the parser runs.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import zlib
 from typing import Any
 
-__all__ = ["BodyError", "decode_body", "parse_json"]
+__all__ = [
+    "DEFAULT_MAX_JSON_DEPTH",
+    "BodyError",
+    "decode_body",
+    "json_depth_exceeds",
+    "parse_json",
+    "set_max_json_depth",
+]
+
+DEFAULT_MAX_JSON_DEPTH = 64
+# Set once from the option by the addon that declares it (see set_max_json_depth): every
+# reader of request bodies shares one bound without each call site threading it through.
+_max_json_depth = DEFAULT_MAX_JSON_DEPTH
 
 
 class BodyError(Exception):
@@ -101,10 +118,55 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_json(body: bytes) -> Any:
+def set_max_json_depth(depth: int) -> None:
+    """The nesting bound :func:`parse_json` applies when not given one (``>= 1``)."""
+    global _max_json_depth
+    if depth < 1:
+        raise ValueError("the JSON depth limit must be at least 1")
+    _max_json_depth = depth
+
+
+# A whole string (escapes included), or one bracket. Strings are skipped so that brackets
+# inside them do not count; everything else is irrelevant to depth.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_INNERMOST = re.compile(r"[\[{][\]}]")
+
+
+def json_depth_exceeds(text: str, limit: int) -> bool:
+    """Whether ``text`` nests arrays/objects deeper than ``limit``, without recursion.
+
+    Each round removes the innermost bracket pairs, all in C (``re``), so the cost is
+    ``limit`` passes over the brackets, not one Python step per byte. Unbalanced or
+    unterminated input may count as too deep: it is not valid JSON either way.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False  # the common case, at memchr speed: not enough openers to be too deep
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    for _ in range(limit):
+        if not brackets:
+            return False
+        shorter = _INNERMOST.sub("", brackets)
+        if shorter == brackets:
+            return True  # unbalanced: no pair left to remove
+        brackets = shorter
+    return bool(brackets)
+
+
+def parse_json(body: bytes, max_depth: int | None = None) -> Any:
+    """Parse a request body strictly: duplicate keys and nesting deeper than ``max_depth``
+    (default: the configured ``fleetgate_max_json_depth``) are refused with 400."""
+    limit = _max_json_depth if max_depth is None else max_depth
     try:
-        return json.loads(body, object_pairs_hook=_no_duplicates)
+        # decoded exactly as json.loads decodes bytes (UTF-8/16/32), so the pre-scan sees the
+        # characters the parser will see, not bytes that merely look like brackets
+        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        if json_depth_exceeds(text, limit):
+            raise BodyError(400, f"JSON nests deeper than {limit} levels")
+        return json.loads(text, object_pairs_hook=_no_duplicates)
     except BodyError:
         raise
+    except RecursionError:  # defence in depth: the pre-scan should make this unreachable
+        raise BodyError(400, f"JSON nests deeper than {limit} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BodyError(400, f"body is not JSON: {exc}") from None

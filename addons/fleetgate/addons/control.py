@@ -10,6 +10,11 @@ addon answers the request itself; nothing is ever dialled.
   is recorded in the session graph before the token is returned.
 * ``GET /v1/whoami``: the requester's identity, its place in the session graph and whether
   anything (stop, pause, throttle) applies to it.
+
+Only a request whose destination *is* the control host is answered: the tunnel's CONNECT
+target (or the absolute URL of a plain-HTTP request), with Host and SNI agreeing. A
+``Host: fleetgate.internal`` inside a tunnel to another host is domain fronting, left to
+HttpAuthorization (``403 host-mismatch``).
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ from fleetgate.addons.flowtools import (
 from fleetgate.addons.identity import AgentIdentity
 from fleetgate.addons.killswitch import DELEGATION, KillSwitch, subject_of
 from fleetgate.addons.rules import PolicyStore
+from fleetgate.bodies import BodyError, parse_json
 from fleetgate.kill.delegation import DelegationError, child_claims
 from fleetgate.kill.graph import GraphError
 from fleetgate.kill.model import Subject
 from fleetgate.metrics import GatewayMetrics
+from fleetgate.policy.normalize import normalize_host
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +98,21 @@ class ControlEndpoint:
                     "fleetgate_delegation_key_file must hold an RSA, EC P-256 or Ed25519 key")
             self._key = (key, alg, ctx.options.fleetgate_delegation_kid or None)
 
+    def _addressed(self, flow: http.HTTPFlow) -> bool:
+        """The destination, and every name the request gives for it, is the control host."""
+        req = flow.request
+        if normalize_host(req.host) != self.host:
+            return False  # pretty_host would trust the Host header: not the destination
+        header = req.host_header
+        if header and normalize_host(header.rsplit(":", 1)[0]
+                                     if not header.endswith("]") else header) != self.host:
+            return False
+        sni = flow.client_conn.sni
+        return not sni or normalize_host(sni) == self.host
+
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.request.pretty_host.lower() != self.host or settled(flow):
+        if settled(flow) or not self._addressed(flow):
             return
         ident = flow.metadata.get(IDENTITY)
         claims = flow.metadata.get(CLAIMS)
@@ -123,10 +142,10 @@ class ControlEndpoint:
             deny(flow, 503, "no-policy", "the gateway has no valid policy loaded")
             return
         try:
-            req = json.loads(flow.request.get_content(strict=False) or b"{}")
+            req = parse_json(flow.request.get_content(strict=False) or b"{}")
             if not isinstance(req, dict):
                 raise ValueError
-        except (ValueError, UnicodeDecodeError):
+        except (BodyError, ValueError, UnicodeDecodeError):
             self.metrics.delegations.labels(result="bad_request").inc()
             deny(flow, 400, "delegation.bad_request", "the body must be a JSON object such as "
                  '{"role": "security"}')

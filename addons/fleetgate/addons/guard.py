@@ -49,6 +49,11 @@ class ConnectionGuard:
                     raise exceptions.OptionsError(
                         f"fleetgate runs only as a regular (HTTPS_PROXY) proxy, not {mode!r}: "
                         "other modes carry no proxy credentials to identify the agent")
+        if "validate_inbound_headers" in updated and not o.validate_inbound_headers:
+            raise exceptions.OptionsError(
+                "fleetgate refuses validate_inbound_headers=false: mitmproxy would then pass "
+                "requests with two Content-Length headers, or Transfer-Encoding and "
+                "Content-Length, whose body the gateway and the server could frame differently")
         if "connection_strategy" in updated and o.connection_strategy != "lazy":
             # Eager would dial the CONNECT target before any request was authorized.
             o.connection_strategy = "lazy"

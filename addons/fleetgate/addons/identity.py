@@ -4,7 +4,9 @@ Credentials arrive on the CONNECT request only (``HTTPS_PROXY=http://agent:<JWT>
 so the verified identity is bound to the client connection and applies to every request
 inside that tunnel; the token's expiry is re-checked on each of them. Plain-HTTP proxy
 requests carry their own ``Proxy-Authorization``. The credential header is always removed
-before anything is forwarded: it never reaches an upstream.
+before anything is forwarded: it never reaches an upstream. Two ``Proxy-Authorization``
+headers are refused (``identity.ambiguous``): which one is "the" identity would depend on
+the reader. Tokens are bounded (``fleetgate_jwt_max_bytes``, ``identity.too_large``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class AgentIdentity:
                           "Required 'aud' value (empty: not checked).")
         loader.add_option("fleetgate_jwt_leeway", int, 30,
                           "Clock skew tolerated on exp/nbf, in seconds.")
+        loader.add_option("fleetgate_jwt_max_bytes", int, 8192,
+                          "Largest agent token accepted, in bytes; a larger one is refused "
+                          "with 407 identity.too_large before it is decoded.")
 
     def configure(self, updated: set[str]) -> None:
         if any(k.startswith("fleetgate_jwt") or k == "fleetgate_jwks_file" for k in updated):
@@ -86,11 +91,14 @@ class AgentIdentity:
                 "or fleetgate_jwks_file")
         if o.fleetgate_jwt_leeway < 0:
             raise ValueError("fleetgate_jwt_leeway must be >= 0")
+        if o.fleetgate_jwt_max_bytes < 256:
+            raise ValueError("fleetgate_jwt_max_bytes must be >= 256 (a JWT is never smaller)")
         return Verifier(VerifierConfig(
             hs_secret=secret, jwks=jwks,
             issuer=tuple(i.strip() for i in o.fleetgate_jwt_issuer.split(",") if i.strip()),
             audience=o.fleetgate_jwt_audience or None,
             leeway=float(o.fleetgate_jwt_leeway),
+            max_bytes=o.fleetgate_jwt_max_bytes,
         ))
 
     def _maybe_reload_jwks(self) -> None:
@@ -109,12 +117,23 @@ class AgentIdentity:
             log.error("fleetgate: JWKS %s could not be reloaded (%s); keeping the previous keys",
                       path, exc)
 
-    def _verify(self, header: str | None) -> Identity:
+    def _verify(self, headers: list[str]) -> Identity:
         self._maybe_reload_jwks()
-        token = parse_proxy_authorization(header)
+        if len(headers) > 1:
+            raise IdentityError("ambiguous", f"{len(headers)} Proxy-Authorization headers: "
+                                             "send exactly one")
         if self.verifier is None:
             raise IdentityError("no_verifier", "gateway has no token verification key configured")
+        token = parse_proxy_authorization(headers[0] if headers else None,
+                                          self.verifier.config.max_bytes)
         return self.verifier.verify(token)
+
+    @staticmethod
+    def _take_credentials(flow: http.HTTPFlow) -> list[str]:
+        """Every Proxy-Authorization value, removed from the request (never forwarded)."""
+        values = flow.request.headers.get_all("Proxy-Authorization")
+        flow.request.headers.pop("Proxy-Authorization", None)
+        return values
 
     def _refuse(self, flow: http.HTTPFlow, err: IdentityError) -> None:
         self.metrics.identity_failures.labels(code=err.code).inc()
@@ -128,9 +147,8 @@ class AgentIdentity:
         if settled(flow):
             return
         decision_id(flow)
-        header = flow.request.headers.pop("Proxy-Authorization", None)
         try:
-            ident = self._verify(header)
+            ident = self._verify(self._take_credentials(flow))
         except IdentityError as err:
             self.bound.pop(flow.client_conn, None)
             self._refuse(flow, err)
@@ -140,14 +158,14 @@ class AgentIdentity:
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        header = flow.request.headers.pop("Proxy-Authorization", None)
+        headers = self._take_credentials(flow)
         if settled(flow):
             return
         decision_id(flow)
         ident = self.bound.get(flow.client_conn)
         if ident is None:
             try:
-                ident = self._verify(header)
+                ident = self._verify(headers)
             except IdentityError as err:
                 self._refuse(flow, err)
                 return

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fleetgate.addons.ambiguity import AmbiguityGuard
 from fleetgate.addons.authorization import HttpAuthorization
 from fleetgate.addons.budgets import BudgetGuard
 from fleetgate.addons.control import ControlEndpoint
@@ -51,6 +52,7 @@ def pipeline() -> list[Any]:
     budgets.watch = limiter.watch = meter.watched
     return [
         ConnectionGuard(metrics),
+        AmbiguityGuard(),  # before identity: a doubled Host or path trick needs no token to refuse
         store,
         identity,
         kill,

@@ -85,6 +85,9 @@ class VerifierConfig:
     issuer: tuple[str, ...] = ()
     audience: str | None = None
     leeway: float = 30.0
+    # A token is parsed (base64, JSON) before its signature can be checked: bound what an
+    # unauthenticated client can make the gateway decode. Real agent tokens are < 2 KB.
+    max_bytes: int = 8192
     algorithms: frozenset[str] = field(default_factory=lambda: HMAC_ALGS | ASYMMETRIC_ALGS)
 
 
@@ -109,6 +112,8 @@ class Verifier:
 
     def verify(self, token: str) -> Identity:
         """Return the identity in ``token`` or raise :class:`IdentityError` (wall clock)."""
+        if len(token) > self.config.max_bytes:
+            raise _too_large(self.config.max_bytes)
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -188,13 +193,21 @@ def _compatible(key: PyJWK, alg: str) -> bool:
     return False
 
 
-def parse_proxy_authorization(value: str | None) -> str:
+def _too_large(limit: int) -> IdentityError:
+    return IdentityError("too_large", f"token is larger than {limit} bytes "
+                                      "(fleetgate_jwt_max_bytes)")
+
+
+def parse_proxy_authorization(value: str | None, max_bytes: int | None = None) -> str:
     """Extract the JWT from a ``Proxy-Authorization`` header value.
 
     Accepts ``Bearer <jwt>`` and ``Basic base64(user:<jwt>)`` (what
     ``HTTPS_PROXY=http://agent:<jwt>@gateway:8080`` makes clients send). Raises
-    :class:`IdentityError` when the header is absent or malformed.
+    :class:`IdentityError` when the header is absent or malformed, or (``max_bytes``) when
+    it cannot hold a token of at most that size, before anything is decoded.
     """
+    if max_bytes is not None and value and len(value) > 64 + (max_bytes + 2) // 3 * 4:
+        raise _too_large(max_bytes)  # what base64 of user:<token> can take, and some
     if not value or not value.strip():
         raise IdentityError(
             "missing_credentials",

@@ -3,10 +3,14 @@ r"""Normalise what a request says before any rule looks at it.
 Rules are written against what the upstream will *understand*, not the bytes the agent
 chose: ``%64elete``, ``/a/../delete``, ``//delete`` and ``\\delete`` all mean ``/delete`` to
 common servers, and ``API.OpenAI.com.`` is ``api.openai.com``. A deny rule must not be
-evadable by spelling, so the path is percent-decoded until stable (double encoding included),
-backslashes become slashes, repeated slashes collapse and dot segments are resolved. Encoded
+evadable by spelling, so the path is percent-decoded until stable (double encoding included;
+a path still changing after :data:`MAX_DECODE_ROUNDS` rounds is refused, never judged half
+decoded), backslashes become slashes, repeated slashes collapse and dot segments are resolved. Encoded
 ``/`` and ``\`` (``%2F``, ``%5C``) are data inside a segment for the servers behind us, so they
 stay encoded (as ``%2F``/``%5C``): they never create or remove a path level.
+
+:func:`ambiguity` is the one rule for requests that could be read two ways: a value the
+gateway judges that appears twice, or two values that should agree and do not.
 """
 
 from __future__ import annotations
@@ -19,9 +23,19 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-__all__ = ["RequestFacts", "normalize_host", "normalize_path", "request_facts"]
+__all__ = [
+    "MAX_DECODE_ROUNDS",
+    "PathError",
+    "RequestFacts",
+    "ambiguity",
+    "normalize_host",
+    "normalize_path",
+    "request_facts",
+]
 
-_MAX_DECODE_ROUNDS = 4
+# Real clients encode at most twice; a path that still decodes after this many rounds is an
+# attempt to outlast the decoder, and judging it half decoded would let it through a deny rule.
+MAX_DECODE_ROUNDS = 8
 _IPV4_ISH = re.compile(r"[0-9a-fx.]+")
 
 
@@ -66,14 +80,25 @@ def _decode_once(path: str) -> str:
     return "".join(p if p in ("%2F", "%5C") else unquote(p, errors="replace") for p in parts)
 
 
+class PathError(ValueError):
+    """The path did not settle: it still decodes after :data:`MAX_DECODE_ROUNDS` rounds."""
+
+
 def normalize_path(raw: str) -> str:
-    """Decode and resolve a request path (without its query string)."""
+    """Decode and resolve a request path (without its query string).
+
+    Raises :class:`PathError` when percent-decoding does not reach a fixed point within
+    :data:`MAX_DECODE_ROUNDS` rounds: such a path is refused, never judged half decoded.
+    """
     path = raw
-    for _ in range(_MAX_DECODE_ROUNDS):
+    for _ in range(MAX_DECODE_ROUNDS + 1):
         decoded = _decode_once(path)
         if decoded == path:
             break
         path = decoded
+    else:
+        raise PathError(f"path is still percent-encoded after {MAX_DECODE_ROUNDS} rounds of "
+                        "decoding")
     path = path.replace("\\", "/")
     segments: list[str] = []
     for seg in path.split("/"):
@@ -157,3 +182,43 @@ def request_facts(
         query=query,
         headers=hdrs,
     )
+
+
+# Headers whose value the gateway (or the server behind it) acts on as one value. Sent twice,
+# one reader takes the first, another the last, a third the joined list: the gateway could
+# judge one request while the server runs another. (Content-Length twice and
+# Transfer-Encoding with Content-Length are framing errors mitmproxy refuses itself, with
+# validate_inbound_headers, before any addon sees the request; they are listed here too so
+# this function states the whole rule.)
+SINGLE_VALUED = ("host", "content-type", "content-encoding", "content-length",
+                 "transfer-encoding", "proxy-authorization")
+
+
+def ambiguity(headers: list[tuple[str, str]], authority: str = "") -> str | None:
+    """Why this request could be read two ways, or ``None`` when it cannot.
+
+    ``headers`` are the request's (name, value) pairs as received; ``authority`` is the
+    HTTP/2 ``:authority`` pseudo-header ("" for HTTP/1). Refused: a header of
+    :data:`SINGLE_VALUED` sent more than once, ``Content-Length`` holding a list, both
+    ``Transfer-Encoding`` and ``Content-Length``, and a ``Host`` that is not ``:authority``.
+    """
+    seen: dict[str, list[str]] = {}
+    for name, value in headers:
+        key = name.lower()
+        if key in SINGLE_VALUED:
+            seen.setdefault(key, []).append(value)
+    for key in SINGLE_VALUED:
+        values = seen.get(key, [])
+        if len(values) > 1:
+            return f"header {key!r} appears {len(values)} times: servers disagree on which wins"
+    cl = seen.get("content-length")
+    if cl and "," in cl[0]:
+        return f"Content-Length {cl[0]!r} is a list: servers disagree on the body's length"
+    if cl and seen.get("transfer-encoding"):
+        return "both Transfer-Encoding and Content-Length: servers disagree on the body's length"
+    host = seen.get("host")
+    # compared as sent (case aside): even an explicit default port is a second reading
+    if authority and host and authority.strip().lower() != host[0].strip().lower():
+        return (f"Host {host[0]!r} differs from :authority {authority!r}: servers disagree "
+                "on the destination")
+    return None

@@ -1,0 +1,55 @@
+"""AmbiguityGuard: refuse a request the gateway and the server could read differently.
+
+First in the chain after ConnectionGuard, on the request headers (nothing of the body read
+yet, no identity needed): a value the gateway judges that appears twice, two names for the
+destination that disagree, or a path whose percent-decoding does not settle is answered
+``400`` at once. Judging one reading while the upstream acts on another is how a policy is
+bypassed, so there is no "pick one" here. The rule itself is pure
+(:func:`fleetgate.policy.normalize.ambiguity`, :func:`~fleetgate.policy.normalize.normalize_path`).
+
+Framing ambiguities (``Content-Length`` twice, with ``Transfer-Encoding``) never get this far:
+mitmproxy refuses them itself while ``validate_inbound_headers`` is on, and ConnectionGuard
+refuses to start with it off. This addon also declares ``fleetgate_max_json_depth``, the
+nesting bound every request-body parser applies (:mod:`fleetgate.bodies`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+
+from fleetgate import bodies
+from fleetgate.addons.flowtools import deny, fail_closed, settled
+from fleetgate.policy.normalize import PathError, ambiguity, normalize_path
+
+
+class AmbiguityGuard:
+    def load(self, loader: Any) -> None:
+        loader.add_option("fleetgate_max_json_depth", int, bodies.DEFAULT_MAX_JSON_DEPTH,
+                          "Deepest JSON nesting accepted in a request body the gateway reads "
+                          "(LLM, MCP, delegation); deeper is refused with 400.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "fleetgate_max_json_depth" in updated:
+            try:
+                bodies.set_max_json_depth(ctx.options.fleetgate_max_json_depth)
+            except ValueError as exc:
+                raise exceptions.OptionsError(f"fleetgate_max_json_depth: {exc}") from None
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if settled(flow):
+            return
+        req = flow.request
+        authority = req.authority if (req.is_http2 or req.is_http3) else ""
+        reason = ambiguity(list(req.headers.items(multi=True)), authority)
+        if reason:
+            deny(flow, 400, "request.ambiguous", reason,
+                 hint="send each of these headers once, with one value")
+            return
+        try:
+            normalize_path(req.path.partition("?")[0] or "/")
+        except PathError as exc:
+            deny(flow, 400, "request.path", str(exc),
+                 hint="percent-encode the path once")
