@@ -75,3 +75,34 @@ def test_drain_hands_back_the_held_tail() -> None:
     rw = SseRewriter(upper, 1000)
     assert rw.feed(b"data: x1\n\ndata: partial") == b"data: X1\n\n"
     assert rw.drain() == b"data: partial" and rw.finish() == b""
+
+
+@pytest.mark.parametrize("sep", [b"\n\r", b"\r\r", b"\n\n", b"\r\n\r\n", b"\r\n\n", b"\n\r\n",
+                                 b"\r\n\r"])
+def test_every_blank_line_the_spec_knows_ends_an_event(sep: bytes) -> None:
+    """A client (httpx-sse, browsers) ends an event at any two line ends in a row; reading
+    ``\\n\\r`` as one line glued two events into one the gateway judged as a whole."""
+    seen: list[str] = []
+
+    def record(e: Event) -> None:
+        seen.append(e.data)
+
+    stream = b"data: first" + sep + b"data: second\n\n"
+    for size in (1, 2, len(stream)):
+        seen.clear()
+        rw = SseRewriter(record, 1000)
+        out = b"".join(rw.feed(stream[i:i + size]) for i in range(0, len(stream), size))
+        out += rw.finish()
+        assert seen == ["first", "second"]
+        assert out == stream
+
+
+def test_a_cr_at_a_chunk_end_waits_for_its_lf() -> None:
+    rw = SseRewriter(upper, 1000)
+    assert rw.feed(b"data: x1\r\n\r") == b""
+    assert rw.feed(b"\ndata: a\n\n") == b"data: X1\n\ndata: a\n\n"
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_field() -> None:
+    event = parse_event("\ufeffdata: {}".encode())
+    assert event is not None and event.data == "{}"

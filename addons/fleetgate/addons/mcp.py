@@ -3,16 +3,20 @@
 The logic is pure (:mod:`fleetgate.mcp.engine`, :mod:`.vetting`, :mod:`.sse`); this addon
 finds MCP traffic, feeds it in and applies the answer:
 
-``request`` (after HttpAuthorization allowed the HTTP request): the body is decoded and
-parsed strictly (bounded, no duplicate keys, JSON-RPC only), ``Mcp-Method``/``Mcp-Name``
-checked against it, the session's owner checked, every element judged. A fully denied body
-is answered here with JSON-RPC errors; otherwise denied elements become ``ping``
-placeholders (see the engine). ``Accept-Encoding`` is pinned to identity so answers can be
-read as they stream.
+``request`` (after HttpAuthorization allowed the HTTP request): every identifier the gateway
+judges must have one reading and the method must be POST, or GET/DELETE without a body
+(:mod:`fleetgate.mcp.exchange`; else ``400 mcp.ambiguous`` / ``405 mcp.method``, never
+forwarded); the body is decoded and parsed strictly (bounded, no duplicate keys, JSON-RPC
+only), ``Mcp-Method``/``Mcp-Name`` checked against it, the session's owner checked, every
+element judged. A fully denied body is answered here with JSON-RPC errors; otherwise denied
+elements become ``ping`` placeholders (see the engine). ``Accept-Encoding`` is pinned to
+identity so answers can be read as they stream.
 
 ``responseheaders``: event streams get a re-framing callable (one event held at a time, never
-the stream); JSON answers are read whole, within ``fleetgate_mcp_max_body``. List results are
-filtered for the agent, tools vetted (poisoning, pins), placeholders swapped for errors.
+the stream), every event's data parsed strictly; every other answer, whatever its
+Content-Type, is read whole as JSON within ``fleetgate_mcp_max_body`` and withheld if it is
+not JSON. List results are filtered for the agent, tools vetted (poisoning, pins),
+placeholders swapped for errors.
 
 Operators: ``fleetgate.mcp.pending``, ``fleetgate.mcp.approve``, ``fleetgate.mcp.pins``
 commands (mitmweb's command bar), the same as ``/mcp/pins`` and ``/mcp/approve`` on the
@@ -26,7 +30,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from mitmproxy import command, ctx, exceptions, http
 
@@ -48,6 +51,13 @@ from fleetgate.addons.rules import PolicyStore
 from fleetgate.bodies import BodyError, decode_body, parse_json
 from fleetgate.llm.decoding import StreamDecoder
 from fleetgate.mcp.engine import McpScope, check_headers, id_key, judge_request, rewrite_message
+from fleetgate.mcp.exchange import (
+    JUDGED_HEADERS,
+    SessionRef,
+    method_problem,
+    read_identifiers,
+    session_candidates,
+)
 from fleetgate.mcp.messages import INVALID_REQUEST, McpError, parse_messages
 from fleetgate.mcp.pins import PinStore
 from fleetgate.mcp.sessions import Sessions
@@ -60,7 +70,7 @@ from fleetgate.policy.normalize import normalize_host, normalize_path, request_f
 log = logging.getLogger("fleetgate.mcp")
 
 PARSE_ERROR = -32700
-_MCP_HEADERS = ("mcp-session-id", "mcp-protocol-version", "mcp-method", "mcp-name")
+_MCP_HEADERS = JUDGED_HEADERS
 
 
 def _ctype(headers: Any) -> str:
@@ -128,12 +138,14 @@ class McpGuard:
         h = req.headers
         accept = h.get("accept", "").lower()
         name = host if req.port == 443 else f"{host}:{req.port}"
-        sid, in_query = self._session_id(flow)
         if (any(k in h for k in _MCP_HEADERS)
                 or (req.method == "POST" and "text/event-stream" in accept
                     and "application/json" in accept)
                 or (req.method == "GET" and "text/event-stream" in accept)  # sniffed: see below
-                or (in_query and sid and self.sessions.get(name, sid) is not None)):
+                # any reading of the query naming a known session: judged (and refused if
+                # the readings differ)
+                or any(self.sessions.get(name, s) is not None
+                       for s in session_candidates(req.path))):
             return McpServer(name=name, hosts=(), declared=False)
         return None
 
@@ -164,16 +176,17 @@ class McpGuard:
             poisoning=server.poisoning, pins=server.pins, vetting=self.vetting)
 
     @staticmethod
-    def _session_id(flow: http.HTTPFlow) -> tuple[str | None, bool]:
-        """(session id, from the older transport's query string)."""
-        sid = flow.request.headers.get("mcp-session-id")
-        if sid:
-            return sid, False
-        query = parse_qs(urlsplit(flow.request.path).query)
-        for key in ("session_id", "sessionId"):
-            if query.get(key):
-                return query[key][0], True
-        return None, False
+    def _identifiers(flow: http.HTTPFlow) -> SessionRef:
+        """The one session the request names; raises McpError if any identifier the gateway
+        judges appears twice or could be read two ways (see :mod:`fleetgate.mcp.exchange`)."""
+        req = flow.request
+        return read_identifiers(req.headers.items(multi=True), req.path)
+
+    @staticmethod
+    def _has_body(req: http.Request) -> bool:
+        if req.raw_content is None:  # streamed: not read, so not empty as far as we know
+            return True
+        return bool(req.raw_content) or bool(req.headers.get("transfer-encoding"))
 
     # -- requests ---------------------------------------------------------------------
 
@@ -186,16 +199,32 @@ class McpGuard:
         if server is None:
             return
         req = flow.request
-        sid, in_query = self._session_id(flow)
         agent = str((flow.metadata.get(IDENTITY) or {}).get("agent") or "")
         meta: dict[str, Any] = {"server": server.name, "declared": server.declared,
-                                "session": sid, "calls": [], "hidden": []}
+                                "session": None, "calls": [], "hidden": []}
+        flow.metadata[MCP] = meta
+        try:
+            ref = self._identifiers(flow)
+        except McpError as exc:
+            self.metrics.mcp_refused.labels(reason="ambiguous").inc()
+            self._refuse(flow, 400, exc.code, exc.message, "mcp.ambiguous",
+                         self._best_id(req), meta)
+            return
+        sid, in_query = ref.id, ref.in_query
+        meta["session"] = sid
+        problem = method_problem(req.method, self._has_body(req))
+        if problem:
+            self.metrics.mcp_refused.labels(reason="method").inc()
+            self._refuse(flow, 405, INVALID_REQUEST, problem, "mcp.method", self._best_id(req),
+                         meta)
+            assert flow.response is not None
+            flow.response.headers["Allow"] = "GET, POST, DELETE"
+            return
         if not server.declared and req.method == "GET" and not any(k in req.headers
                                                                   for k in _MCP_HEADERS):
             # An event stream from an undeclared host may be the older MCP transport (its GET
             # carries no MCP header): it is MCP only if its first event is ``endpoint``.
             meta["sniff"] = True
-        flow.metadata[MCP] = meta
         # Answers must be readable as they pass: no compression on MCP responses.
         req.headers["accept-encoding"] = "identity"
         if sid:
@@ -207,7 +236,7 @@ class McpGuard:
         if req.method == "DELETE" and sid:
             self.sessions.forget(server.name, sid)
             return
-        if req.method != "POST":
+        if req.method != "POST":  # a GET without a body: the event stream
             meta["transport"] = "stream"
             return
         session = self.sessions.get(server.name, sid) if sid else None
@@ -263,6 +292,19 @@ class McpGuard:
             req.headers.pop("content-encoding", None)
             req.content = json.dumps(plan.forward).encode()
 
+    @staticmethod
+    def _best_id(req: http.Request) -> Any:
+        """The JSON-RPC id of a single-message body, for a refusal's answer; None if none can
+        be read (the refusal never depends on it)."""
+        try:
+            raw = decode_body(req.raw_content or b"", req.headers.get("content-encoding", ""),
+                              ctx.options.fleetgate_mcp_max_body)
+            body = parse_json(raw)
+        except (BodyError, ValueError):
+            return None
+        rid = body.get("id") if isinstance(body, dict) else None
+        return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
+
     def _refuse_unreadable(self, flow: http.HTTPFlow, exc: BodyError | McpError, body: Any,
                            meta: dict[str, Any]) -> None:
         if isinstance(exc, BodyError):
@@ -304,6 +346,9 @@ class McpGuard:
             cut_flow(flow, "no-policy", "the gateway lost its policy")
             return
         server = self._server(policy, flow) or McpServer(meta["server"], (), declared=False)
+        if len(resp.headers.get_all("mcp-session-id")) > 1:
+            cut_flow(flow, "mcp.answer", "the MCP server named two sessions in one answer")
+            return
         sid = resp.headers.get("mcp-session-id") or meta.get("session")
         if sid and not meta.get("session"):  # initialize: the server names the session
             agent = str((flow.metadata.get(IDENTITY) or {}).get("agent") or "")
@@ -322,7 +367,9 @@ class McpGuard:
             resp.headers.pop("content-encoding", None)
             resp.headers.pop("content-length", None)
             resp.stream = _StreamRewriter(self, flow, scope, meta, encoding, limit, sse=True)
-        elif ctype == "application/json" or ctype.endswith("+json"):
+        else:
+            # JSON, or labelled otherwise (text/plain, none at all): every answer is read by
+            # the same strict parser; what is not JSON is withheld (see response()).
             length = resp.headers.get("content-length")
             if length is not None and length.strip().isdigit() and int(length) <= limit:
                 meta["buffered"] = True  # read whole by mitmproxy; rewritten in response()
@@ -348,7 +395,7 @@ class McpGuard:
                                ctx.options.fleetgate_mcp_max_body)
             new = self.rewrite_json(flow, scope, meta, text)
         except (BodyError, ValueError) as exc:
-            self._bad_answer(flow, meta, str(exc))
+            self._bad_answer(flow, meta, exc.message if isinstance(exc, BodyError) else str(exc))
             return
         if new is not None:
             resp.headers.pop("content-encoding", None)
@@ -360,19 +407,30 @@ class McpGuard:
         did = decision_id(flow)
         msg = f"fleetgate could not check the MCP server's answer ({why}); it was withheld"
         assert flow.response is not None
+        # an error status is kept (a client re-initialises on 404...), its body is not
+        status = flow.response.status_code if flow.response.status_code >= 400 else 502
         flow.response = http.Response.make(
-            502, _rpc_error(None, INVALID_REQUEST, msg, did),
+            status, _rpc_error(None, INVALID_REQUEST, msg, did),
             {"Content-Type": "application/json", HEADER: did})
-        record_decision(flow, False, "mcp.answer", msg, 502)
+        record_decision(flow, False, "mcp.answer", msg, status)
         flow.marked = ":no_entry:"
         flow.comment = msg
 
     def rewrite_json(self, flow: http.HTTPFlow, scope: McpScope, meta: dict[str, Any],
                      text: bytes) -> bytes | None:
-        """The rewritten JSON answer, or ``None`` to pass it unchanged. Raises ValueError."""
+        """The rewritten JSON answer, or ``None`` to pass it unchanged. Raises BodyError or
+        ValueError: the answer is withheld."""
         if not text.strip():
             return None
-        obj = parse_json(text)
+        try:
+            obj = parse_json(text)
+        except BodyError:
+            if flow.response is not None and flow.response.status_code == 202:
+                # "Accepted" (the older transport's POST answer; its JSON-RPC answer comes on
+                # the GET stream): the agent gets the status, not text nobody could check
+                meta["dropped_body"] = len(text)
+                return b""
+            raise
         hidden: list[tuple[str, str]] = []
         new = rewrite_message(obj, meta.get("methods") or {}, meta.get("substitutions") or {},
                               scope, hidden)
@@ -390,19 +448,23 @@ class McpGuard:
                 return None
             meta["sniff"] = False
         if event.type == "endpoint":  # older transport: where this session's POSTs go
-            query = parse_qs(urlsplit(event.data.strip()).query)
-            sid = next((query[k][0] for k in ("session_id", "sessionId") if query.get(k)), None)
+            try:
+                sid = read_identifiers((), event.data.strip()).id
+            except McpError as exc:
+                raise ValueError(f"the endpoint event cannot be used: {exc.message}") from None
             if sid:
                 agent = str((flow.metadata.get(IDENTITY) or {}).get("agent") or "")
                 self.sessions.claim(scope.server, sid, agent, legacy=True)
                 meta["session"] = sid
             return None
-        if event.type != "message" or not event.data.strip():
+        if not event.data.strip():
             return None
+        # Every event with data, whatever its type (a raw client may read any), through the
+        # parser JSON answers go through: strict, duplicate keys refused.
         try:
-            obj = json.loads(event.data)
-        except ValueError:
-            raise ValueError("an event's data is not JSON") from None
+            obj = parse_json(event.data.encode())
+        except BodyError as exc:
+            raise ValueError(f"an event's data is unreadable: {exc.message}") from None
         methods: dict[str, str] = meta.get("methods") or {}
         subs: dict[str, dict[str, Any]] = meta.get("substitutions") or {}
         sid = meta.get("session")

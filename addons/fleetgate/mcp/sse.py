@@ -9,6 +9,7 @@ event (unchanged bytes when the transform leaves it alone) and keeps only the in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,20 +34,26 @@ class Event:
 Transform = Callable[[Event], str | None]
 
 
+# A blank line: two line ends in a row, where a line end is CRLF, a CR not followed by LF, or
+# LF (the SSE spec; what httpx-sse and browsers split on). ``\n\r`` + ``data`` is a blank line
+# too: a fixed list of separators missed it and glued two events into one.
+_BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+
+
 def _boundary(buf: bytes | bytearray, start: int) -> tuple[int, int] | None:
     """(end of event, start of next) for the first blank line at or after ``start``."""
-    best: tuple[int, int] | None = None
-    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r", b"\r\n\n", b"\n\r\n"):
-        i = buf.find(sep, start)
-        if i != -1 and (best is None or i < best[0]):
-            best = (i, i + len(sep))
-    return best
+    m = _BLANK_LINE.search(buf, start)
+    if m is None or (m.end() == len(buf) and buf[-1:] == b"\r"):
+        return None  # a CR last: it may be the first half of a CRLF still on its way
+    return m.start(), m.end()
 
 
 def parse_event(raw: bytes) -> Event | None:
     """Parse one event's lines (no trailing blank line); ``None`` for comment-only blocks."""
     etype, eid, data, seen = "message", None, [], False
-    for line in raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+    # a byte order mark is skipped by spec-following clients: never let it hide a field
+    text = raw.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
         if not line or line.startswith(":"):
             continue
         field, _, value = line.partition(":")
