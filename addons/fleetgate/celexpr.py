@@ -14,7 +14,9 @@ Two properties matter for a gateway and are enforced here, not left to the engin
 * **Evaluation is total.** :meth:`Expr.evaluate` never raises an engine exception; it returns
   ``True``/``False`` or raises :class:`CelError` with the reason. A missing field
   (``jwt.agent_role`` on a token without the claim) is an error, not ``false``: callers decide
-  what an error means (for a gateway: deny).
+  what an error means (for a gateway: deny). It is raised as :class:`MissingField`, the one
+  error a caller may tell apart: a profile selector that reads a claim the token lacks does
+  not select, where a rule that cannot be evaluated denies.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def _import_engine() -> types.ModuleType:
 cel = _import_engine()
 from cel import stdlib as _cel_stdlib  # noqa: E402  (after the engine, on purpose)
 
-__all__ = ["Activation", "CelError", "Expr", "compile_expr", "rename_fields"]
+__all__ = ["Activation", "CelError", "Expr", "MissingField", "compile_expr", "has_unguarded_access",
+           "rename_fields"]
 
 # Functions the Rust engine implements natively (core spec + macros + operators).
 _NATIVE_FUNCTIONS = frozenset(
@@ -81,6 +84,15 @@ _KNOWN_FUNCTIONS = _NATIVE_FUNCTIONS | frozenset(_EXTRA_FUNCTIONS)
 
 class CelError(Exception):
     """A CEL expression failed to compile or to evaluate; ``str()`` says why."""
+
+
+class MissingField(CelError):
+    """Evaluation read a map key or field that is not there (CEL's "no such key").
+
+    The engine reports it as ``KeyError``, whichever map it was (``jwt.x``, ``a.b.c``,
+    ``request.headers["x"]``); every other engine failure (a type mismatch, a bad
+    conversion, an index out of range) stays a plain :class:`CelError`.
+    """
 
 
 class Activation:
@@ -131,7 +143,7 @@ class Expr:
         try:
             return self._program.execute(activation._ctx)
         except KeyError as exc:
-            raise CelError(f"no such field {exc}") from None
+            raise MissingField(f"no such field {exc}") from None
         except Exception as exc:  # the engine raises ValueError/TypeError/RuntimeError
             raise CelError(_first_line(str(exc)) or type(exc).__name__) from None
 
@@ -236,3 +248,42 @@ def rename_fields(source: str, renames: Mapping[str, str],
         return None
     out.append(seg)
     return "".join(out)
+
+
+_PLACEHOLDER = re.compile(r"__S(\d+)__")
+
+
+def has_unguarded_access(source: str, root: str = "jwt") -> list[str]:
+    """The top-level fields of ``root`` that ``source`` reads without a presence test.
+
+    A read of ``jwt.team`` (or ``jwt["team"]``) counts as guarded when the same expression
+    also says ``has(jwt.team)`` or ``"team" in jwt``. Used by ``fleetgate rules check`` to
+    warn about profile selectors: an unguarded read of a claim the token lacks makes the
+    selector not select, which is right for ``jwt.agent_role == "x"`` but surprising for
+    ``jwt.team != "x"`` (a token without ``team`` is *not* selected). A textual check, for a
+    warning only: it never decides a request.
+    """
+    literals: list[str] = []
+
+    def stash(m: re.Match[str]) -> str:
+        literals.append(m.group(0))
+        return f"__S{len(literals) - 1}__"
+
+    code = _CEL_STRING.sub(stash, source)
+
+    def literal_value(index: str) -> str:
+        text = literals[int(index)]
+        text = text[1:] if text[:1] in "rR" else text
+        quote = 3 if text[:3] in (_TRIPLE_1, _TRIPLE_2) else 1
+        return text[quote:-quote]
+
+    r = re.escape(root)
+    reads: list[str] = []
+    for m in re.finditer(rf"(?<![\w.]){r}\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*__S(\d+)__\s*\])", code):
+        name = m.group(1) if m.group(1) is not None else literal_value(m.group(2))
+        if name not in reads:
+            reads.append(name)
+    guarded = set(re.findall(rf"(?<![\w.])has\s*\(\s*{r}\s*\.\s*([A-Za-z_]\w*)\s*\)", code))
+    guarded.update(literal_value(i) for i in
+                   re.findall(rf"__S(\d+)__\s+in\s+{r}(?![\w.\[])", code))
+    return [name for name in reads if name not in guarded]

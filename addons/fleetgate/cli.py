@@ -153,6 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
+    from fleetgate.celexpr import has_unguarded_access
     from fleetgate.policy.loader import PolicyError, iter_problems, load_policy
 
     try:
@@ -162,6 +163,14 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         print(f"{len(exc.problems)} problem(s); the rules would be rejected", file=sys.stderr)
         return 1
+    # Warnings, not errors: a selector that reads a claim the token lacks does not select.
+    # Right for `jwt.agent_role == "x"`, a surprise for `jwt.team != "x"`; has() says which.
+    for profile in policy.agents:
+        for claim in has_unguarded_access(profile.match.source):
+            where = f"{profile.source}: " if profile.source else ""
+            print(f"warning: {where}agent profile {profile.name!r}: match reads jwt.{claim} "
+                  f"without has(jwt.{claim}); a token without that claim is not selected "
+                  "by this profile", file=sys.stderr)
     print(f"ok: revision {policy.revision}, {len(policy.files)} file(s), "
           f"{len(policy.agents)} agent profile(s), {len(policy.rules)} global rule(s), "
           f"{len(policy.revoked.agents) + len(policy.revoked.tokens)} revocation(s), "

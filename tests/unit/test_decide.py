@@ -164,13 +164,17 @@ def test_public_ip_literal_is_not_private(policy: Policy) -> None:
 
 
 def test_private_destination_reason(policy: Policy) -> None:
-    assert private_destination_reason(policy, "api.example.com") is None
-    assert private_destination_reason(policy, "8.8.8.8") is None
-    assert private_destination_reason(policy, "10.96.0.1") is None
-    assert private_destination_reason(policy, "10.112.0.1") is not None  # outside /12
-    why = private_destination_reason(policy, "169.254.169.254")
-    assert why is not None
-    assert "169.254.169.254" in why
+    for named in (True, False):
+        assert private_destination_reason(policy, "api.example.com", named=named) is None
+        assert private_destination_reason(policy, "8.8.8.8", named=named) is None
+        assert private_destination_reason(policy, "10.112.0.1", named=named)  # outside /12
+        why = private_destination_reason(policy, "169.254.169.254", named=named)
+        assert why is not None
+        assert "169.254.169.254" in why
+    # inside allowPrivate: only for a destination an explicit egress entry names
+    assert private_destination_reason(policy, "10.96.0.1", named=True) is None
+    why = private_destination_reason(policy, "10.96.0.1", named=False)
+    assert why is not None and "wildcard" in why
 
 
 # -- 3. profiles ---------------------------------------------------------------------------
@@ -183,18 +187,50 @@ def test_no_profile(policy: Policy) -> None:
     assert d.profiles == ()
 
 
-def test_match_error_denies_with_the_profile_name(policy: Policy) -> None:
-    # no agent_role claim: the first selector cannot be evaluated
+def test_missing_claim_means_the_profile_does_not_match(policy: Policy) -> None:
+    # no agent_role claim: worker's selector does not select; strict's (team) does
     d = decide(policy, {"sub": "x", "team": "blue"}, facts("GET", "blue.example.com", "/"))
-    check(policy, d, False, "worker.match")
-    assert "could not be evaluated" in d.reason
+    check(policy, d, True, "strict.get")
+    assert d.profiles == ("strict",)
 
 
-def test_match_error_in_a_later_profile_also_denies(policy: Policy) -> None:
-    # worker matches, but the strict selector errors (no team claim): deny, not "skip"
+def test_missing_claim_in_a_later_profile_is_not_a_denial(policy: Policy) -> None:
+    # worker matches; strict's selector reads a team claim the token lacks: not selected
     d = decide(policy, {"sub": "w", "agent_role": "worker"},
                facts("GET", "api.example.com", "/"))
-    check(policy, d, False, "strict.match")
+    check(policy, d, True, "worker.read")
+    assert d.profiles == ("worker",)
+
+
+def test_missing_claims_everywhere_is_no_profile(policy: Policy) -> None:
+    d = decide(policy, {"sub": "x"}, facts("GET", "api.example.com", "/"))
+    check(policy, d, False, "no-profile")
+    assert "lacks a claim" in d.reason and "worker" in d.reason and "'agent_role'" in d.reason
+
+
+@pytest.mark.parametrize("claims", [{"sub": "x", "level": "high"}, {"sub": "x", "level": {"a": 1}},
+                                    {"sub": "x", "level": [1]}])
+def test_other_match_errors_deny_naming_that_profile(tmp_path: Path,
+                                                     claims: dict[str, Any]) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "apiVersion: fleetgate/v1\n"
+        "agents:\n"
+        "- name: anyone\n"
+        "  match: 'jwt.sub == \"x\"'\n"
+        "  egress: {hosts: [api.example.com]}\n"
+        "  authorization: {rules: [{id: ok, allow: 'true'}]}\n"
+        "- name: levelled\n"
+        "  match: 'int(jwt.level) > 2'\n"
+        "  egress: {hosts: [api.example.com]}\n"
+        "  authorization: {rules: [{id: lv, deny: 'true'}]}\n")
+    policy = load_policy(tmp_path)
+    d = decide(policy, claims, facts("GET", "api.example.com", "/"))
+    check(policy, d, False, "levelled.match")
+    assert "'levelled'" in d.reason and "could not be evaluated" in d.reason
+    assert "anyone" not in d.reason
+    # the same token without the claim: levelled does not select, anyone allows
+    d = decide(policy, {"sub": "x"}, facts("GET", "api.example.com", "/"))
+    check(policy, d, True, "ok")
 
 
 def test_several_profiles_union_egress_and_rules(policy: Policy) -> None:

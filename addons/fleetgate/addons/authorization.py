@@ -14,6 +14,13 @@ The address actually dialled is kept in ``server.peername``.
 
 ``fleetgate_resolve`` (``NAME:PORT=ADDRESS[:PORT]``, like curl's ``--connect-to``) replaces
 DNS for the names it lists; the address it gives is judged like a resolved one.
+
+An internal address that ``destinations.allowPrivate`` admits is dialled only for a request
+an *explicit* egress entry admitted (:attr:`Decision.named`), never one that only ``*`` or
+``*.domain`` admitted. The request hook records, per client connection and destination,
+whether every approval was explicit; ``server_connect`` judges the resolved addresses with
+it. An open connection to an internal address is not dialled again, so a later request on
+the same client connection admitted by a wildcard alone is refused in the request hook.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from fleetgate.addons.flowtools import (
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.metrics import GatewayMetrics, HealthServer
 from fleetgate.policy.decide import decide, private_destination_reason
-from fleetgate.policy.netaddr import Endpoint, parse_resolve_overrides
+from fleetgate.policy.netaddr import Endpoint, internal_reason, parse_resolve_overrides
 from fleetgate.policy.normalize import normalize_host, request_facts
 
 
@@ -54,6 +61,15 @@ class HttpAuthorization:
         # some later hook rewrote.
         self.approved: weakref.WeakKeyDictionary[connection.Client, set[tuple[str, int]]] = (
             weakref.WeakKeyDictionary())
+        # (host, port) -> True while every approval of it on this client connection came
+        # from an explicit egress entry (Decision.named): only then may it be dialled at an
+        # internal address that allowPrivate admits. Missing means "not named" (fail closed).
+        self.named_egress: weakref.WeakKeyDictionary[
+            connection.Client, dict[tuple[str, int], bool]] = weakref.WeakKeyDictionary()
+        # (host, port) pairs dialled at an internal address on this client connection: a
+        # reused connection skips server_connect, so the request hook checks these.
+        self.internal_dials: weakref.WeakKeyDictionary[
+            connection.Client, set[tuple[str, int]]] = weakref.WeakKeyDictionary()
         # (name, port) -> (address, port) to dial instead of asking DNS (fleetgate_resolve)
         self.overrides: dict[Endpoint, Endpoint] = {}
         # server connection -> the (host, port) the request named, while its dial is pinned
@@ -99,10 +115,21 @@ class HttpAuthorization:
         llm = flow.metadata.get(LLM_REQUEST)
         decision = decide(policy, claims, facts, llm if isinstance(llm, dict) else None)
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
+        dest = (req.host, req.port)
+        if (decision.allow and not decision.named
+                and dest in self.internal_dials.get(flow.client_conn, ())):
+            deny(flow, 403, "egress.private",
+                 f"{req.host}:{req.port} was dialled at an internal address on this connection; "
+                 "only a profile whose egress names it explicitly (host, IP or CIDR), not a "
+                 "wildcard, may reach it")
+            flow.metadata["fleetgate.decision"]["profiles"] = list(decision.profiles)
+            return
         if decision.allow:
             record_decision(flow, True, decision.rule, decision.reason,
                             profiles=list(decision.profiles), revision=policy.revision)
-            self.approved.setdefault(flow.client_conn, set()).add((req.host, req.port))
+            self.approved.setdefault(flow.client_conn, set()).add(dest)
+            named = self.named_egress.setdefault(flow.client_conn, {})
+            named[dest] = named.get(dest, True) and decision.named
         else:
             deny(flow, decision.status, decision.rule, decision.reason)
             flow.metadata["fleetgate.decision"]["profiles"] = list(decision.profiles)
@@ -152,14 +179,17 @@ class HttpAuthorization:
                     data.server.error = f"fleetgate: cannot resolve {host}: {exc}"
                     return
                 addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        named = self.named_egress.get(data.client, {}).get((host, port), False)
         for addr in addresses:
-            why = private_destination_reason(policy, addr)
+            why = private_destination_reason(policy, addr, named=named)
             if why is None and self._is_self(addr, dial_port):
                 why = f"{addr}:{dial_port} is fleetgate itself"
             if why:
                 self.metrics.connections_refused.labels(reason="internal-destination").inc()
                 data.server.error = f"fleetgate refused to connect to {host}: {why}"
                 return
+        if any(internal_reason(ipaddress.ip_address(a)) for a in addresses):
+            self.internal_dials.setdefault(data.client, set()).add((host, port))
         if (addresses[0], dial_port) != (host, port):
             self.named[data.server] = (host, port)
             data.server.address = (addresses[0], dial_port)

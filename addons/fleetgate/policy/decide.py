@@ -4,9 +4,16 @@ Order, cheapest and most absolute first:
 
 1. revoked identity (``revoked``) -> deny, whatever else the rules say;
 2. a literal internal destination (``destinations.allowPrivate`` not covering it) -> deny;
-3. the agent profiles whose ``match`` selects the identity; none -> deny; a ``match`` that
-   errors (say, a missing claim) -> deny, never "skip the profile and its deny rules";
-4. egress allow-list: the destination must match a host of a selected profile;
+3. the agent profiles whose ``match`` selects the identity; none -> deny. A ``match`` that
+   reads a claim the token lacks (CEL "no such key") does not select; any other evaluation
+   error denies, naming that profile: never "skip the profile and its deny rules" on a
+   mistake in the rules;
+4. egress allow-list: the destination must match a host of a selected profile. An internal
+   address that ``allowPrivate`` admits must be named by an explicit entry (host, IP, CIDR);
+   a wildcard (``*``, ``*.domain``) never reaches it. For a *name*, whether it resolves to
+   an internal address is only known when the gateway dials, so the decision says whether an
+   explicit entry named the destination (:attr:`Decision.named`) and the dial is judged
+   with it (:func:`private_destination_reason`);
 5. ``deny`` rules (global first, then per profile; a rule with ``hosts`` only for those
    destinations): any match, or any error, denies;
 6. ``require`` rules: any that is false, or errors, denies;
@@ -23,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fleetgate.celexpr import Activation, CelError
+from fleetgate.celexpr import Activation, CelError, MissingField
 from fleetgate.policy.model import AgentProfile, Effect, Policy, Rule
 from fleetgate.policy.netaddr import internal_reason
 from fleetgate.policy.normalize import RequestFacts
@@ -40,6 +47,10 @@ class Decision:
     reason: str
     status: int = 200
     profiles: tuple[str, ...] = ()
+    # True when an explicit egress entry (a host name, IP or CIDR, not ``*``/``*.domain``)
+    # of a selected profile admitted the destination: only then may it be dialled at an
+    # internal address that destinations.allowPrivate admits.
+    named: bool = False
 
     @classmethod
     def deny(cls, rule: str, reason: str, status: int = 403,
@@ -47,8 +58,15 @@ class Decision:
         return cls(False, rule, reason, status, profiles)
 
 
-def private_destination_reason(policy: Policy, address: str) -> str | None:
-    """Why dialling ``address`` (an IP literal) is refused, or ``None`` when it is fine."""
+def private_destination_reason(policy: Policy, address: str, *, named: bool) -> str | None:
+    """Why dialling ``address`` (an IP literal) is refused, or ``None`` when it is fine.
+
+    ``named``: the request was admitted by an explicit egress entry, not only by a wildcard.
+    ``allowPrivate`` says which internal addresses exist for agents at all; which agents reach
+    one is the egress list's job, and ``*`` means "the internet", so a wildcard must never
+    turn ``allowPrivate`` into "every agent reaches every internal service". Required, with
+    no default: a caller that forgets it must not get the permissive answer.
+    """
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -56,9 +74,13 @@ def private_destination_reason(policy: Policy, address: str) -> str | None:
     why = internal_reason(ip)
     if why is None:
         return None
-    if any(ip in net for net in policy.allow_private if net.version == ip.version):
-        return None
-    return f"{address} is a {why}; add it to destinations.allowPrivate to allow it"
+    if not any(ip in net for net in policy.allow_private if net.version == ip.version):
+        return f"{address} is a {why}; add it to destinations.allowPrivate to allow it"
+    if not named:
+        return (f"{address} is a {why}: destinations.allowPrivate admits it, but only for a "
+                "profile whose egress names the destination explicitly (host, IP or CIDR), "
+                "never through a wildcard ('*', '*.domain')")
+    return None
 
 
 NOT_LLM: Mapping[str, Any] = {"is_llm": False}
@@ -80,7 +102,8 @@ def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts,
     if revoked:
         return Decision.deny("revoked", f"{revoked}; ask an operator", status=403)
 
-    why_private = private_destination_reason(policy, facts.host)
+    # allowPrivate first (named=True): an address it does not cover is refused for everyone
+    why_private = private_destination_reason(policy, facts.host, named=True)
     if why_private:
         return Decision.deny("destinations.private", why_private)
 
@@ -90,10 +113,13 @@ def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts,
         data["llm"] = dict(llm) if llm is not None else dict(NOT_LLM)
     activation = Activation(data)
     profiles: list[AgentProfile] = []
+    lacking: list[str] = []  # selectors that read a claim this token does not carry
     for profile in policy.agents:
         try:
             if profile.match.evaluate(activation):
                 profiles.append(profile)
+        except MissingField as exc:
+            lacking.append(f"{profile.name} ({exc})")  # does not select; said if none does
         except CelError as exc:
             return Decision.deny(
                 f"{profile.name}.match",
@@ -102,14 +128,24 @@ def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts,
             )
     names = tuple(p.name for p in profiles)
     if not profiles:
-        return Decision.deny("no-profile", f"no agent profile selects identity {agent!r}")
+        detail = (f" (the token lacks a claim read by {', '.join(lacking[:3])}"
+                  f"{', ...' if len(lacking) > 3 else ''})" if lacking else "")
+        return Decision.deny("no-profile",
+                             f"no agent profile selects identity {agent!r}{detail}")
 
-    if not any(h.matches(facts.host, facts.port) for p in profiles for h in p.egress):
+    admitting = [h for p in profiles for h in p.egress if h.matches(facts.host, facts.port)]
+    if not admitting:
         return Decision.deny(
             "egress",
             f"{facts.host}:{facts.port} is not in the egress allow-list of {', '.join(names)}",
             profiles=names,
         )
+    named = any(not h.wildcard for h in admitting)
+    why_private = private_destination_reason(policy, facts.host, named=named)
+    if why_private:
+        return Decision.deny("egress.private", f"{why_private}; {', '.join(names)} reach "
+                             f"{facts.host}:{facts.port} only through a wildcard",
+                             profiles=names)
 
     rules: list[Rule] = [r for r in policy.rules if r.applies_to(facts.host, facts.port)]
     for p in profiles:
@@ -140,7 +176,8 @@ def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts,
         if rule.effect is Effect.ALLOW:
             try:
                 if rule.expr.evaluate(activation):
-                    return Decision(True, rule.id, rule.reason or "allowed", 200, names)
+                    return Decision(True, rule.id, rule.reason or "allowed", 200, names,
+                                    named=named)
             except CelError as exc:
                 errors.append(f"{rule.id}: {exc}")
     detail = f" (rules that failed to evaluate: {'; '.join(errors)})" if errors else ""

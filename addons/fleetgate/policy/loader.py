@@ -378,7 +378,7 @@ class _Builder:
         hosts: list[HostPattern] = []
         for i, host in enumerate(self._str_list(entry.get("hosts"), f"{path}.hosts")):
             try:
-                hosts.append(HostPattern(host))
+                hosts.append(HostPattern(host, cidr=True))
             except ValueError as exc:
                 self.err(f"{path}.hosts[{i}]", str(exc))
         try:
@@ -416,7 +416,7 @@ class _Builder:
             self._check_keys(eg, f"{path}.egress", {"hosts"})
             for i, host in enumerate(self._str_list(eg.get("hosts"), f"{path}.egress.hosts")):
                 try:
-                    egress.append(HostPattern(host))
+                    egress.append(HostPattern(host, cidr=True))
                 except ValueError as exc:
                     self.err(f"{path}.egress.hosts[{i}]", str(exc))
         rules = (self._authorization(entry["authorization"], f"{path}.authorization", name)

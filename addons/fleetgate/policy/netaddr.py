@@ -68,17 +68,23 @@ def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
 
 
 class HostPattern:
-    """One egress allow-list entry: ``api.openai.com``, ``*.example.com``, ``*``, or
-    any of these with ``:port``.
+    """One egress allow-list entry: ``api.openai.com``, ``*.example.com``, ``*``, an IP
+    address, a CIDR (``10.96.0.0/12``, ``[fd00::/8]``), or any of these with ``:port``.
 
     ``*.example.com`` matches subdomains only, never ``example.com`` itself nor
     ``example.com.evil.net``; matching is on the normalised host (lower case, no trailing
-    dot), so spelling cannot evade it.
+    dot), so spelling cannot evade it. A CIDR matches IP-literal destinations inside it.
+
+    ``wildcard`` entries (``*``, ``*.domain``) stand for "hosts on the internet": they never
+    admit an address only ``destinations.allowPrivate`` makes reachable; an explicit entry
+    (a name, an IP or a CIDR) does (see :func:`fleetgate.policy.decide.private_destination_reason`).
     """
 
-    __slots__ = ("host", "port", "source", "wildcard")
+    __slots__ = ("host", "network", "port", "source", "wildcard")
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, *, cidr: bool = False) -> None:
+        """``cidr``: accept a CIDR entry. Off by default: a user of :attr:`host` that turns
+        patterns into text (KILLSWITCH.md hosts become CEL) would silently never match one."""
         from fleetgate.policy.normalize import normalize_host
 
         text = str(source).strip()
@@ -107,6 +113,19 @@ class HostPattern:
             "*" in host and not self.wildcard
         ):
             raise ValueError(f"{source!r}: '*' is only allowed as '*' or a leading '*.'")
+        self.network: IPNetwork | None = None
+        if "/" in host:
+            if not cidr:
+                raise ValueError(f"{source!r}: a CIDR is not allowed here (only in egress "
+                                 "hosts and a rule's hosts)")
+            if self.wildcard:
+                raise ValueError(f"{source!r}: a CIDR cannot contain '*'")
+            try:
+                self.network = ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                raise ValueError(f"{source!r}: {host!r} is not a CIDR") from None
+            self.host = str(self.network)
+            return
         self.host = "*" if host == "*" else (
             "*." + normalize_host(host[2:]) if host.startswith("*.") else normalize_host(host)
         )
@@ -115,6 +134,11 @@ class HostPattern:
         """``host`` must already be normalised."""
         if self.port is not None and port != self.port:
             return False
+        if self.network is not None:
+            try:
+                return ipaddress.ip_address(host) in self.network
+            except ValueError:
+                return False
         if self.host == "*":
             return True
         if self.host.startswith("*."):
