@@ -20,6 +20,7 @@ ERROR_TYPES = {
     407: "authentication_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     500: "api_error",
     502: "api_error",
     503: "overloaded_error",

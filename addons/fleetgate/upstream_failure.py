@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["UpstreamFailure", "classify"]
+__all__ = ["UpstreamFailure", "classify", "timed_out"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,15 @@ _REFUSED = re.compile(r"refused|unreachable|errno 111|errno 113|reset by peer|co
                       re.IGNORECASE)
 _TLS = re.compile(r"\btls\b|\bssl\b|certificate|handshake|alpn", re.IGNORECASE)
 _TIMEOUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
+
+
+def timed_out(destination: str, seconds: float) -> UpstreamFailure:
+    """The gateway itself gave up: no response headers within ``seconds`` (whatever error the
+    closed connection then produced)."""
+    return UpstreamFailure(
+        504, "upstream.timeout",
+        f"{destination} sent no response within {seconds:g}s (fleetgate_upstream_response_timeout)",
+        "Retry later; the upstream is slow or unreachable.", True)
 
 
 def classify(message: str, destination: str) -> UpstreamFailure:

@@ -35,11 +35,13 @@ from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
 from fleetgate.addons.flowtools import CUT, DECISION, HEADER, MCP, decision_id, record_decision
 from fleetgate.denial import denial_body
 from fleetgate.metrics import GatewayMetrics
-from fleetgate.upstream_failure import UpstreamFailure, classify
+from fleetgate.upstream_failure import UpstreamFailure, classify, timed_out
 
 log = logging.getLogger(__name__)
 
 FAILED = "fleetgate.upstream_failed"  # set by the wrapper just before the error hook
+# Set by Timeouts (the bound, in seconds) when it closed the upstream for not answering in time.
+TIMED_OUT = "fleetgate.upstream_timed_out"
 _MARK = "_fleetgate_wrapped"
 
 
@@ -109,7 +111,10 @@ class UpstreamErrors:
                 or flow.error is None):
             return
         req = flow.request
-        failure = classify(flow.error.msg, f"{req.pretty_host}:{req.port}")
+        destination = f"{req.pretty_host}:{req.port}"
+        bound = flow.metadata.get(TIMED_OUT)
+        failure = (timed_out(destination, bound) if isinstance(bound, int | float)
+                   else classify(flow.error.msg, destination))
         flow.response = self._answer(flow, failure)
         self.metrics.upstream_failures.labels(rule=failure.rule).inc()
         decision = flow.metadata.get(DECISION)

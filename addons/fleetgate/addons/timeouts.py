@@ -1,0 +1,294 @@
+"""Bounds on time and header size: nothing an agent or an upstream sends may hold the gateway.
+
+HeaderBounds (first in the chain, ``requestheaders``): a request with more header fields than
+``fleetgate_max_headers`` or a head larger than ``fleetgate_max_header_bytes`` is answered
+``431 request.headers``. mitmproxy 12.3.1 bounds neither, and buffers an HTTP/1 head until its
+blank line whatever its size, so :func:`install` also wraps ``Http1Server.read_headers`` (once
+per process): a head still incomplete past the byte bound is answered 431 and the connection
+closed, instead of growing a buffer without end.
+
+Timeouts (late in the chain, so it times only what every check let through) keeps three clocks
+(:mod:`fleetgate.bounds`) scanned by one periodic task, never one task per request:
+
+- ``fleetgate_client_header_timeout``: a client connection that has not completed a request's
+  headers (or a CONNECT) that long after it connected or after its last request finished is
+  closed (slowloris; also ends idle keep-alive connections, as any web server does);
+- ``fleetgate_upstream_response_timeout``: no response headers that long after the request
+  was sent (connect and TLS included): the server connection is closed and the flow marked,
+  so :class:`~fleetgate.addons.upstream_errors.UpstreamErrors` answers ``504 upstream.timeout``
+  in the client's format;
+- ``fleetgate_upstream_idle_timeout``: a response that started and then sends nothing that
+  long (a streamed one is watched chunk by chunk; a buffered one, at most
+  ``fleetgate_stream_min_bytes``, must arrive whole within it) is cut: its status is already
+  sent, so the client connection is closed, logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Generator
+from typing import Any
+
+from h11._receivebuffer import ReceiveBuffer
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands
+from mitmproxy.proxy.layers.http import _http1
+
+from fleetgate.addons.flowtools import (
+    HEADER,
+    _close_now,
+    close_client,
+    cut_flow,
+    deny,
+    fail_closed,
+    settled,
+)
+from fleetgate.addons.upstream_errors import TIMED_OUT
+from fleetgate.bounds import (
+    CLIENT_HEADERS,
+    UPSTREAM_FIRST_BYTE,
+    UPSTREAM_IDLE,
+    Deadlines,
+    head_bytes,
+    header_excess,
+    tick_seconds,
+)
+from fleetgate.decisionlog import new_decision_id
+from fleetgate.denial import denial_body
+from fleetgate.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+# deadlines acted on per batch, and the pause between batches (see Timeouts._watch)
+EXPIRE_BATCH = 25
+EXPIRE_PAUSE = 0.01
+
+HEADERS_RULE = "request.headers"
+_MARK = "_fleetgate_head_bound"
+_head_limit = [64 * 1024]  # the byte bound the wrapped HTTP/1 reader applies (per process)
+
+
+def install() -> None:
+    """Bound mitmproxy's HTTP/1 request-head buffer; refuse to start if it cannot be."""
+    server_cls: Any = getattr(_http1, "Http1Server", None)
+    original = getattr(server_cls, "read_headers", None)
+    if original is None:
+        raise RuntimeError("fleetgate: this mitmproxy has no Http1Server.read_headers; "
+                           "request heads could not be bounded")
+    if getattr(original, _MARK, False):
+        return
+
+    def read_headers(self: Any, event: Any) -> Generator[Any, Any, None]:
+        yield from original(self, event)
+        if (getattr(self.state, "__func__", None) is read_headers
+                and len(self.buf) > _head_limit[0]):
+            did = new_decision_id()
+            reason = (f"the request head exceeds {_head_limit[0]} bytes before its end; "
+                      "connection closed")
+            log.info("fleetgate: %s from %s (decision %s)", reason, self.conn.peername, did)
+            resp = http.Response.make(
+                431, denial_body(431, HEADERS_RULE, reason, did, "send fewer or smaller headers"),
+                {"Content-Type": "application/json", HEADER: did, "Connection": "close"})
+            yield commands.SendData(self.conn, http1.assemble_response(resp))
+            yield commands.CloseConnection(self.conn)
+            self.buf = ReceiveBuffer()  # drop what was read; nothing more is parsed
+            self.state = self.done
+
+    setattr(read_headers, _MARK, True)
+    server_cls.read_headers = read_headers
+
+
+class HeaderBounds:
+    def load(self, loader: Any) -> None:
+        loader.add_option("fleetgate_max_headers", int, 256,
+                          "Most header fields a request may carry; more is refused with 431.")
+        loader.add_option("fleetgate_max_header_bytes", int, 64 * 1024,
+                          "Largest request head (request line and every header) in bytes; "
+                          "larger is refused with 431.")
+        install()
+
+    def configure(self, updated: set[str]) -> None:
+        for name in ("fleetgate_max_headers", "fleetgate_max_header_bytes"):
+            if name in updated and getattr(ctx.options, name) < 1:
+                raise exceptions.OptionsError(f"{name} must be at least 1")
+        if "fleetgate_max_header_bytes" in updated:
+            _head_limit[0] = ctx.options.fleetgate_max_header_bytes
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if settled(flow):
+            return
+        data = flow.request.data
+        fields = data.headers.fields
+        line = len(data.method) + len(data.authority) + len(data.path) + len(data.http_version)
+        reason = header_excess(len(fields), head_bytes(line + 2, fields),
+                               ctx.options.fleetgate_max_headers,
+                               ctx.options.fleetgate_max_header_bytes)
+        if reason:
+            deny(flow, 431, HEADERS_RULE, reason, hint="send fewer or smaller headers")
+
+
+_TIMEOUT_OPTIONS = {
+    "fleetgate_client_header_timeout": (30, "Seconds a client connection has to complete a "
+                                        "request's headers (or a CONNECT) after connecting or "
+                                        "after its previous request; then it is closed."),
+    "fleetgate_upstream_response_timeout": (300, "Seconds an allowed request waits for the "
+                                            "upstream's response headers (connect and TLS "
+                                            "included) before the agent gets 504."),
+    "fleetgate_upstream_idle_timeout": (300, "Seconds a started response may send nothing "
+                                        "before it is cut."),
+}
+
+
+class Timeouts:
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+        self.deadlines: Deadlines[Any] = Deadlines()
+        self.open_requests: dict[str, int] = {}  # client id -> requests not finished on it
+        self.counted: set[str] = set()  # flows counted there
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self, loader: Any) -> None:
+        for name, (default, text) in _TIMEOUT_OPTIONS.items():
+            loader.add_option(name, int, default, text)
+
+    def configure(self, updated: set[str]) -> None:
+        for name in _TIMEOUT_OPTIONS:
+            if name in updated and getattr(ctx.options, name) < 1:
+                raise exceptions.OptionsError(f"{name} must be at least 1 second")
+
+    def running(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def _bound(self, name: str) -> int:
+        return int(getattr(ctx.options, f"fleetgate_{name}_timeout"))
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(tick_seconds(
+                self._bound(n) for n in ("client_header", "upstream_response", "upstream_idle")))
+            while True:
+                try:
+                    acted = self.expire(EXPIRE_BATCH)
+                except Exception:  # the watch must outlive any one bad entry
+                    log.exception("fleetgate: timeout watch failed on one pass")
+                    break
+                if acted < EXPIRE_BATCH:
+                    break
+                # hundreds due at once (a slowloris wave): close them in batches, letting the
+                # agents' traffic run in between instead of one long stall of the event loop
+                await asyncio.sleep(EXPIRE_PAUSE)
+
+    def expire(self, limit: int | None = None) -> int:
+        """Act on the deadlines that passed, at most ``limit``; return how many were due."""
+        due = self.deadlines.expired(limit)
+        for late in due:
+            if late.kind == CLIENT_HEADERS:
+                if (self.open_requests.get(late.subject.id) == 0
+                        and close_client(late.subject)):
+                    self.metrics.connections_refused.labels(reason=CLIENT_HEADERS).inc()
+                    log.info("fleetgate: closed client %s: no request headers within %ss",
+                             late.subject.peername, late.seconds)
+                continue
+            flow: http.HTTPFlow = late.subject
+            if flow.error or not flow.live:
+                continue
+            if late.kind == UPSTREAM_FIRST_BYTE and flow.response is None:
+                flow.metadata[TIMED_OUT] = late.seconds
+                log.warning("fleetgate: %s:%s sent no response headers within %ss; answering 504",
+                            flow.request.pretty_host, flow.request.port, late.seconds)
+                if not _close_server(flow):
+                    self._cut(flow, UPSTREAM_FIRST_BYTE,
+                              f"the upstream sent no response within {late.seconds}s")
+            elif late.kind == UPSTREAM_IDLE:
+                self._cut(flow, UPSTREAM_IDLE,
+                          f"the upstream sent nothing for {late.seconds}s mid-response")
+        return len(due)
+
+    def _cut(self, flow: http.HTTPFlow, rule: str, reason: str) -> None:
+        if cut_flow(flow, rule, reason):
+            self.metrics.flows_cut.labels(rule=rule).inc()
+            log.warning("fleetgate: cut (%s) %s %s%s: %s", rule, flow.request.method,
+                        flow.request.pretty_host, flow.request.path[:80], reason)
+
+    def client_connected(self, client: connection.Client) -> None:
+        self.open_requests[client.id] = 0
+        self.deadlines.arm(client.id, CLIENT_HEADERS, self._bound("client_header"), client)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.open_requests.pop(client.id, None)
+        self.deadlines.disarm(client.id)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # The CONNECT head is complete: the tunnel's first request is due in a full bound.
+        client = flow.client_conn
+        if self.open_requests.get(client.id) == 0:
+            self.deadlines.arm(client.id, CLIENT_HEADERS, self._bound("client_header"), client)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        cid = flow.client_conn.id
+        if cid in self.open_requests and flow.id not in self.counted:
+            self.open_requests[cid] += 1
+            self.counted.add(flow.id)
+            self.deadlines.disarm(cid, CLIENT_HEADERS)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if not settled(flow):  # every check let it through: it goes upstream now
+            self.deadlines.arm(flow.id, UPSTREAM_FIRST_BYTE, self._bound("upstream_response"),
+                               flow)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self.deadlines.disarm(flow.id, UPSTREAM_FIRST_BYTE)
+        if flow.response is None or flow.error or not flow.live:
+            return
+        self.deadlines.arm(flow.id, UPSTREAM_IDLE, self._bound("upstream_idle"), flow)
+        inner = flow.response.stream
+        if not inner:
+            return  # buffered: the whole body is due within the bound
+        touch, key = self.deadlines.touch, flow.id
+
+        def watched(chunk: bytes) -> Any:
+            touch(key, UPSTREAM_IDLE)
+            return inner(chunk) if callable(inner) else chunk
+        flow.response.stream = watched
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.deadlines.disarm(flow.id)
+        if flow.websocket is None:  # a websocket stays open on its connection until it ends
+            self._finished(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.deadlines.disarm(flow.id)
+        self._finished(flow)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow)
+
+    def _finished(self, flow: http.HTTPFlow) -> None:
+        if flow.id not in self.counted:
+            return
+        self.counted.discard(flow.id)
+        client = flow.client_conn
+        left = self.open_requests.get(client.id)
+        if left is None:
+            return
+        self.open_requests[client.id] = left = max(0, left - 1)
+        if left == 0:  # the next request's headers are due in a full bound
+            self.deadlines.arm(client.id, CLIENT_HEADERS, self._bound("client_header"), client)
+
+
+def _close_server(flow: http.HTTPFlow) -> bool:
+    """Close the flow's upstream connection only: the agent's connection stays, and the
+    HTTP layer reports the loss to the flow (answered by UpstreamErrors)."""
+    proxyserver: Any = ctx.master.addons.get("proxyserver") if ctx.master else None
+    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
+    if handler is None or flow.server_conn not in handler.transports:
+        return False
+    _close_now(handler, flow.server_conn)
+    return True
