@@ -691,7 +691,8 @@ def example_role(c: Container) -> str:
     for f in files:
         for doc in yaml.safe_load_all(f.read_text()):
             for agent in (doc or {}).get("agents") or []:
-                m = re.fullmatch(r"""\s*jwt\.agent_role\s*==\s*["'](\w[\w.-]*)["']\s*""",
+                m = re.fullmatch(r"""\s*(?:has\(jwt\.agent_role\)\s*&&\s*)?"""
+                                 r"""jwt\.agent_role\s*==\s*["'](\w[\w.-]*)["']\s*""",
                                  agent.get("match", ""))
                 if m:
                     return m.group(1)

@@ -263,3 +263,23 @@ def test_unfinished_huge_head_is_answered_431_before_it_is_buffered(
     assert b'"rule": "request.headers"' in answer and b"X-Fleetgate-Decision-Id" in answer
     assert sent < 200_000  # refused near the bound, not after the whole line
     assert "/huge" not in hanging.paths()
+
+
+def test_a_slow_streamed_upload_is_not_an_upstream_timeout(
+        make_gateway, tmp_path: Path, hanging: Upstream) -> None:
+    """The first-byte clock restarts with every chunk of a streamed upload: an upload longer than
+    the bound is still answered (the upstream answers once it has read it all)."""
+    gw = make_gateway(write_rules(tmp_path / "r.yaml", [hanging.port]),
+                      fleetgate_upstream_response_timeout=str(TIMEOUT),
+                      fleetgate_stream_min_bytes="1")  # stream even this small body
+
+    def body() -> Iterator[bytes]:
+        for _ in range(6):  # 3x the bound in all, never silent for half of it
+            yield b"x" * 1000
+            time.sleep(TIMEOUT / 2)
+
+    with gw.client(token(), timeout=TIMEOUT * 10) as c:
+        r = c.post(f"{hanging.url}/upload", content=body(),
+                   headers={"Content-Length": "6000", "Content-Type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    assert hanging.seen[-1].body == b"x" * 6000

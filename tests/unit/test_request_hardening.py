@@ -17,7 +17,13 @@ from fleetgate.identity.tokens import (
     VerifierConfig,
     parse_proxy_authorization,
 )
-from fleetgate.policy.normalize import MAX_DECODE_ROUNDS, PathError, ambiguity, normalize_path
+from fleetgate.policy.normalize import (
+    MAX_DECODE_ROUNDS,
+    PathError,
+    ambiguity,
+    normalize_path,
+    path_ambiguity,
+)
 
 SECRET = b"unit-secret-0123456789abcdef0123456789"
 
@@ -143,3 +149,33 @@ def test_oversized_credentials_are_refused_before_decoding() -> None:
     ok = "Basic " + base64.b64encode(f"agent:{small}".encode()).decode()
     assert parse_proxy_authorization(ok, 8192) == small
     assert parse_proxy_authorization(header) == big  # no bound given: not refused here
+
+
+# -- paths and heads servers read differently (found by tests/e2e/test_differential.py) --------
+
+
+@pytest.mark.parametrize("target", [
+    "/delete/../ok", "/delete/%2e%2e/ok", "/delete/%252e%252e/ok", "/a/./b", "/a/%2E/b",
+    "/delete\\..\\ok", "/a\\b", "/mcp#x", "/delete#/../ok", "/mcp#/../ok",
+    "/messages/../ok?session_id=s", "/delete;x/../ok",
+])
+def test_paths_servers_route_differently_are_refused(target: str) -> None:
+    assert path_ambiguity(target) is not None
+
+
+@pytest.mark.parametrize("target", [
+    "/", "/v1/chat/completions", "/a/b/", "/files/a%23b", "/a%5Cb", "/a/...", "/a/..b/c",
+    "/v1/x?next=../y", "/v1/x?frag=%23", "/delete",
+])
+def test_paths_every_server_reads_alike_pass(target: str) -> None:
+    assert path_ambiguity(target) is None
+
+
+@pytest.mark.parametrize("headers", [
+    [("Host", "a.example\r\n evil.example")],
+    [("X-A", "a\rHost: evil.example")],
+    [("X-A", "a\0b")],
+    [("Host", "a.example evil.example")],
+])
+def test_line_breaks_nul_and_spaced_hosts_are_ambiguous(headers: list[tuple[str, str]]) -> None:
+    assert ambiguity(headers) is not None

@@ -21,7 +21,13 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate import bodies
 from fleetgate.addons.flowtools import deny, fail_closed, settled
-from fleetgate.policy.normalize import PathError, ambiguity, normalize_path
+from fleetgate.policy.normalize import (
+    PathError,
+    ambiguity,
+    normalize_host,
+    normalize_path,
+    path_ambiguity,
+)
 
 
 class AmbiguityGuard:
@@ -44,12 +50,30 @@ class AmbiguityGuard:
         req = flow.request
         authority = req.authority if (req.is_http2 or req.is_http3) else ""
         reason = ambiguity(list(req.headers.items(multi=True)), authority)
+        if reason is None and not (req.is_http2 or req.is_http3) and req.authority:
+            reason = self._absolute_form(req)
         if reason:
             deny(flow, 400, "request.ambiguous", reason,
                  hint="send each of these headers once, with one value")
             return
         try:
             normalize_path(req.path.partition("?")[0] or "/")
+            reason = path_ambiguity(req.path)
         except PathError as exc:
-            deny(flow, 400, "request.path", str(exc),
-                 hint="percent-encode the path once")
+            reason = str(exc)
+        if reason:
+            deny(flow, 400, "request.path", reason,
+                 hint="send the path as clients do: dot segments resolved, no '#', no '\\', "
+                      "percent-encoded once")
+
+    @staticmethod
+    def _absolute_form(req: http.Request) -> str | None:
+        """An HTTP/1 request target naming a host (``GET https://other/x``) must name the
+        destination the gateway judges: RFC 9112 servers take it over the Host header."""
+        target = req.authority.rsplit(":", 1)
+        host = target[0] if not req.authority.endswith("]") else req.authority
+        port = int(target[1]) if len(target) == 2 and target[1].isdigit() else req.port
+        if normalize_host(host) != normalize_host(req.host) or port != req.port:
+            return (f"the request target names {req.authority!r} but the request goes to "
+                    f"{req.host}:{req.port}: servers disagree on the destination")
+        return None

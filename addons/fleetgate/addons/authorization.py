@@ -139,9 +139,16 @@ class HttpAuthorization:
         dest = normalize_host(flow.request.host)
         header = flow.request.host_header
         if header:
-            hh = header.rsplit(":", 1)[0] if not header.endswith("]") else header
+            if header.endswith("]") or ":" not in header:
+                hh, port = header, None
+            else:
+                hh, _, port = header.rpartition(":")
             if normalize_host(hh) != dest:
                 return f"Host header {header!r} does not name the destination {dest!r}"
+            if port is not None and (not port.isdigit() or int(port) != flow.request.port):
+                # the server would read that port: an app routing on it saw another request
+                return (f"Host header {header!r} names another port than the destination's "
+                        f"({flow.request.port})")
         sni = flow.client_conn.sni
         if sni and normalize_host(sni) != dest:
             return f"TLS SNI {sni!r} does not name the destination {dest!r}"

@@ -27,8 +27,10 @@ from fleetgate.addons.killswitch import KillSwitch, KillWatch
 from fleetgate.addons.limits import RateLimiter
 from fleetgate.addons.llm import LlmInspector, LlmMeter
 from fleetgate.addons.mcp import McpGuard
+from fleetgate.addons.request_bodies import RequestBodies
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.streaming import StreamPassthrough
+from fleetgate.addons.timeouts import HeaderBounds, Timeouts
 from fleetgate.addons.upstream_errors import UpstreamErrors
 from fleetgate.llm.ledger import Ledger
 from fleetgate.metrics import GatewayMetrics, HealthServer
@@ -50,16 +52,21 @@ def pipeline() -> list[Any]:
     limiter = RateLimiter(store, metrics, health)
     meter.stream_guards += [budgets.stream_guard, limiter.stream_guard]
     budgets.watch = limiter.watch = meter.watched
+    mcp = McpGuard(store, metrics, admin)
     return [
         ConnectionGuard(metrics),
+        HeaderBounds(),  # 431 before anything reads the headers
         AmbiguityGuard(),  # before identity: a doubled Host or path trick needs no token to refuse
         store,
         identity,
         kill,
         ControlEndpoint(kill, identity, store, metrics),
+        # requestheaders: bound the body, stream it when nothing reads it (runs the request
+        # hook before the body then), refuse it early when a reader could not read it
+        RequestBodies(store, mcp, kill),
         LlmInspector(store, metrics),
         HttpAuthorization(store, metrics, [health, admin]),
-        McpGuard(store, metrics, admin),
+        mcp,
         meter,
         # after the meter: they settle their reservations from the usage the meter recorded.
         # Budgets first: a call a budget refuses takes nothing from the rate limits.
@@ -68,6 +75,7 @@ def pipeline() -> list[Any]:
         CredentialInjector(store, metrics),
         StreamPassthrough(),
         watch,
+        Timeouts(metrics),  # after every check and stream wrapper: times only what goes upstream
         HealthEndpoint(health, admin),
         # answers an allowed request whose upstream failed, before the log records its status
         UpstreamErrors(metrics),

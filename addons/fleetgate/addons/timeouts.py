@@ -239,9 +239,22 @@ class Timeouts:
             self.deadlines.disarm(cid, CLIENT_HEADERS)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if not settled(flow):  # every check let it through: it goes upstream now
-            self.deadlines.arm(flow.id, UPSTREAM_FIRST_BYTE, self._bound("upstream_response"),
-                               flow)
+        if settled(flow):
+            return
+        # every check let it through: it goes upstream now
+        self.deadlines.arm(flow.id, UPSTREAM_FIRST_BYTE, self._bound("upstream_response"), flow)
+        inner = flow.request.stream
+        if not inner:
+            return
+        # a streamed upload (RequestBodies): the request hook ran before its body, so the clock
+        # restarts with every chunk sent — a long upload is not an upstream that never answers
+        touch, key = self.deadlines.touch, flow.id
+
+        def sending(chunk: bytes) -> Any:
+            touch(key, UPSTREAM_FIRST_BYTE)
+            return inner(chunk) if callable(inner) else chunk
+
+        flow.request.stream = sending
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self.deadlines.disarm(flow.id, UPSTREAM_FIRST_BYTE)

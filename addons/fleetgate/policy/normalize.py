@@ -30,6 +30,7 @@ __all__ = [
     "ambiguity",
     "normalize_host",
     "normalize_path",
+    "path_ambiguity",
     "request_facts",
 ]
 
@@ -113,6 +114,33 @@ def normalize_path(raw: str) -> str:
     if path.endswith("/") and segments:
         out += "/"
     return out
+
+
+def path_ambiguity(target: str) -> str | None:
+    """Why a request target's path could be routed differently by the gateway and a server.
+
+    The gateway judges the normalised path (:func:`normalize_path`), but servers do not all
+    normalise alike: Starlette and h11 keep dot segments (``/delete/../ok`` reaches a
+    ``/delete`` mount), uvicorn's httptools cuts the path at ``#`` (``/mcp#/../ok`` is
+    ``/mcp``), IIS-style servers read ``\\`` as ``/``. Real clients resolve dot segments and
+    never send a fragment, so a target that needs any of this is refused, never guessed at.
+    ``None`` when every server reads the path the gateway judges.
+    """
+    path = target.partition("?")[0]
+    if "#" in target:
+        return "a '#' in the request target: some servers end the path there, others do not"
+    if "\\" in path:
+        return "a backslash in the path: some servers read it as '/', others as a character"
+    decoded = path
+    for _ in range(MAX_DECODE_ROUNDS + 1):
+        once = _decode_once(decoded)
+        if once == decoded:
+            break
+        decoded = once
+    if any(seg in (".", "..") for seg in decoded.split("/")):
+        return ("a dot segment ('.' or '..', encoded or not) in the path: the gateway would "
+                "judge the resolved path while servers route on the raw one")
+    return None
 
 
 @dataclass(frozen=True)
@@ -204,6 +232,10 @@ def ambiguity(headers: list[tuple[str, str]], authority: str = "") -> str | None
     """
     seen: dict[str, list[str]] = {}
     for name, value in headers:
+        if any(c in value for c in "\r\n\0"):
+            # a folded (obs-fold) line or a bare CR: one server reads a continuation, another
+            # a new header line (a second Host), a third refuses it
+            return f"header {name!r} carries a line break or NUL: servers split it differently"
         key = name.lower()
         if key in SINGLE_VALUED:
             seen.setdefault(key, []).append(value)
@@ -217,6 +249,8 @@ def ambiguity(headers: list[tuple[str, str]], authority: str = "") -> str | None
     if cl and seen.get("transfer-encoding"):
         return "both Transfer-Encoding and Content-Length: servers disagree on the body's length"
     host = seen.get("host")
+    if host and any(c.isspace() for c in host[0].strip()):
+        return f"Host {host[0]!r} contains whitespace: servers disagree on the destination"
     # compared as sent (case aside): even an explicit default port is a second reading
     if authority and host and authority.strip().lower() != host[0].strip().lower():
         return (f"Host {host[0]!r} differs from :authority {authority!r}: servers disagree "
