@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fleetgate.bodies import BodyError, parse_json
+from fleetgate.mcp.messages import McpError, parse_messages
 from fleetgate.mcp.sse import SseRewriter
 from fleetgate.policy.netaddr import HostPattern
 from fleetgate.policy.normalize import PathError, normalize_host, normalize_path
@@ -156,3 +157,30 @@ def test_sse_events_are_the_same_however_the_stream_is_chunked(
     chunks.append(stream[pos:])
     assert judge(chunks) == whole
     assert whole == [(t, d) for t, d in evs]
+
+
+rpc_ids = st.none() | st.integers() | st.text(max_size=8) | st.booleans() | st.floats(allow_nan=False)
+rpc_objects = st.fixed_dictionaries(
+    {}, optional={"jsonrpc": st.sampled_from(["2.0", "1.0", 2.0]),
+                  "id": rpc_ids,
+                  "method": st.sampled_from(["tools/call", "tools/list", "ping"]) | json_values,
+                  "params": json_values,
+                  "result": json_values,
+                  "error": json_values})
+
+
+@SETTINGS
+@given(st.one_of(rpc_objects, st.lists(rpc_objects, max_size=4), json_values))
+def test_json_rpc_bodies_are_classified_or_refused_never_crash(body: object) -> None:
+    """Any JSON body is either read as well-formed messages, each exactly one kind, or refused
+    with a JSON-RPC error: there is no third outcome an attacker could aim for."""
+    try:
+        messages, batch = parse_messages(body)
+    except McpError as exc:
+        assert exc.code in (-32600, -32602)
+        return
+    assert batch == isinstance(body, list)
+    for m in messages:
+        assert m.raw["jsonrpc"] == "2.0"
+        assert [m.is_request, m.is_notification, m.is_response].count(True) == 1
+        assert not isinstance(m.id, bool | float)
