@@ -10,7 +10,7 @@ import time
 import jwt
 import pytest
 
-from fleetgate.bodies import BodyError, json_depth_exceeds, parse_json
+from fleetgate.bodies import BodyError, nesting_exceeds, parse_json
 from fleetgate.identity.tokens import (
     IdentityError,
     Verifier,
@@ -97,13 +97,17 @@ def test_path_that_never_settles_is_refused() -> None:
     ('["[[[[[[", "]]]]{{{{"]', 1, False),  # brackets inside strings do not count
     (r'["\"[[[[", "x"]', 1, False),  # an escaped quote does not end the string
     ("[" * 100 + "]" * 100, 99, True),
-    ("[" * 100, 50, True),  # unbalanced
-    ("[" * 100, 200, False),  # cannot be deeper than its openers: left to the parser
+    ("[" * 100 + "]" * 100, 100, False),
+    ('[{"a": [1]}, [[[2]]], 3]', 4, False),  # the deepest branch counts, not the sum
+    ('[{"a": [1]}, [[[2]]], 3]', 3, True),
 ])
-def test_json_depth_exceeds(text: str, limit: int, exceeds: bool) -> None:
-    assert json_depth_exceeds(text, limit) is exceeds
-    if not exceeds and text.count("[") == text.count("]"):
-        json.loads(text)  # the cases are real JSON
+def test_json_nesting_limit(text: str, limit: int, exceeds: bool) -> None:
+    assert nesting_exceeds(json.loads(text), limit) is exceeds
+    if exceeds:
+        with pytest.raises(BodyError, match="deeper"):
+            parse_json(text.encode(), max_depth=limit)
+    else:
+        assert parse_json(text.encode(), max_depth=limit) == json.loads(text)
 
 
 def test_deep_json_is_a_400_not_a_recursion_error() -> None:
@@ -116,7 +120,7 @@ def test_deep_json_is_a_400_not_a_recursion_error() -> None:
         parse_json(b'{"a": {"b": 1}}', max_depth=1)
 
 
-def test_depth_prescan_reads_utf16_as_the_parser_does() -> None:
+def test_depth_is_judged_on_utf16_bodies_too() -> None:
     deep = ("[" * 80 + "]" * 80).encode("utf-16")
     with pytest.raises(BodyError, match="deeper"):
         parse_json(deep)
