@@ -61,8 +61,10 @@ from fleetgate.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
-# deadlines acted on per batch, and the pause between batches (see Timeouts._watch)
-EXPIRE_BATCH = 25
+# deadlines acted on per batch, and the pause between batches (see Timeouts._watch): measured
+# with 500 slowloris sockets, a control agent's requests overlapping the close wave took
+# 55-63 ms against ~50 ms (batches of 25: up to 85 ms; all at once: 218 ms)
+EXPIRE_BATCH = 10
 EXPIRE_PAUSE = 0.01
 
 HEADERS_RULE = "request.headers"
