@@ -425,6 +425,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def read_response(s: socket.socket | ssl.SSLSocket) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP/1 answer from a raw socket: (status, lower-cased headers, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (ln.partition(":") for ln in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, headers, body
+
+
 def raw_connect(port: int, target: str, proxy_auth: str | None = None) -> tuple[int, dict[str, str], bytes]:
     """Send a bare CONNECT and return (status, headers, body) of the proxy's answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -432,24 +454,7 @@ def raw_connect(port: int, target: str, proxy_auth: str | None = None) -> tuple[
         if proxy_auth:
             req += f"Proxy-Authorization: {proxy_auth}\r\n"
         s.sendall((req + "\r\n").encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {k.strip().lower(): v.strip() for k, _, v in
-                   (ln.partition(":") for ln in lines[1:])}
-        length = int(headers.get("content-length", "0"))
-        while len(body) < length:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-        return status, headers, body
+        return read_response(s)
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +16,16 @@ import jwt
 import pytest
 from llm_upstream import llm_rules_extra
 
-from harness import SECRET, Gateway, Upstream, raw_connect, ssl_context, token, write_rules
+from harness import (
+    SECRET,
+    Gateway,
+    Upstream,
+    raw_connect,
+    read_response,
+    ssl_context,
+    token,
+    write_rules,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -33,26 +41,6 @@ def basic(tok: str) -> str:
     return "Basic " + base64.b64encode(f"agent:{tok}".encode()).decode()
 
 
-def _read_response(s: socket.socket | ssl.SSLSocket) -> tuple[int, dict[str, str], bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return status, headers, body
-
-
 def tunnel_request(gw: Gateway, up: Upstream, request: bytes,
                    target: str | None = None) -> tuple[int, dict[str, str], bytes]:
     """CONNECT to the upstream by name, TLS through the gateway, send ``request`` verbatim."""
@@ -65,7 +53,7 @@ def tunnel_request(gw: Gateway, up: Upstream, request: bytes,
         with ssl_context(gw.ca_cert).wrap_socket(
                 raw, server_hostname=target.rsplit(":", 1)[0]) as s:
             s.sendall(request)
-            return _read_response(s)
+            return read_response(s)
 
 
 def rule_of(body: bytes) -> str:
@@ -134,7 +122,7 @@ def test_two_proxy_credentials_on_connect_are_refused(gateway: Gateway,
         s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
                   f"Proxy-Authorization: {good}\r\nProxy-Authorization: {good}\r\n\r\n"
                   .encode())
-        status, headers, body = _read_response(s)
+        status, headers, body = read_response(s)
     assert status == 407
     assert rule_of(body) == "identity.ambiguous"
     assert "proxy-authenticate" in headers

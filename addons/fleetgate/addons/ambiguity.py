@@ -5,7 +5,7 @@ yet, no identity needed): a value the gateway judges that appears twice, two nam
 destination that disagree, or a path whose percent-decoding does not settle is answered
 ``400`` at once. Judging one reading while the upstream acts on another is how a policy is
 bypassed, so there is no "pick one" here. The rule itself is pure
-(:func:`fleetgate.policy.normalize.ambiguity`, :func:`~fleetgate.policy.normalize.normalize_path`).
+(:func:`fleetgate.policy.normalize.ambiguity`, :func:`~fleetgate.policy.normalize.path_ambiguity`).
 
 Framing ambiguities (``Content-Length`` twice, with ``Transfer-Encoding``) never get this far:
 mitmproxy refuses them itself while ``validate_inbound_headers`` is on, and ConnectionGuard
@@ -25,7 +25,6 @@ from fleetgate.policy.normalize import (
     PathError,
     ambiguity,
     normalize_host,
-    normalize_path,
     path_ambiguity,
 )
 
@@ -57,8 +56,7 @@ class AmbiguityGuard:
                  hint="send each of these headers once, with one value")
             return
         try:
-            normalize_path(req.path.partition("?")[0] or "/")
-            reason = path_ambiguity(req.path)
+            reason = path_ambiguity(req.path)  # one decoding pass; PathError if it never settles
         except PathError as exc:
             reason = str(exc)
         if reason:

@@ -44,6 +44,7 @@ from fleetgate.addons.flowtools import (
     settled,
 )
 from fleetgate.addons.killswitch import KillSwitch
+from fleetgate.addons.layerpatch import relay
 from fleetgate.addons.mcp import McpGuard
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.body_plan import BodyFacts, BodyPlan, parse_content_length, plan_body
@@ -181,17 +182,12 @@ def install() -> None:
         return (yield from start(self))
 
     def state_stream_request_body(self: Any, event: Any) -> Generator[Any, Any, Any]:
-        gen = streamed(self, event)
-        reply: Any = None
-        while True:
-            try:
-                cmd = gen.send(reply)
-            except StopIteration as stop:
-                return stop.value
+        def replace(cmd: Any) -> tuple[()] | None:
             if isinstance(cmd, HttpRequestHook) and self.flow.metadata.get(EARLY):
-                reply = None  # it already ran, before the body
-                continue
-            reply = yield cmd
+                return ()  # it already ran, before the body
+            return None
+
+        return (yield from relay(streamed(self, event), replace))
 
     def state_consume_request_body(self: Any, event: Any) -> Generator[Any, Any, Any]:
         plan = self.flow.metadata.get(PLAN)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from typing import Any
 
 from mitmproxy import http
@@ -33,6 +33,7 @@ from mitmproxy.proxy.layers.http._events import (
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
 
 from fleetgate.addons.flowtools import CUT, DECISION, HEADER, MCP, decision_id, record_decision
+from fleetgate.addons.layerpatch import relay
 from fleetgate.denial import denial_body
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.upstream_failure import UpstreamFailure, classify, timed_out
@@ -58,21 +59,16 @@ def install() -> None:
     def handle_protocol_error(self: Any, event: Any) -> Generator[Any, Any, Any]:
         upstream_failed = (isinstance(event, ResponseProtocolError)
                            and self.flow.response is None)
-        gen = original(self, event)
-        reply: Any = None
-        while True:
-            try:
-                cmd = gen.send(reply)
-            except StopIteration as stop:
-                return stop.value
+
+        def replace(cmd: Any) -> Iterable[Any] | None:
             if upstream_failed and isinstance(cmd, HttpErrorHook):
-                self.flow.metadata[FAILED] = True
+                self.flow.metadata[FAILED] = True  # before the error hook: UpstreamErrors answers
             elif (upstream_failed and isinstance(cmd, http_layer.SendHttp) and cmd.event is event
                   and self.flow.response is not None and self.flow.metadata.get(FAILED)):
-                yield from _send(self, self.flow.response)
-                reply = None
-                continue
-            reply = yield cmd
+                return _send(self, self.flow.response)  # instead of mitmproxy's HTML page
+            return None
+
+        return (yield from relay(original(self, event), replace))
 
     setattr(handle_protocol_error, _MARK, True)
     stream_cls.handle_protocol_error = handle_protocol_error

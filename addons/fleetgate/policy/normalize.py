@@ -85,21 +85,25 @@ class PathError(ValueError):
     """The path did not settle: it still decodes after :data:`MAX_DECODE_ROUNDS` rounds."""
 
 
+def _decode_until_stable(path: str) -> str:
+    """Percent-decode until nothing changes (encoded separators stay encoded); raises
+    :class:`PathError` when that takes more than :data:`MAX_DECODE_ROUNDS` rounds."""
+    for _ in range(MAX_DECODE_ROUNDS + 1):
+        decoded = _decode_once(path)
+        if decoded == path:
+            return path
+        path = decoded
+    raise PathError(f"path is still percent-encoded after {MAX_DECODE_ROUNDS} rounds of "
+                    "decoding")
+
+
 def normalize_path(raw: str) -> str:
     """Decode and resolve a request path (without its query string).
 
     Raises :class:`PathError` when percent-decoding does not reach a fixed point within
     :data:`MAX_DECODE_ROUNDS` rounds: such a path is refused, never judged half decoded.
     """
-    path = raw
-    for _ in range(MAX_DECODE_ROUNDS + 1):
-        decoded = _decode_once(path)
-        if decoded == path:
-            break
-        path = decoded
-    else:
-        raise PathError(f"path is still percent-encoded after {MAX_DECODE_ROUNDS} rounds of "
-                        "decoding")
+    path = _decode_until_stable(raw)
     path = path.replace("\\", "/")
     segments: list[str] = []
     for seg in path.split("/"):
@@ -124,20 +128,15 @@ def path_ambiguity(target: str) -> str | None:
     ``/delete`` mount), uvicorn's httptools cuts the path at ``#`` (``/mcp#/../ok`` is
     ``/mcp``), IIS-style servers read ``\\`` as ``/``. Real clients resolve dot segments and
     never send a fragment, so a target that needs any of this is refused, never guessed at.
-    ``None`` when every server reads the path the gateway judges.
+    ``None`` when every server reads the path the gateway judges. Raises :class:`PathError`
+    when the path's percent-decoding does not settle (see :func:`normalize_path`).
     """
     path = target.partition("?")[0]
     if "#" in target:
         return "a '#' in the request target: some servers end the path there, others do not"
     if "\\" in path:
         return "a backslash in the path: some servers read it as '/', others as a character"
-    decoded = path
-    for _ in range(MAX_DECODE_ROUNDS + 1):
-        once = _decode_once(decoded)
-        if once == decoded:
-            break
-        decoded = once
-    if any(seg in (".", "..") for seg in decoded.split("/")):
+    if any(seg in (".", "..") for seg in _decode_until_stable(path).split("/")):
         return ("a dot segment ('.' or '..', encoded or not) in the path: the gateway would "
                 "judge the resolved path while servers route on the raw one")
     return None
