@@ -160,6 +160,43 @@ def test_a_crashing_hook_denies_instead_of_passing(chain: tuple[Any, list[Any]],
     assert f.marked
 
 
+@pytest.mark.parametrize(("module", "name"), [
+    ("fleetgate.addons.ambiguity", "ambiguity"),         # AmbiguityGuard.requestheaders
+    ("fleetgate.addons.request_bodies", "plan_body"),    # RequestBodies.requestheaders
+    ("fleetgate.addons.timeouts", "header_excess"),      # HeaderBounds.requestheaders
+])
+def test_the_request_guards_deny_when_they_crash(chain: tuple[Any, list[Any]],
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 module: str, name: str) -> None:
+    _, addons = chain
+
+    def boom(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("guard exploded")
+
+    monkeypatch.setattr(f"{module}.{name}", boom)
+    f = request_flow(auth=basic(tok()))
+    run_request(addons, f)
+    assert f.response is not None and f.response.status_code == 500
+    assert json.loads(f.response.content)["fleetgate"]["rule"] == "internal-error"
+
+
+def test_timeouts_deny_when_they_cannot_arm(chain: tuple[Any, list[Any]],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request the upstream timeout cannot be armed for is not sent without it."""
+    from fleetgate.addons.timeouts import Timeouts
+
+    _, addons = chain
+    timeouts = next(a for a in addons if isinstance(a, Timeouts))
+
+    def boom(*_: Any, **__: Any) -> None:
+        raise RuntimeError("no clock")
+
+    monkeypatch.setattr(timeouts.deadlines, "arm", boom)
+    f = request_flow(auth=basic(tok()))
+    run_request(addons, f)
+    assert f.response is not None and f.response.status_code == 500
+
+
 def test_server_connect_refuses_unapproved_and_internal_destinations(
         chain: tuple[Any, list[Any]]) -> None:
     _, addons = chain

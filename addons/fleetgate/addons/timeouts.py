@@ -240,6 +240,7 @@ class Timeouts:
             self.counted.add(flow.id)
             self.deadlines.disarm(cid, CLIENT_HEADERS)
 
+    @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
         if settled(flow):
             return
@@ -258,6 +259,7 @@ class Timeouts:
 
         flow.request.stream = sending
 
+    @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self.deadlines.disarm(flow.id, UPSTREAM_FIRST_BYTE)
         if flow.response is None or flow.error or not flow.live:
