@@ -54,7 +54,11 @@ log = logging.getLogger(__name__)
 
 PLAN = "fleetgate.body"  # {"action", "limit", "reader"}: what was decided for the body
 EARLY = "fleetgate.request_hook_early"  # the request hook ran before the body (streamed)
-DRAIN_MAX = 8 * 1024 * 1024
+# Bytes of a refused request's body read and thrown away (memory: none) before hanging up.
+# HTTP/1 clients (httpx, the SDKs) write their whole body before reading the answer: a body
+# within this is drained and the connection stays usable; past it the client may see a reset
+# instead of the answer. 8 MiB left a refused 16 MiB upload racing the hang-up.
+DRAIN_MAX = 64 * 1024 * 1024
 _MARK = "_fleetgate_bodies"
 
 
@@ -218,7 +222,14 @@ def install() -> None:
 
 
 def _answer_now(stream: Any) -> Generator[Any, Any, None]:
-    """Send the flow's response before its body was read; discard the body as it arrives."""
+    """Send the flow's response before its body was read; discard the body as it arrives.
+
+    On HTTP/1 the answer says ``Connection: close`` (RFC 9112 9.6: a server answering before
+    the body was read closes afterwards): the client opens a new connection for its next
+    request instead of reusing one whose request was cut short."""
+    response = stream.flow.response
+    if response is not None and not (stream.flow.request.is_http2 or stream.flow.request.is_http3):
+        response.headers["Connection"] = "close"
     stream.server_state = stream.state_done
     stream.client_state = _drain(stream)
     yield from stream.send_response()
