@@ -11,7 +11,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["UpstreamFailure", "classify", "timed_out"]
+__all__ = ["CONNECT_TIMEOUT", "UpstreamFailure", "classify", "timed_out"]
+
+# How the connect bound (fleetgate.addons.upstream_connect) starts the error it gives up with.
+CONNECT_TIMEOUT = "fleetgate: no connection to"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,11 @@ def classify(message: str, destination: str) -> UpstreamFailure:
             502, "destinations.connect", msg,
             "The destination resolves to an address this gateway does not dial; an operator "
             "can allow it (destinations.allowPrivate) if it is meant to be reached.", False)
+    if msg.startswith(CONNECT_TIMEOUT.removeprefix("fleetgate: ")):
+        return UpstreamFailure(
+            504, "upstream.timeout",
+            msg if destination.rsplit(":", 1)[0] in msg else f"{destination}: {msg}",
+            "Retry later; the upstream is slow or unreachable.", True)
     if msg.startswith("fleetgate: no policy"):
         return UpstreamFailure(503, "no-policy", msg, "Retry shortly.", True)
     if _RESOLVE.search(msg):

@@ -22,7 +22,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import Gateway, Seen, Upstream, sse_stream, token, write_rules
+from harness import (
+    Gateway,
+    Seen,
+    Upstream,
+    register_name,
+    sse_stream,
+    token,
+    unregister_names,
+    upstream_name,
+    write_rules,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -283,3 +293,67 @@ def test_a_slow_streamed_upload_is_not_an_upstream_timeout(
                    headers={"Content-Length": "6000", "Content-Type": "application/octet-stream"})
     assert r.status_code == 200, r.text
     assert hanging.seen[-1].body == b"x" * 6000
+
+
+# -- upstream connect --------------------------------------------------------------------
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A port on 127.0.0.1 whose accept queue is full: a new connect to it never completes
+    (the kernel drops its SYNs), as with a firewalled or vanished upstream. Named like the
+    other upstreams (``up<port>.fleetgate.test``)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)  # never accepted: one queued connection fills the queue
+    port = server.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=2)
+    register_name(upstream_name(port), port, port)
+    try:
+        yield port
+    finally:
+        unregister_names(port)
+        filler.close()
+        server.close()
+
+
+def test_upstream_that_never_accepts_gets_504_at_the_connect_timeout(
+        make_gateway, tmp_path: Path, hanging: Upstream, blackhole: int) -> None:
+    gw = make_gateway(write_rules(tmp_path / "r.yaml", [hanging.port, blackhole]),
+                      fleetgate_upstream_connect_timeout=str(TIMEOUT),
+                      fleetgate_upstream_response_timeout=str(TIMEOUT * 10))
+    with gw.client(token(), timeout=TIMEOUT * 10) as c:
+        t0 = time.monotonic()
+        r = c.get(f"https://{upstream_name(blackhole)}:{blackhole}/v1/models")
+        elapsed = time.monotonic() - t0
+        assert r.status_code == 504, r.text
+        assert TIMEOUT * 0.9 <= elapsed <= TIMEOUT + SLACK, elapsed
+        body = r.json()
+        assert body["fleetgate"]["rule"] == "upstream.timeout"
+        assert "fleetgate_upstream_connect_timeout" in body["error"]["message"]
+        assert r.headers.get("x-should-retry") != "false"  # a retry may find it up
+        did = r.headers["X-Fleetgate-Decision-Id"]
+        # the agent's connection keeps working for the next request
+        after = c.get(f"{hanging.url}/after")
+    assert after.status_code == 200 and after.json()["path"] == "/after"
+    d = gw.wait_for_decision(lambda d: d.get("decision_id") == did)
+    assert d["status"] == 504
+    assert _metric(gw, "fleetgate_upstream_failures_total", rule="upstream.timeout") == 1
+
+
+def test_pending_connect_at_the_response_timeout_gets_504(
+        make_gateway, tmp_path: Path, blackhole: int) -> None:
+    """The response bound counts from the request being sent, connect included: when it runs
+    out while the dial is still pending, the dial is given up and the agent gets 504 (not a
+    dropped connection)."""
+    gw = make_gateway(write_rules(tmp_path / "r.yaml", [blackhole]),
+                      fleetgate_upstream_connect_timeout=str(TIMEOUT * 10),
+                      fleetgate_upstream_response_timeout=str(TIMEOUT))
+    with gw.client(token(), timeout=TIMEOUT * 10) as c:
+        t0 = time.monotonic()
+        r = c.post(f"https://{upstream_name(blackhole)}:{blackhole}/v1/chat/completions",
+                   json={"model": "gpt-4o-mini", "messages": []})
+        elapsed = time.monotonic() - t0
+    assert r.status_code == 504, r.text
+    assert TIMEOUT * 0.9 <= elapsed <= TIMEOUT + SLACK, elapsed
+    assert "fleetgate_upstream_response_timeout" in r.json()["error"]["message"]
