@@ -1,4 +1,6 @@
 # The front door. `make run` starts the gateway on rules/; `make test` runs every test.
+# lint-imports checks the layer contracts in pyproject.toml ([tool.importlinter]); --no-cache: it takes
+# 0.2 s and leaves no cache directory in the tree.
 # Every environment is installed from uv.lock (scripts/bootstrap.sh); `make lock` changes it.
 .PHONY: run web demo test lint check-rules deploy-check bench lock lock-check
 
@@ -20,6 +22,7 @@ test:
 	@./scripts/bootstrap.sh --env .venv-mcp1 mcp1
 	.venv/bin/ruff check addons tests scripts
 	.venv/bin/mypy
+	.venv/bin/lint-imports --no-cache
 	@./scripts/deploy-check.sh
 	.venv/bin/python -m pytest -q -n 2 --dist loadfile
 
@@ -27,6 +30,7 @@ lint:
 	@./scripts/bootstrap.sh lint
 	.venv/bin/ruff check addons tests scripts
 	.venv/bin/mypy
+	.venv/bin/lint-imports --no-cache
 
 # Re-resolve every dependency (runtime, test, deploy, bench, MCP 1.x) into uv.lock, with hashes.
 # A deliberate change: commit uv.lock on its own and let `make test` show what moved.

@@ -354,18 +354,20 @@ def _limiter_cost(rules: Path, port: int, n: int, kinds: list[str]) -> dict[str,
     from mitmproxy import http
     from mitmproxy.test import tflow
 
-    from fleetgate.addons.flowtools import CLAIMS, DECISION, IDENTITY, LLM_REQUEST, LLM_USAGE
     from fleetgate.addons.limits import LIMITS, RateLimiter
     from fleetgate.addons.rules import PolicyStore
+    from fleetgate.addons.state import CLAIMS, DECISION, IDENTITY, LLM_REQUEST, LLM_USAGE
     from fleetgate.llm.request import parse_request
     from fleetgate.metrics import GatewayMetrics
     from fleetgate.policy.loader import load_policy
+    from fleetgate.runtime.reservations import ReservationBook
+    from fleetgate.stores.spend import SqliteSpendStore
 
     policy = load_policy(rules)
     metrics = GatewayMetrics()
     store = PolicyStore(metrics)
     store.policy = policy
-    limiter = RateLimiter(store, metrics)
+    limiter = RateLimiter(store, metrics, ReservationBook(SqliteSpendStore(None)))
     route = policy.providers.route(UPSTREAM_HOST, port, CHAT_PATH)
     llm = ({"is_llm": True, **parse_request(route, json.loads(CHAT_BODY), CHAT_PATH).to_cel(),
             "injected_usage": False} if route is not None else None)
@@ -720,9 +722,9 @@ async def scenario_f(b: Bench, plan: Plan) -> dict[str, Any]:
 
 
 def _decision_cost(policy_path: Path, agent: str, port: int, n: int) -> dict[str, Any]:
+    from fleetgate.normalize import request_facts
     from fleetgate.policy.decide import decide
     from fleetgate.policy.loader import load_policy
-    from fleetgate.policy.normalize import request_facts
 
     policy = load_policy(policy_path)
     claims = {"sub": agent, "agent_id": agent, "agent_role": "bench", "jti": "0" * 32,
@@ -1114,9 +1116,9 @@ def _gate_in_process(n_actions: int, calls: int) -> dict[str, Any]:
     round's noise, this is not."""
     from fleetgate.kill.core import KillCore
     from fleetgate.kill.model import Action, Scope, Subject, Verb
-    from fleetgate.kill.store import KillStore
+    from fleetgate.stores.kill import SqliteKillStore
 
-    core = KillCore(KillStore(None))
+    core = KillCore(SqliteKillStore(None), time.time)
     exp = time.time() + 3600
     core.observe(Subject(agent=GATE_COORD, session=GATE_COORD_SESSION, role=BENCH_ROLE), None, exp)
     subjects = [Subject(agent=f"bench-agent-{i:04d}", session=f"bench-agent-{i:04d}-session",

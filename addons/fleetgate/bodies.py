@@ -18,6 +18,8 @@ import json
 import zlib
 from typing import Any
 
+from fleetgate.errors import RequestError
+
 __all__ = [
     "DEFAULT_MAX_JSON_DEPTH",
     "BodyError",
@@ -33,7 +35,7 @@ DEFAULT_MAX_JSON_DEPTH = 64
 _max_json_depth = DEFAULT_MAX_JSON_DEPTH
 
 
-class BodyError(Exception):
+class BodyError(RequestError):
     """The request body cannot be inspected. ``status`` is the HTTP answer (400 or 413)."""
 
     def __init__(self, status: int, message: str) -> None:

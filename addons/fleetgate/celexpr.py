@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleetgate.errors import FleetgateError
+
 
 def _import_engine() -> types.ModuleType:
     """Import ``cel`` without its command-line tool.
@@ -82,7 +84,7 @@ _EXTRA_FUNCTIONS: dict[str, Callable[..., Any]] = _stdlib_functions()
 _KNOWN_FUNCTIONS = _NATIVE_FUNCTIONS | frozenset(_EXTRA_FUNCTIONS)
 
 
-class CelError(Exception):
+class CelError(FleetgateError):
     """A CEL expression failed to compile or to evaluate; ``str()`` says why."""
 
 

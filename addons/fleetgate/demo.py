@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from fleetgate.errors import FleetgateError
 from fleetgate.identity.mint import mint_token
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ _METRICS = re.compile(r"fleetgate metrics listening at http://[\d.]+:(\d+)")
 _ADMIN = re.compile(r"fleetgate admin API listening at http://[\d.]+:(\d+)")
 
 
-class StepFailed(Exception):
+class StepFailed(FleetgateError):
     """An outcome ``--check`` asserts did not happen."""
 
 

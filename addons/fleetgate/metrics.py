@@ -1,28 +1,17 @@
-"""Prometheus metrics and the health endpoints, on their own port.
+"""Prometheus metrics: one registry per gateway instance and the collectors in it.
 
 The registry is per gateway instance (not prometheus_client's global one) so that a script
-reload or a test that builds two pipelines never trips over duplicate collectors. The server
-is a small threaded WSGI server: it answers scrapes and probes without touching the proxy's
-event loop, and it listens on its own address, never inside the proxy, so agents cannot
-reach it through the gateway (``127.0.0.1`` destinations are refused unless allowed, and the
-metrics address is refused even then).
+reload or a test that builds two pipelines never trips over duplicate collectors. It is
+served by :mod:`fleetgate.runtime.listeners` on its own listener.
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
-import json
 import threading
-from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
-from typing import Any
-from urllib.parse import parse_qs
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["GatewayMetrics", "HealthServer", "LabelBudget"]
+__all__ = ["GatewayMetrics", "LabelBudget"]
 
 
 class LabelBudget:
@@ -197,126 +186,3 @@ class GatewayMetrics:
     def set_revision(self, revision: str) -> None:
         self.policy_revision.clear()
         self.policy_revision.labels(revision=revision).set(1)
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class HealthServer:
-    """A small JSON/metrics server on its own listener.
-
-    The health server (``admin=False``) serves ``/metrics``, ``/healthz/*`` and read-only JSON
-    views to anyone who can reach the port (Prometheus, probes). The admin server
-    (``admin=True``) serves operator views (GET ``json_routes``) and actions (POST
-    ``admin_routes``) and nothing else; every request needs ``Authorization: Bearer
-    <admin token>``, or, when no token is configured, a loopback client.
-    """
-
-    def __init__(self, metrics: GatewayMetrics, status: Callable[[], dict[str, Any]],
-                 admin: bool = False) -> None:
-        self._metrics_app = make_wsgi_app(metrics.registry)
-        self._status = status
-        self.admin = admin
-        # GET path -> JSON answer; the callable gets the query string's parameters
-        self.json_routes: dict[str, Callable[..., dict[str, Any]]] = {}
-        # operator actions (POST, JSON body -> JSON answer); a ValueError is a 400
-        self.admin_routes: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
-        self.admin_token = ""
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> tuple[str, int] | None:
-        if self._server is None:
-            return None
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server = make_server(host, port, self._app, _ThreadingWSGIServer, _Quiet)
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="fleetgate-metrics", daemon=True)
-        self._thread.start()
-        addr = self.address
-        assert addr is not None
-        return addr
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if self.admin:
-            return self._admin(path, environ, start_response)
-        if path == "/metrics":
-            return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
-        if path in ("/healthz/ready", "/healthz/live", "/healthz"):
-            status = self._status()
-            ok = True if path == "/healthz/live" else bool(status.get("ready"))
-            return _answer(start_response, "200 OK" if ok else "503 Service Unavailable", status)
-        if path in self.json_routes:
-            return _answer(start_response, "200 OK", self.json_routes[path]())
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /metrics or /healthz/ready\n"]
-
-    def _admin(self, path: str, environ: dict[str, Any],
-               start_response: Callable[..., Any]) -> Iterable[bytes]:
-        auth = environ.get("HTTP_AUTHORIZATION", "")
-        peer = environ.get("REMOTE_ADDR", "")
-        if self.admin_token:
-            ok = hmac.compare_digest(auth.encode(), f"Bearer {self.admin_token}".encode())
-        else:
-            ok = _is_loopback(peer)
-        if not ok:
-            return _answer(start_response, "401 Unauthorized", {
-                "error": "the admin API needs 'Authorization: Bearer <admin token>' (see "
-                         "fleetgate_admin_token_file)" if self.admin_token else
-                         "no admin token is configured: the admin API answers loopback "
-                         "clients only"})
-        method = environ.get("REQUEST_METHOD")
-        try:
-            if method == "GET" and path in self.json_routes:
-                query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-                return _answer(start_response, "200 OK", self.json_routes[path](**query))
-            if method == "POST" and path in self.admin_routes:
-                size = int(environ.get("CONTENT_LENGTH") or 0)
-                raw = environ["wsgi.input"].read(min(size, 1 << 20)) if size else b"{}"
-                args = json.loads(raw or b"{}")
-                if not isinstance(args, dict):
-                    raise ValueError("the body must be a JSON object")
-                return _answer(start_response, "200 OK", self.admin_routes[path](args))
-        except (ValueError, TypeError) as exc:
-            return _answer(start_response, "400 Bad Request", {"error": str(exc)})
-        except Exception as exc:  # the action failed: say so, never pretend it worked
-            return _answer(start_response, "500 Internal Server Error",
-                           {"error": f"{type(exc).__name__}: {exc}"})
-        if path in self.json_routes or path in self.admin_routes:
-            return _answer(start_response, "405 Method Not Allowed",
-                           {"error": f"use {'POST' if path in self.admin_routes else 'GET'} "
-                                     f"for {path}"})
-        return _answer(start_response, "404 Not Found",
-                       {"error": f"no admin route {path}", "routes": sorted(
-                           {*self.json_routes, *self.admin_routes})})
-
-
-def _answer(start_response: Callable[..., Any], status: str, obj: Any) -> list[bytes]:
-    body = json.dumps(obj, default=str).encode()
-    start_response(status, [("Content-Type", "application/json"),
-                            ("Content-Length", str(len(body)))])
-    return [body]
-
-
-def _is_loopback(addr: str) -> bool:
-    try:
-        return ipaddress.ip_address(addr).is_loopback
-    except ValueError:
-        return False

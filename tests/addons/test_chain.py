@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import inspect
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from chain import basic, request_flow, run_hook, run_request, running_chain, tok
 from mitmproxy import exceptions
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import server_hooks
@@ -19,13 +17,10 @@ from mitmproxy.test import taddons, tflow
 
 from fleetgate.addons import authorization as authorization_module
 from fleetgate.addons.authorization import HttpAuthorization
-from fleetgate.addons.flowtools import DECISION, HEADER, IDENTITY
 from fleetgate.addons.guard import ConnectionGuard
 from fleetgate.addons.identity import AgentIdentity
 from fleetgate.addons.pipeline import pipeline
-from fleetgate.identity.mint import mint_token
-
-SECRET = b"addon-test-secret-0123456789abcdef0123"
+from fleetgate.addons.state import DECISION, HEADER, IDENTITY
 
 RULES = """apiVersion: fleetgate/v1
 authorization:
@@ -43,63 +38,10 @@ agents:
 """
 
 
-def basic(token: str) -> str:
-    return "Basic " + base64.b64encode(f"agent:{token}".encode()).decode()
-
-
-@contextlib.contextmanager
-def running_chain(tmp_path: Path, rules_text: str) -> Iterator[tuple[Any, list[Any]]]:
-    """fleetgate's whole addon chain in a mitmproxy test context, on ``rules_text``."""
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(rules_text)
-    secret = tmp_path / "secret"
-    secret.write_bytes(SECRET)
-    addons = pipeline()
-    with taddons.context(*addons) as tctx:
-        tctx.options.update(
-            fleetgate_rules=str(rules), fleetgate_jwt_secret_file=str(secret),
-            fleetgate_metrics_listen="", fleetgate_decision_log="")
-        yield tctx, addons
-
-
 @pytest.fixture
 def chain(tmp_path: Path) -> Iterator[tuple[Any, list[Any]]]:
     with running_chain(tmp_path, RULES) as running:
         yield running
-
-
-def run_hook(addons: list[Any], hook: str, flow: Any) -> None:
-    for addon in addons:
-        fn = getattr(addon, hook, None)
-        if fn is not None:
-            result = fn(flow)
-            if inspect.isawaitable(result):  # async hooks (the kill switch's pause) are awaited
-                asyncio.run(result)
-
-
-def run_request(addons: list[Any], flow: Any) -> None:
-    """What mitmproxy does for a request: headers hooks, then (body read) request hooks."""
-    run_hook(addons, "requestheaders", flow)
-    run_hook(addons, "request", flow)
-
-
-def request_flow(path: str = "/v1/models", host: str = "api.example.com",
-                 method: str = "GET", auth: str | None = None) -> Any:
-    f = tflow.tflow()
-    f.request.host = host
-    f.request.port = 443
-    f.request.scheme = "https"
-    f.request.path = path
-    f.request.method = method
-    f.request.headers["Host"] = host
-    f.client_conn.sni = host
-    if auth:
-        f.request.headers["Proxy-Authorization"] = auth
-    return f
-
-
-def tok(role: str = "tester", sub: str = "agent-7") -> str:
-    return mint_token(SECRET, sub, 600, {"agent_role": role})
 
 
 def test_chain_allows_and_strips_proxy_credentials(chain: tuple[Any, list[Any]]) -> None:
@@ -163,7 +105,7 @@ def test_a_crashing_hook_denies_instead_of_passing(chain: tuple[Any, list[Any]],
 @pytest.mark.parametrize(("module", "name"), [
     ("fleetgate.addons.ambiguity", "ambiguity"),         # AmbiguityGuard.requestheaders
     ("fleetgate.addons.request_bodies", "plan_body"),    # RequestBodies.requestheaders
-    ("fleetgate.addons.timeouts", "header_excess"),      # HeaderBounds.requestheaders
+    ("fleetgate.addons.header_bounds", "header_excess"), # HeaderBounds.requestheaders
 ])
 def test_the_request_guards_deny_when_they_crash(chain: tuple[Any, list[Any]],
                                                  monkeypatch: pytest.MonkeyPatch,

@@ -12,8 +12,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from mitmproxy.test import taddons, tflow
 
-from fleetgate.addons.flowtools import IDENTITY
 from fleetgate.addons.identity import AgentIdentity
+from fleetgate.addons.state import IDENTITY
 from fleetgate.metrics import GatewayMetrics
 
 

@@ -8,16 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chain import SECRET, basic, request_flow, run_request, running_chain
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
-from test_chain import SECRET, basic, request_flow, run_request, running_chain
+from prometheus_client import generate_latest
 
-from fleetgate.addons.identity import AgentIdentity
-from fleetgate.addons.killswitch import KillSwitch, parse_scope
+from fleetgate.addons.kill_commands import KillCommands
+from fleetgate.addons.kill_flows import kill_service
+from fleetgate.addons.killswitch import KillSwitch
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.identity.mint import mint_token
-from fleetgate.kill.model import Action, ScopeKind, Subject, Verb
+from fleetgate.kill.model import Action, ScopeKind, Subject, Verb, parse_scope
 from fleetgate.metrics import GatewayMetrics
+from fleetgate.runtime.identity import IdentityRegistry
+from fleetgate.runtime.kill import KillService
+from fleetgate.runtime.kill_tasks import KillHousekeeping
 
 RULES = """apiVersion: fleetgate/v1
 agents:
@@ -38,8 +43,13 @@ def chain(tmp_path: Path) -> Iterator[tuple[Any, list[Any]]]:
         yield running
 
 
-def switch_of(addons: list[Any]) -> KillSwitch:
-    return next(a for a in addons if isinstance(a, KillSwitch))
+def switch_of(addons: list[Any]) -> KillService:
+    """The kill service the chain's kill-switch addons share."""
+    return next(a for a in addons if isinstance(a, KillSwitch)).kill
+
+
+def commands_of(addons: list[Any]) -> KillCommands:
+    return next(a for a in addons if isinstance(a, KillCommands))
 
 
 def test_a_crash_while_judging_liveness_denies(chain: tuple[Any, list[Any]],
@@ -61,7 +71,7 @@ def test_kill_state_that_cannot_be_opened_is_an_error(tmp_path: Path) -> None:
     blocker.write_text("a file where the state directory should be")
     metrics = GatewayMetrics()
     store = PolicyStore(metrics)
-    ks = KillSwitch(AgentIdentity(metrics), metrics)
+    ks = KillSwitch(kill_service(metrics, IdentityRegistry()), metrics)
     with (taddons.context(store, ks) as tctx,
           pytest.raises(exceptions.OptionsError, match="kill-switch state")):
         tctx.options.update(fleetgate_state_dir=str(blocker))
@@ -70,28 +80,28 @@ def test_kill_state_that_cannot_be_opened_is_an_error(tmp_path: Path) -> None:
 def test_mitmweb_commands_stop_resume_and_stop_selected_flows(
         chain: tuple[Any, list[Any]]) -> None:
     _, addons = chain
-    ks = switch_of(addons)
+    ks, cmd = switch_of(addons), commands_of(addons)
     live = request_flow(auth=basic(tok("a-1", "s-a")))
     run_request(addons, live)
     assert live.response is None and live.id in ks.live  # registered as in flight
-    assert ks.cmd_stop("session:s-a+", "runaway").startswith("stop ")
+    assert cmd.cmd_stop("session:s-a+", "runaway").startswith("stop ")
     assert live.metadata["fleetgate.cut"]["rule"] == "killswitch.stop"  # cut in flight
     f = request_flow(auth=basic(tok("a-1", "s-a")))
     run_request(addons, f)
     assert f.response.status_code == 503 and b"runaway" in f.response.content
-    assert ks.cmd_unrevoke("session:s-a+") == "lifted 1"
+    assert cmd.cmd_unrevoke("session:s-a+") == "lifted 1"
     f = request_flow(auth=basic(tok("a-1", "s-a")))
     run_request(addons, f)
     assert f.response is None
     # stop the session of a selected flow (mitmweb: fleetgate.stop.flows @focus "why")
-    out = ks.cmd_stop_flows([f], "seen in mitmweb")
+    out = cmd.cmd_stop_flows([f], "seen in mitmweb")
     assert "session:s-a+descendants" in out
     v = ks.core.verdict(Subject("a-1", session="s-a"))
     assert v is not None and v.action.verb is Verb.STOP
-    status = json.loads(ks.cmd_status())
+    status = json.loads(cmd.cmd_status())
     assert [a["reason"] for a in status["actions"]] == ["seen in mitmweb"]
     with pytest.raises(ValueError, match="kind:value"):
-        ks.cmd_pause("agent", "no value")
+        cmd.cmd_pause("agent", "no value")
 
 
 def test_an_action_that_cannot_be_saved_still_stops_and_says_so(
@@ -115,3 +125,30 @@ def test_scope_parsing() -> None:
     assert s.kind is ScopeKind.SESSION and s.value == "s-9" and s.cascade
     with pytest.raises(ValueError, match="unknown scope"):
         parse_scope("planet:x")
+
+
+def test_housekeeping_lifts_what_ran_out_and_saves_new_sessions(tmp_path: Path) -> None:
+    """The periodic task's one tick, on an injected clock: no request needed."""
+    now = [1000.0]
+    metrics = GatewayMetrics()
+    effects = kill_service(metrics, IdentityRegistry()).effects
+    kill = KillService(metrics, IdentityRegistry(), effects, clock=lambda: now[0])
+    kill.open_state(str(tmp_path))
+    kill.observe(Subject("a-3", session="s-3"), None, None)
+    kill.apply(Action(Verb.PAUSE, parse_scope("agent:a-3"), "hold", at=now[0], until=1010.0))
+    tick = KillHousekeeping(kill).tick
+    tick()
+    assert [a["verb"] for a in kill.status()["actions"]] == ["pause"]
+    now[0] = 1011.0
+    tick()
+    assert kill.status()["actions"] == []
+    assert [r["event"] for r in kill.log()] == ["action", "expire"]
+    assert 'fleetgate_kill_actions_in_force{verb="pause"} 0.0' in _exposition(metrics)
+    kill.observe(Subject("a-4", session="s-4"), "s-3", None)
+    tick()
+    assert sorted(n.session for n in kill.core.store.nodes()) == ["s-3", "s-4"]
+    kill.close()
+
+
+def _exposition(metrics: GatewayMetrics) -> str:
+    return generate_latest(metrics.registry).decode()

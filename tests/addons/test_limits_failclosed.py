@@ -9,14 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chain import basic, request_flow, run_request, running_chain, tok
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
-from test_chain import basic, request_flow, run_request, running_chain, tok
 
 from fleetgate.addons.budgets import BudgetGuard
 from fleetgate.addons.limits import RateLimiter
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.metrics import GatewayMetrics
+from fleetgate.runtime.reservations import ReservationBook
+from fleetgate.stores.spend import SqliteSpendStore
 
 RULES = """apiVersion: fleetgate/v1
 agents:
@@ -54,7 +56,7 @@ def test_budget_state_that_cannot_be_opened_is_an_error(tmp_path: Path) -> None:
     blocker.write_text("a file where the state directory should be")
     metrics = GatewayMetrics()
     store = PolicyStore(metrics)  # declares fleetgate_state_dir
-    guard = BudgetGuard(store, metrics)
+    guard = BudgetGuard(store, metrics, ReservationBook(SqliteSpendStore(None)))
     with (taddons.context(store, guard) as tctx,
           pytest.raises(exceptions.OptionsError, match="fleetgate_state_dir")):
         tctx.options.update(fleetgate_state_dir=str(blocker))

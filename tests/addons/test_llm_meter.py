@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from pathlib import Path
@@ -9,11 +10,16 @@ from typing import Any
 
 from mitmproxy.test import taddons, tflow
 
-from fleetgate.addons.flowtools import DECISION, IDENTITY, LLM_REQUEST, LLM_USAGE
-from fleetgate.addons.llm import LlmInspector, LlmMeter
+from fleetgate.addons.llm import LlmInspector
+from fleetgate.addons.llm_meter import LlmMeter
 from fleetgate.addons.rules import PolicyStore
+from fleetgate.addons.state import CUT, DECISION, IDENTITY, LLM_REQUEST, LLM_USAGE
+from fleetgate.limits.bucket import BucketSpec, LimitKind
 from fleetgate.llm.ledger import Ledger
 from fleetgate.metrics import GatewayMetrics
+from fleetgate.policy.model import RateLimit
+from fleetgate.runtime.reservations import ReservationBook
+from fleetgate.stores.spend import SqliteSpendStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +42,7 @@ def run(chunks: list[bytes], content_type: str, encoding: str = "") -> tuple[Any
     metrics = GatewayMetrics()
     store = PolicyStore(metrics)
     ledger = Ledger()
-    meter = LlmMeter(store, metrics, ledger)
+    meter = LlmMeter(store, metrics, ledger, ReservationBook(SqliteSpendStore(None)))
     with taddons.context(store, LlmInspector(store, metrics), meter) as tctx:
         tctx.configure(store, fleetgate_rules=str(REPO / "rules"))
         f = llm_flow(content_type, encoding)
@@ -87,7 +93,7 @@ def test_undecodable_stream_passes_unchanged_and_is_marked_estimated() -> None:
 def test_denied_or_non_llm_flows_are_not_metered() -> None:
     metrics = GatewayMetrics()
     store = PolicyStore(metrics)
-    meter = LlmMeter(store, metrics, Ledger())
+    meter = LlmMeter(store, metrics, Ledger(), ReservationBook(SqliteSpendStore(None)))
     with taddons.context(store, meter):
         f = llm_flow("application/json")
         f.metadata[DECISION] = {"allow": False, "rule": "x", "reason": "no"}
@@ -96,3 +102,33 @@ def test_denied_or_non_llm_flows_are_not_metered() -> None:
         g = tflow.tflow(resp=True)
         meter.responseheaders(g)
         assert not callable(g.response.stream)
+
+
+def test_a_stream_past_its_token_bucket_ends_with_an_error_event() -> None:
+    """The reservation book says when a watched stream's output has emptied its token
+    bucket: the meter sends the chunk, then an SSE error event, and marks the flow cut."""
+    metrics = GatewayMetrics()
+    store = PolicyStore(metrics)
+    book = ReservationBook(SqliteSpendStore(None))
+    meter = LlmMeter(store, metrics, Ledger(), book)
+    words = [f"word{i} " for i in range(40)]
+    chunks = [b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"'
+              + w.encode() + b'"}}]}\n\n' for w in words]
+
+    async def stream(f: Any) -> list[Any]:
+        return [f.response.stream(c) for c in chunks]
+
+    with taddons.context(store, LlmInspector(store, metrics), meter) as tctx:
+        tctx.configure(store, fleetgate_rules=str(REPO / "rules"))
+        f = llm_flow("text/event-stream")
+        tight = RateLimit("tight", BucketSpec(50, 50, 60.0, LimitKind.TOKENS))
+        assert book.rates.reserve(f.id, [tight], agent="meter-agent", llm_tokens=45,
+                                  act=None).failed is None
+        meter.responseheaders(f)
+        out = asyncio.run(stream(f))
+    cut = next(i for i, o in enumerate(out) if isinstance(o, list) and len(o) == 2)
+    assert 0 < cut < len(chunks) - 1  # ended where the bucket ran dry, not at the end
+    assert out[cut][0] == chunks[cut] and b"fleetgate ended this stream (tight)" in out[cut][1]
+    assert all(o == [] for o in out[cut + 1:])  # nothing after the error event
+    assert f.metadata[CUT]["rule"] == "tight"
+    assert metrics.ratelimit_rejections.labels(limit="tight")._value.get() == 1

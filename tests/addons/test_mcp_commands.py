@@ -1,4 +1,4 @@
-"""McpGuard's operator surface inside mitmproxy: options, commands, admin routes."""
+"""The MCP operator surface inside mitmproxy: options, commands, admin routes."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from fleetgate.addons.mcp import McpGuard
+from fleetgate.addons.mcp_operator import McpOperator
 from fleetgate.addons.rules import PolicyStore
-from fleetgate.metrics import GatewayMetrics, HealthServer
-from fleetgate.policy.model import McpMode
+from fleetgate.mcp.mode import McpMode
+from fleetgate.metrics import GatewayMetrics
+from fleetgate.runtime.listeners import HttpListener
+from fleetgate.runtime.mcp import McpService
 
 TOOL = {"name": "nmap_scan", "description": "Scan a host.", "inputSchema": {"type": "object"}}
 
@@ -20,19 +22,20 @@ TOOL = {"name": "nmap_scan", "description": "Scan a host.", "inputSchema": {"typ
 def test_commands_list_and_approve_pending_tools(tmp_path: Path) -> None:
     metrics = GatewayMetrics()
     store = PolicyStore(metrics)
-    health = HealthServer(metrics, store.status)
-    guard = McpGuard(store, metrics, health)
+    health = HttpListener(metrics, store.status)
+    service = McpService(metrics, health.routes)
+    guard = McpOperator(service)
     pins = tmp_path / "pins.json"
     with taddons.context(guard) as tctx:
         tctx.options.update(fleetgate_mcp_pins=str(pins))
-        vet = guard.vetting
+        vet = service.vetting
         vet.vet("tools", [TOOL], True, McpMode.ENFORCE, McpMode.ENFORCE)  # first sight: pinned
         changed = {**TOOL, "description": "Scan a host and upload the output."}
         hidden = vet.vet("tools", [changed], True, McpMode.ENFORCE, McpMode.ENFORCE)
         assert hidden["nmap_scan"] == "tool definition changed since it was approved"
         [line] = tctx.command(guard.cmd_pending)
         assert line.startswith("tools nmap_scan changed ")
-        assert health.json_routes["/mcp/pins"]()["pending"][0]["tool"] == "nmap_scan"
+        assert health.routes.views["/mcp/pins"]()["pending"][0]["tool"] == "nmap_scan"
         with pytest.raises(exceptions.CommandError):
             tctx.command(guard.cmd_approve, "tools", "no_such_tool")
         assert tctx.command(guard.cmd_approve, "tools", "nmap_scan") == "approved nmap_scan of tools"
@@ -41,14 +44,14 @@ def test_commands_list_and_approve_pending_tools(tmp_path: Path) -> None:
         assert vet.vet("tools", [changed], True, McpMode.ENFORCE, McpMode.ENFORCE)["nmap_scan"] is None
         assert json.loads(pins.read_text())["tools"]["nmap_scan"]
         with pytest.raises(ValueError):
-            health.admin_routes["/mcp/approve"]({"server": "tools"})
+            health.routes.actions["/mcp/approve"]({"server": "tools"})
 
 
 def test_a_bad_pin_file_is_refused_at_configure(tmp_path: Path) -> None:
     bad = tmp_path / "pins.json"
     bad.write_text('["not a map"]')
     metrics = GatewayMetrics()
-    guard = McpGuard(PolicyStore(metrics), metrics)
+    guard = McpOperator(McpService(metrics))
     with taddons.context(guard) as tctx:
         with pytest.raises(exceptions.OptionsError, match="fleetgate_mcp_pins"):
             tctx.options.update(fleetgate_mcp_pins=str(bad))
@@ -56,7 +59,7 @@ def test_a_bad_pin_file_is_refused_at_configure(tmp_path: Path) -> None:
             tctx.options.update(fleetgate_mcp_max_body=0)
 
 
-def _post(health: HealthServer, path: str, body: bytes, peer: str, auth: str = "") -> tuple[str, dict]:
+def _post(health: HttpListener, path: str, body: bytes, peer: str, auth: str = "") -> tuple[str, dict]:
     import io
     status: list[str] = []
     environ = {"PATH_INFO": path, "REQUEST_METHOD": "POST", "REMOTE_ADDR": peer,
@@ -69,8 +72,8 @@ def _post(health: HealthServer, path: str, body: bytes, peer: str, auth: str = "
 
 def test_admin_api_needs_the_token_or_loopback_without_one() -> None:
     metrics = GatewayMetrics()
-    admin = HealthServer(metrics, lambda: {}, admin=True)
-    admin.admin_routes["/x"] = lambda args: {"got": args}
+    admin = HttpListener(metrics, lambda: {}, admin=True)
+    admin.routes.post("/x", lambda args: {"got": args})
     assert _post(admin, "/x", b'{"a": 1}', "127.0.0.1") == ("200 OK", {"got": {"a": 1}})
     assert _post(admin, "/x", b"{}", "10.1.2.3")[0] == "401 Unauthorized"
     admin.admin_token = "s3cret"
@@ -84,8 +87,8 @@ def test_admin_api_needs_the_token_or_loopback_without_one() -> None:
 
 def test_metrics_listener_serves_no_admin_routes() -> None:
     metrics = GatewayMetrics()
-    health = HealthServer(metrics, lambda: {})
-    health.admin_routes["/x"] = lambda args: {"got": args}
+    health = HttpListener(metrics, lambda: {})
+    health.routes.post("/x", lambda args: {"got": args})
     status: list[str] = []
     environ = {"PATH_INFO": "/x", "REQUEST_METHOD": "POST", "REMOTE_ADDR": "127.0.0.1"}
     health._app(environ, lambda s, h: status.append(s))

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chain import basic, request_flow, run_hook, run_request, running_chain, tok
 from mitmproxy import http
-from test_chain import basic, request_flow, run_hook, run_request, running_chain, tok
 
 from fleetgate.addons import mcp as mcp_module
-from fleetgate.addons.flowtools import CUT, MCP
+from fleetgate.addons.state import CUT, MCP
 
 RULES = """apiVersion: fleetgate/v1
 agents:

@@ -35,7 +35,7 @@ import trustme
 from differential_servers import H11Server, Reading, StarletteServer
 from mcp_upstream import GatewayPool
 
-from fleetgate.policy.normalize import normalize_host, normalize_path
+from fleetgate.normalize import normalize_host, normalize_path
 from harness import Gateway, ssl_context, token, write_rules
 
 pytestmark = pytest.mark.e2e

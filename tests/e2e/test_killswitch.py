@@ -246,9 +246,9 @@ def test_killing_a_coordinator_session_recalls_its_whole_family(
     assert out["cut_ms"] < 100, out["cut_ms"]  # the gateway's own command-to-last-cut time
     cut_flows = [c for c in out["cut"] if c.get("method")]
     assert len(cut_flows) >= 10  # five agents x (LLM stream + MCP stream)
-    assert wait_until(lambda: all(len(h.ended) == 2 for h in holders.values()), 5)
-    slowest = max(t for h in holders.values() for t in h.ended.values()) - sent
-    assert slowest < 2.0, slowest  # client-observed; bench/ measures the distribution
+    # client-observed: every stream ends within 2 s of the command; bench/ measures the distribution
+    assert wait_until(lambda: all(len(h.ended) == 2 for h in holders.values()),
+                      sent + 2.0 - time.monotonic()), {n: h.ended for n, h in holders.items()}
     for name, h in holders.items():
         assert set(h.errors) == {"llm", "mcp"}, (name, h.errors)  # cut, not finished
     # the bystander's streams are untouched and it keeps working
@@ -379,16 +379,16 @@ def test_pause_holds_requests_until_resume_and_throttle_sets_a_ceiling(
     def call() -> None:
         with gw.client(tok, timeout=40) as c:
             result["r"] = c.get(up.url + "/paused")
-            result["at"] = time.monotonic()
 
     t = threading.Thread(target=call)
     t.start()
-    time.sleep(1.0)
-    assert "r" not in result and "/paused" not in up.paths()  # held at the gateway
+    # held at the gateway: for a whole second neither an answer nor the upstream sees it
+    assert not wait_until(lambda: "r" in result or "/paused" in up.paths(), 1.0), result
     resumed = time.monotonic()
     assert gw.admin("/v1/lift", {"action": "resume", "scope": "role:cloud"}).json()["lifted"]
+    assert wait_until(lambda: "r" in result, resumed + 1.0 - time.monotonic())  # released at once
     t.join(10)
-    assert result["r"].status_code == 200 and result["at"] - resumed < 1.0
+    assert result["r"].status_code == 200
     # a throttle: 2 requests per minute for the role
     r = gw.admin("/v1/actions", {"verb": "throttle", "scope": "role:cloud", "requests": 2,
                                  "per": 60, "reason": "too chatty"})
@@ -406,11 +406,21 @@ def test_pause_that_is_never_resumed_answers_503_with_retry_after(
   - role: cloud
     reason: frozen""")
     gw = make_gateway(rules, fleetgate_pause_max_wait="1")
-    with gw.client(token("p-2", role="cloud")) as c:
-        started = time.monotonic()
-        r = c.get(kill_upstream.url + "/never")
+    result: dict[str, httpx.Response] = {}
+
+    def call() -> None:
+        with gw.client(token("p-2", role="cloud")) as c:
+            result["r"] = c.get(kill_upstream.url + "/never")
+
+    t = threading.Thread(target=call)
+    started = time.monotonic()
+    t.start()
+    # held for (about) the 1 s maximum wait, then answered well before 5 s
+    assert not wait_until(lambda: "r" in result, started + 0.9 - time.monotonic())
+    assert wait_until(lambda: "r" in result, started + 5 - time.monotonic())
+    t.join(5)
+    r = result["r"]
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
-    assert 0.9 < time.monotonic() - started < 5
     assert r.json()["fleetgate"]["rule"] == "killswitch.pause"
     assert "/never" not in kill_upstream.paths()
 
@@ -540,8 +550,9 @@ def test_a_stop_cuts_an_open_websocket(kill_gateway: Gateway, kill_upstream: Ups
     sent = time.monotonic()
     r = gw.admin("/v1/actions", {"verb": "stop", "scope": "agent:rogue-ws", "reason": "ws test"})
     assert r.status_code == 200 and any(c.get("path") == "/ws" for c in r.json()["cut"])
-    assert wait_until(lambda: "ended" in states["rogue"], 5), "the websocket was not cut"
-    assert states["rogue"]["ended"] - sent < 2.0
+    # cut within 2 s of the command
+    assert wait_until(lambda: "ended" in states["rogue"], sent + 2.0 - time.monotonic()), \
+        "the websocket was not cut"
     calm_before = states["calm"]["messages"]
     assert wait_until(lambda: states["calm"]["messages"] > calm_before + 3, 5)
     assert "ended" not in states["calm"]  # the other agent's websocket is untouched

@@ -192,7 +192,7 @@ def test_token_limit_reserves_then_settles_to_the_real_usage(
 
 def test_mcp_tool_calls_per_minute_keyed_by_tool(make_gateway: GatewayFactory, tmp_path: Path,
                                                  upstream: Upstream) -> None:
-    from test_mcp_raw import MCP_RULES, call, calls_seen, mcp_route, post
+    from helpers import MCP_RULES, call, calls_seen, mcp_route, post
 
     upstream.route("/mcp", mcp_route("json"))
     top = MCP_RULES.format(name=upstream.name, port=upstream.port) + """

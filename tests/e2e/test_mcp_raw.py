@@ -17,82 +17,13 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import trustme
 from conftest import GatewayFactory
+from helpers import MCP_RULES, call, calls_seen, mcp_route, post
 from mcp_upstream import GatewayPool
 
 from harness import Gateway, Seen, Upstream, token, write_rules
-
-TOOLS = [{"name": n, "description": f"{n} does its job", "inputSchema": {"type": "object"}}
-         for n in ("nmap_scan", "trivy_image", "terraform_apply", "kubectl")]
-
-MCP_RULES = """
-mcp:
-  servers:
-  - name: tools
-    hosts: ["{name}:{port}"]
-    mcpAuthorization:
-      rules:
-      - >-
-        jwt.agent_role == "tester" && (mcp.tool.name.startsWith("nmap") ||
-        mcp.tool.name.startsWith("trivy") || mcp.tool.name.startsWith("kubectl"))
-      - id: tools.not-agent-infra
-        deny: 'mcp.tool.name == "kubectl" && mcp.tool.arguments.namespace == "agent-infra"'
-        reason: agent-infra hosts the gateway
-"""
-
-
-def rpc_answer(msg: dict[str, Any]) -> dict[str, Any] | None:
-    if "id" not in msg:
-        return None
-    method = msg.get("method")
-    if method == "tools/list":
-        result: dict[str, Any] = {"tools": TOOLS, "nextCursor": "page-2"}
-    elif method == "tools/call":
-        result = {"content": [{"type": "text", "text": f"ran {msg['params']['name']}"}]}
-    else:
-        result = {}
-    return {"jsonrpc": "2.0", "id": msg["id"], "result": result}
-
-
-def mcp_route(mode: str, session: str = "sess-1"):  # type: ignore[no-untyped-def]
-    """JSON-RPC answers as application/json with a length, chunked JSON, or an SSE stream;
-    every answer names ``session`` in ``Mcp-Session-Id``."""
-
-    def handler(h: BaseHTTPRequestHandler, seen: Seen) -> None:
-        body = json.loads(seen.body)
-        answers = ([a for a in map(rpc_answer, body) if a] if isinstance(body, list)
-                   else rpc_answer(body))
-        if answers is None or answers == []:
-            h.send_response(202)
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-            return
-        h.send_response(200)
-        h.send_header("Mcp-Session-Id", session)
-        if mode == "sse":
-            items = answers if isinstance(answers, list) else [answers]
-            payload = b"".join(f"event: message\ndata: {json.dumps(a)}\n\n".encode() for a in items)
-            h.send_header("Content-Type", "text/event-stream")
-        else:
-            payload = json.dumps(answers).encode()
-            h.send_header("Content-Type", "application/json")
-        if mode == "json":
-            h.send_header("Content-Length", str(len(payload)))
-            h.end_headers()
-            h.wfile.write(payload)
-        else:
-            h.send_header("Transfer-Encoding", "chunked")
-            h.end_headers()
-            for i in range(0, len(payload), 50):  # small chunks: events straddle them
-                part = payload[i:i + 50]
-                h.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
-                h.wfile.flush()
-            h.wfile.write(b"0\r\n\r\n")
-
-    return handler
 
 
 @pytest.fixture(scope="module")
@@ -125,28 +56,6 @@ def upstream(mcp_upstream: Upstream) -> Upstream:
 @pytest.fixture
 def gw(shared_gw: Gateway, upstream: Upstream) -> Gateway:
     return shared_gw
-
-
-def post(gw: Any, upstream: Upstream, body: Any, path: str = "/mcp", sub: str = "agent-1",
-         headers: dict[str, str] | None = None, raw: bytes | None = None) -> httpx.Response:
-    with gw.client(token(sub=sub, role="tester")) as c:
-        return c.post(upstream.url + path, content=raw if raw is not None else json.dumps(body),
-                      headers={"Content-Type": "application/json",
-                               "Accept": "application/json, text/event-stream", **(headers or {})})
-
-
-def call(rid: Any, tool: str, **args: Any) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": rid, "method": "tools/call",
-            "params": {"name": tool, "arguments": args}}
-
-
-def calls_seen(upstream: Upstream) -> list[Any]:
-    out = []
-    for s in upstream.seen:
-        if s.method == "POST" and s.body:
-            body = json.loads(s.body)
-            out.extend(body if isinstance(body, list) else [body])
-    return [(m.get("method"), (m.get("params") or {}).get("name")) for m in out]
 
 
 @pytest.mark.parametrize("path", ["/mcp", "/mcp-chunked", "/mcp-sse"])

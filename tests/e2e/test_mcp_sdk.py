@@ -8,93 +8,22 @@ module's servers (reset before each test); the others start their own."""
 from __future__ import annotations
 
 import json
-import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import pytest
 import trustme
 from conftest import GatewayFactory
+from helpers import CLOUD, GENERAL, SECURITY, fleet_rules
 from mcp.client.session import ClientSession
 from mcp.shared.exceptions import MCPError
 from mcp_client import call_tool, list_all_tools, list_tools, probe, result_text, run_session
 from mcp_upstream import TRANSPORTS, GatewayPool, McpUpstream, ToolSpec, Transport
 
-from harness import Gateway, token, wait_until, write_rules
-
-SECURITY = {"nmap_scan", "trivy_image", "falco_events"}
-CLOUD = {"terraform_plan", "terraform_apply", "kubectl", "helm_list", "istioctl_analyze"}
-GENERAL = {"ssh_exec", "docker_ps"}
-
-
-SEED_RULES = """\
-# seed 000, verbatim
-- >-
-  jwt.agent_role == "security" && (
-    mcp.tool.name.startsWith("nmap") ||
-    mcp.tool.name.startsWith("trivy") ||
-    mcp.tool.name.startsWith("falco")
-  )
-- >-
-  jwt.agent_role == "cloud" && (
-    mcp.tool.name.startsWith("terraform") ||
-    mcp.tool.name.startsWith("kubectl") ||
-    mcp.tool.name.startsWith("istioctl") ||
-    mcp.tool.name.startsWith("helm")
-  )
-- id: tools.not-agent-infra
-  deny: >-
-    mcp.tool.arguments.exists(k, type(mcp.tool.arguments[k]) == string &&
-      mcp.tool.arguments[k].contains("agent-infra"))
-  reason: agent-infra hosts the gateway
-- 'jwt.agent_role == "tester" && mcp.tool.name == "add_numbers"'
-"""
-
-
-class Named(Protocol):
-    """A server agents reach by name: ``McpUpstream``, or the 1.x SDK server of test_mcp_sdk1."""
-
-    name: str
-    port: int
-
-
-def fleet_rules(path: Path, servers: Sequence[Named], poisoning: str = "enforce",
-                pins: str = "enforce", declared: bool = True) -> Path:
-    """The seed's rules for one MCP server ``tools`` hosting every tool (here: served by every
-    one of ``servers``, by name), three specialist profiles.
-    ``declared=False``: the seed's own form, a top-level ``mcpAuthorization`` and no server."""
-    host = ", ".join(f'"{s.name}:{s.port}"' for s in servers)
-    if declared:
-        top = f"""
-mcp:
-  servers:
-  - name: tools
-    hosts: [{host}]
-    poisoning: {poisoning}
-    pins: {pins}
-    mcpAuthorization:
-      rules:
-{textwrap.indent(SEED_RULES, " " * 6)}"""
-    else:
-        top = f"\nmcpAuthorization:\n  rules:\n{textwrap.indent(SEED_RULES, '  ')}"
-    profiles = "".join(f"""
-- name: {role}
-  match: 'jwt.agent_role == "{role}"'
-  egress: {{hosts: [{host}]}}
-  authorization: {{rules: [{{allow: 'true'}}]}}
-""" for role in ("security", "cloud"))
-    profiles += f"""
-- name: general
-  match: 'jwt.agent_role == "general"'
-  egress: {{hosts: [{host}]}}
-  authorization: {{rules: [{{allow: 'true'}}]}}
-  allowed_tools: ["ssh_*", "docker_*"]
-  denied_tools: ["ssh_exec_root"]
-"""
-    return write_rules(path, [s.port for s in servers], extra=profiles, top=top)
+from harness import Gateway, token, wait_until
 
 
 @pytest.fixture(params=TRANSPORTS)

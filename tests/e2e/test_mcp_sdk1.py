@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 import trustme
+from helpers import SECURITY, fleet_rules
 from mcp.shared.exceptions import MCPError
 from mcp_client import call_tool, probe, result_text
 from mcp_upstream import ALL_TOOLS, POISONED_TOOLS, TRANSPORTS, GatewayPool, McpUpstream, Transport
-from test_mcp_sdk import SECURITY, fleet_rules
 
 from harness import REPO, Gateway, register_name, token, unregister_names
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fleetgate.normalize import request_facts
 from fleetgate.policy.decide import decide
 from fleetgate.policy.loader import load_policy
-from fleetgate.policy.normalize import request_facts
 
 BASE = """apiVersion: fleetgate/v1
 agents:

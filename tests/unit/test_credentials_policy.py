@@ -10,17 +10,18 @@ from typing import Any
 import pytest
 
 import fleetgate.policy.credentials as credentials_module
+from fleetgate.netaddr import HostPattern
 from fleetgate.policy.credentials import (
     CredentialRoute,
     CredentialUnavailable,
     Secret,
     SecretSource,
     find_route,
-    parse_credentials,
     redacted,
 )
 from fleetgate.policy.loader import PolicyError, load_policy
-from fleetgate.policy.netaddr import HostPattern
+from fleetgate.policy.parse_credentials import parse_credentials
+from fleetgate.policy.report import Reporter
 
 SECRET = "sk-live-0123456789abcdef"
 
@@ -39,7 +40,11 @@ class Errors:
 def parse(section: Any, owner: str = "fleet", taken: set[str] | None = None,
           ) -> tuple[list[CredentialRoute], Errors]:
     errors = Errors()
-    return parse_credentials(section, "credentials", owner, errors, taken=taken), errors
+    report = Reporter("rules.yaml")
+    routes = parse_credentials(section, "credentials", report, owner=owner, taken=taken)
+    for problem in report.problems:
+        errors(problem.path, problem.message)
+    return routes, errors
 
 
 def route(**kw: Any) -> CredentialRoute:

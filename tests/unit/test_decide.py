@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from fleetgate.normalize import request_facts
 from fleetgate.policy.decide import Decision, decide, private_destination_reason
 from fleetgate.policy.loader import load_policy
 from fleetgate.policy.model import Policy
-from fleetgate.policy.normalize import request_facts
 
 POLICY = """\
 apiVersion: fleetgate/v1

@@ -10,7 +10,7 @@ import jwt
 import pytest
 
 from fleetgate.decisionlog import mask_header_value, new_decision_id, record, render
-from fleetgate.denial import ERROR_TYPES, denial_body
+from fleetgate.wire import ERROR_TYPES, denial_body
 
 TOKEN = jwt.encode({"sub": "agent-1", "exp": 4102444800}, b"k" * 32, algorithm="HS256")
 JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from fleetgate.netaddr import HostPattern
+from fleetgate.normalize import request_facts
 from fleetgate.policy.decide import decide, private_destination_reason
 from fleetgate.policy.loader import load_policy
 from fleetgate.policy.model import Policy
-from fleetgate.policy.netaddr import HostPattern
-from fleetgate.policy.normalize import request_facts
 
 POLICY = """\
 apiVersion: fleetgate/v1

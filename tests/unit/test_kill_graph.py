@@ -11,7 +11,7 @@ from fleetgate.kill.core import KillCore
 from fleetgate.kill.delegation import DelegationError, DelegationPolicy, child_claims
 from fleetgate.kill.graph import GraphError, SessionGraph
 from fleetgate.kill.model import Action, Scope, ScopeKind, Subject, Throttle, Verb
-from fleetgate.kill.store import KillStore
+from fleetgate.stores.kill import SqliteKillStore
 
 
 def subj(session: str, agent: str | None = None, role: str | None = None,
@@ -187,7 +187,7 @@ def test_scope_parsing_and_json_round_trip() -> None:
 
 def test_core_survives_restart_and_logs_append_only(tmp_path: Path) -> None:
     db = tmp_path / "kill.sqlite"
-    core = KillCore(KillStore(db), clock=lambda: 100.0)
+    core = KillCore(SqliteKillStore(db), clock=lambda: 100.0)
     core.observe(subj("p"), None, exp=1e12)
     core.observe(subj("c"), "p", exp=1e12)
     applied = core.apply(Action(Verb.STOP, Scope(ScopeKind.SESSION, "p", True), "runaway",
@@ -197,7 +197,7 @@ def test_core_survives_restart_and_logs_append_only(tmp_path: Path) -> None:
     core.record_cut(applied.action, "killswitch.stop", {"method": "POST", "host": "h"})
     core.store.close()
 
-    again = KillCore(KillStore(db), clock=lambda: 200.0)
+    again = KillCore(SqliteKillStore(db), clock=lambda: 200.0)
     assert again.load() == 1
     v = again.verdict(subj("c"))
     assert v is not None and v.via == "p"  # graph and action both came back
@@ -210,12 +210,12 @@ def test_core_survives_restart_and_logs_append_only(tmp_path: Path) -> None:
     assert again.verdict(subj("c")) is None
     assert [r["event"] for r in again.store.log()] == ["action", "cut", "lift"]
     again.store.close()
-    third = KillCore(KillStore(db))
+    third = KillCore(SqliteKillStore(db), clock=lambda: 300.0)
     assert third.load() == 0
 
 
 def test_rules_actions_replace_not_accumulate() -> None:
-    core = KillCore(KillStore(None))
+    core = KillCore(SqliteKillStore(None), clock=lambda: 0.0)
     a = Action(Verb.STOP, Scope(ScopeKind.AGENT, "x"), "r", source="rules", id="rules-1")
     b = Action(Verb.STOP, Scope(ScopeKind.AGENT, "y"), "r", source="rules", id="rules-2")
     applied, lifted = core.set_rules_actions([a, b])
@@ -228,10 +228,10 @@ def test_rules_actions_replace_not_accumulate() -> None:
 
 def test_expired_action_is_dropped_at_load(tmp_path: Path) -> None:
     db = tmp_path / "k.sqlite"
-    core = KillCore(KillStore(db), clock=lambda: 0.0)
+    core = KillCore(SqliteKillStore(db), clock=lambda: 0.0)
     core.apply(Action(Verb.PAUSE, Scope(ScopeKind.AGENT, "a"), "r", at=0.0, until=10.0))
     core.store.close()
-    later = KillCore(KillStore(db), clock=lambda: 11.0)
+    later = KillCore(SqliteKillStore(db), clock=lambda: 11.0)
     assert later.load() == 0 and later.store.actions() == []
 
 
@@ -306,3 +306,19 @@ def test_verdict_with_many_actions_in_force_uses_every_scope_kind() -> None:
     assert board.lift(Scope(ScopeKind.SESSION, "ghost"), [Verb.STOP])
     assert board.verdict(kid, 0.0).action.verb is Verb.PAUSE
     assert board.reach(stop(ScopeKind.SESSION, "ghost", cascade=True)).descendants == ("child",)
+
+
+def test_sessions_are_written_behind_not_on_the_request_path(tmp_path: Path) -> None:
+    db = tmp_path / "k.sqlite"
+    core = KillCore(SqliteKillStore(db), clock=lambda: 0.0)
+    core.observe(subj("p"), None, exp=1e12)
+    core.observe(subj("c"), "p", exp=1e12)
+    assert core.store.nodes() == []  # seen: in memory only
+    assert core.verdict(subj("c")) is None and core.graph.get("c") is not None
+    core.flush()
+    assert sorted(n.session for n in core.store.nodes()) == ["c", "p"]
+    core.observe(subj("d"), "c", exp=1e12)
+    core.apply(Action(Verb.STOP, Scope(ScopeKind.SESSION, "c", True), "r", at=0.0))
+    core.store.close()  # an action saved has the sessions it reached saved beside it
+    again = KillCore(SqliteKillStore(db), clock=lambda: 1.0)
+    assert again.load() == 1 and again.verdict(subj("d")) is not None

@@ -16,9 +16,10 @@ from fleetgate.kill.triggers import (
     Metric,
     TriggerEngine,
     TriggerSpec,
-    parse_triggers,
     request_fingerprint,
 )
+from fleetgate.policy.parse_triggers import parse_triggers
+from fleetgate.policy.report import Reporter
 
 GEN = Subject("gen-1", session="s1", role="general")
 GEN2 = Subject("gen-2", session="s1", role="general")
@@ -361,9 +362,21 @@ def test_request_fingerprint() -> None:
 
 # -- rules YAML ---------------------------------------------------------------------------
 
-def collect() -> tuple[list[tuple[str, str]], Any]:
+class Collect(Reporter):
+    """A reporter that also keeps (key path, message) pairs, in order."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("rules.yaml")
+        self.pairs = problems
+
+    def error(self, path: str, message: str) -> None:
+        super().error(path, message)
+        self.pairs.append((path, message))
+
+
+def collect() -> tuple[list[tuple[str, str]], Reporter]:
     problems: list[tuple[str, str]] = []
-    return problems, lambda path, msg: problems.append((path, msg))
+    return problems, Collect(problems)
 
 
 def test_parse_triggers_full_entry() -> None:

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from fleetgate.celexpr import compile_expr
-from fleetgate.kill.killswitch_md import Forbidden, KillswitchDoc, parse_killswitch_md
 from fleetgate.kill.model import ScopeKind, Subject, Throttle, Verb
 from fleetgate.kill.triggers import Event, Metric, TriggerEngine, TriggerSpec
 from fleetgate.mcp.policy import MCP_ROOTS
-from fleetgate.policy.loader import REQUEST_ROOTS
+from fleetgate.policy.killswitch_md import Forbidden, KillswitchDoc, parse_killswitch_md
+from fleetgate.policy.parse_rules import REQUEST_ROOTS
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "rules" / "KILLSWITCH.general.md"
 T, P, S = Verb.THROTTLE, Verb.PAUSE, Verb.STOP

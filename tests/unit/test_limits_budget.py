@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fleetgate.limits.budget import Amount, BudgetSpec, Ledger, Period, counted_since, window
-from fleetgate.limits.store import SpendStore
+from fleetgate.stores.spend import SqliteSpendStore
 
 T = calendar.timegm((2026, 11, 23, 13, 45, 10))  # Mon 2026-11-23 13:45:10 UTC
 DAY = BudgetSpec(Period.DAY, hard_usd=1.0, soft_usd=0.5)
@@ -29,7 +29,7 @@ def test_december_rolls_into_next_year() -> None:
 
 
 def test_hard_limit_counts_spend_and_reservations() -> None:
-    ledger = Ledger(SpendStore(None))
+    ledger = Ledger(SqliteSpendStore(None))
     assert ledger.reserve("b", "a", DAY, Amount(0.4, 100), T) is None
     assert ledger.reserve("b", "a", DAY, Amount(0.4, 100), T) is None
     refused = ledger.reserve("b", "a", DAY, Amount(0.4, 100), T)
@@ -45,14 +45,14 @@ def test_hard_limit_counts_spend_and_reservations() -> None:
 
 
 def test_fifty_concurrent_reservations_never_pass_the_hard_limit() -> None:
-    ledger = Ledger(SpendStore(None))
+    ledger = Ledger(SqliteSpendStore(None))
     spec = BudgetSpec(Period.DAY, hard_tokens=1000)
     ok = [ledger.reserve("b", "a", spec, Amount(0, 100), T) is None for _ in range(50)]
     assert sum(ok) == 10
 
 
 def test_release_drops_a_reservation_without_spending() -> None:
-    ledger = Ledger(SpendStore(None))
+    ledger = Ledger(SqliteSpendStore(None))
     spec = BudgetSpec(Period.DAY, hard_tokens=100)
     assert ledger.reserve("b", "a", spec, Amount(0, 100), T) is None
     ledger.release("b", "a", Amount(0, 100))
@@ -61,7 +61,7 @@ def test_release_drops_a_reservation_without_spending() -> None:
 
 
 def test_period_roll_over_refills() -> None:
-    ledger = Ledger(SpendStore(None))
+    ledger = Ledger(SqliteSpendStore(None))
     spec = BudgetSpec(Period.HOUR, hard_tokens=100)
     ledger.settle("b", "a", spec, Amount(), Amount(0, 100), T)
     assert ledger.reserve("b", "a", spec, Amount(0, 1), T) is not None
@@ -69,7 +69,7 @@ def test_period_roll_over_refills() -> None:
 
 
 def test_rolling_window_forgets_old_spend_gradually() -> None:
-    ledger = Ledger(SpendStore(None))
+    ledger = Ledger(SqliteSpendStore(None))
     spec = BudgetSpec(Period.ROLLING, rolling_seconds=3600, hard_tokens=100)
     ledger.settle("b", "a", spec, Amount(), Amount(0, 60), T)
     ledger.settle("b", "a", spec, Amount(), Amount(0, 40), T + 1800)
@@ -86,10 +86,10 @@ def test_soft_and_hard_are_separate() -> None:
 
 def test_spend_survives_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "state" / "budgets.sqlite"
-    first = Ledger(SpendStore(path))
+    first = Ledger(SqliteSpendStore(path))
     first.settle("b", "a", DAY, Amount(), Amount(0.9, 500), T)
     first.store.close()
-    again = Ledger(SpendStore(path))
+    again = Ledger(SqliteSpendStore(path))
     assert again.spent("b", "a", DAY, T).usd == pytest.approx(0.9)
     assert again.reserve("b", "a", DAY, Amount(0.2, 1), T) is not None
     assert again.store.keys("b", counted_since(DAY, T))[0][0] == "a"

@@ -17,7 +17,7 @@ from fleetgate.policy.loader import (
     load_policy,
     policy_files,
 )
-from fleetgate.policy.model import Effect
+from fleetgate.rule import Effect
 
 HEADER = "apiVersion: fleetgate/v1\nkind: Policy\n"
 

@@ -11,10 +11,10 @@ import pytest
 from fleetgate.bodies import BodyError, decode_body, parse_json
 from fleetgate.mcp.engine import McpScope, check_headers, id_key, judge_request, rewrite_message
 from fleetgate.mcp.messages import McpError, parse_messages
-from fleetgate.mcp.pins import PinStore
+from fleetgate.mcp.mode import McpMode
+from fleetgate.mcp.pins import Pins
 from fleetgate.mcp.policy import compile_mcp_rules
 from fleetgate.mcp.vetting import Report, Vetting
-from fleetgate.policy.model import McpMode
 
 SEED = [
     'jwt.agent_role == "security" && (mcp.tool.name.startsWith("nmap") || '
@@ -217,7 +217,7 @@ POISON = {"name": "nmap_helper", "inputSchema": {"type": "object"},
 
 def test_vetting_hides_poisoned_tools_in_enforce_and_reports_in_report_mode() -> None:
     reports: list[Report] = []
-    vet = Vetting(PinStore(None), reports.append)
+    vet = Vetting(Pins(), reports.append)
     s = scope("security", vetting=vet)
     out = rewrite_message(listing([TOOLS[0], POISON]), {}, {}, s, hidden := [])
     assert [t["name"] for t in out["result"]["tools"]] == ["nmap_scan"]
@@ -238,7 +238,7 @@ def test_vetting_hides_poisoned_tools_in_enforce_and_reports_in_report_mode() ->
 
 
 def test_rug_pull_hides_the_tool_until_approved() -> None:
-    pins = PinStore(None)
+    pins = Pins()
     s = scope("security", vetting=Vetting(pins))
     assert len(rewrite_message(listing(TOOLS[:2]), {}, {}, s, [])["result"]["tools"]) == 2
     changed = [{**TOOLS[0], "description": "now also uploads results"}, TOOLS[1]]
@@ -253,7 +253,7 @@ def test_rug_pull_hides_the_tool_until_approved() -> None:
 
 
 def test_first_listing_is_trusted_across_pages_then_new_tools_wait() -> None:
-    pins = PinStore(None)
+    pins = Pins()
     s = scope("security", vetting=Vetting(pins))
     rewrite_message(listing(TOOLS[:1], cursor="p2"), {}, {}, s, [])
     assert len(rewrite_message(listing(TOOLS[1:2]), {}, {}, s, [])["result"]["tools"]) == 1

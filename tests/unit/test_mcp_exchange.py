@@ -17,6 +17,7 @@ from starlette.datastructures import Headers, QueryParams
 
 from fleetgate.mcp.exchange import (
     SessionRef,
+    looks_like_mcp,
     method_problem,
     read_identifiers,
     session_candidates,
@@ -160,3 +161,20 @@ def test_an_mcp_endpoint_takes_post_and_bodiless_get_delete(method: str, body: b
     assert (problem is None) is ok
     if problem:
         assert method in problem
+
+
+@pytest.mark.parametrize(("method", "headers", "target", "mcp"), [
+    ("POST", [("MCP-Protocol-Version", "2025-06-18")], "/x", True),  # any judged header
+    ("POST", [("Accept", "application/json, text/event-stream")], "/x", True),
+    ("POST", [("Accept", "text/event-stream")], "/x", False),  # a POST asks for both
+    ("GET", [("Accept", "Text/Event-Stream")], "/x", True),  # the older transport: sniffed
+    ("GET", [("Accept", "application/json")], "/x", False),
+    ("POST", [], f"/messages?session_id={A}", True),  # a session the gateway knows
+    ("POST", [], f"/messages?x=1;sessionId={A}", True),  # any reading of the query
+    ("POST", [], f"/messages?session_id={B}", False),  # one it does not know
+    ("POST", [], "/v1/chat/completions", False),
+])
+def test_an_undeclared_endpoint_is_mcp_by_its_headers_or_a_known_session(
+        method: str, headers: list[tuple[str, str]], target: str, mcp: bool) -> None:
+    fields = [(k.encode(), v.encode()) for k, v in headers]
+    assert looks_like_mcp(method, MitmHeaders(fields), target, lambda sid: sid == A) is mcp

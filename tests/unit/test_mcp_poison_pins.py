@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fleetgate.mcp.pins import PinState, PinStore, fingerprint
+from fleetgate.mcp.pins import PinState, fingerprint
 from fleetgate.mcp.poison import MAX_DESCRIPTION, scan_tool
+from fleetgate.stores.pins import FilePinStore, open_pins
 
 CLEAN = {"name": "nmap_scan", "description": "Scan a host's open TCP ports with nmap.",
          "inputSchema": {"type": "object", "properties": {
@@ -67,7 +68,7 @@ def test_excessive_length_and_shadowing() -> None:
 
 def test_first_sight_pins_then_changes_and_new_tools_wait_for_approval(tmp_path: Path) -> None:
     path = tmp_path / "pins.json"
-    store = PinStore(path)
+    store = open_pins(FilePinStore(path))
     trivy = {"name": "trivy_scan", "description": "Scan an image", "inputSchema": {}}
     assert store.check("sec", [CLEAN, trivy]) == {"nmap_scan": PinState.PINNED,
                                                    "trivy_scan": PinState.PINNED}
@@ -80,13 +81,13 @@ def test_first_sight_pins_then_changes_and_new_tools_wait_for_approval(tmp_path:
         ("falco_rules", PinState.NEW), ("nmap_scan", PinState.CHANGED)]
     assert store.approve("sec", "nmap_scan") and not store.approve("sec", "nope")
     # pins survive a restart and the approved definition is now the pinned one
-    again = PinStore(path)
+    again = open_pins(FilePinStore(path))
     assert again.pins()["sec"]["nmap_scan"] == fingerprint(rug)
     assert again.check("sec", [rug])["nmap_scan"] is PinState.PINNED
 
 
 def test_without_trust_on_first_use_everything_waits(tmp_path: Path) -> None:
-    store = PinStore(tmp_path / "p.json", trust_on_first_use=False)
+    store = open_pins(FilePinStore(tmp_path / "p.json"), trust_on_first_use=False)
     assert store.check("new-server", [CLEAN]) == {"nmap_scan": PinState.NEW}
 
 
@@ -94,4 +95,4 @@ def test_a_malformed_pin_file_is_an_error(tmp_path: Path) -> None:
     bad = tmp_path / "pins.json"
     bad.write_text('{"sec": ["not", "a", "map"]}')
     with pytest.raises(ValueError, match="pin file"):
-        PinStore(bad)
+        open_pins(FilePinStore(bad))

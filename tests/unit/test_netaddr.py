@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from fleetgate.policy.netaddr import HostPattern, internal_reason, parse_networks
+from fleetgate.netaddr import HostPattern, internal_reason, parse_networks
 
 # -- HostPattern ---------------------------------------------------------------------------
 

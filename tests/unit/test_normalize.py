@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleetgate.policy.normalize import RequestFacts, normalize_host, normalize_path, request_facts
+from fleetgate.normalize import RequestFacts, normalize_host, normalize_path, request_facts
 
 
 @pytest.mark.parametrize(

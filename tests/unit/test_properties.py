@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from fleetgate.bodies import BodyError, parse_json
 from fleetgate.mcp.messages import McpError, parse_messages
 from fleetgate.mcp.sse import SseRewriter
-from fleetgate.policy.netaddr import HostPattern
-from fleetgate.policy.normalize import PathError, normalize_host, normalize_path
+from fleetgate.netaddr import HostPattern
+from fleetgate.normalize import PathError, normalize_host, normalize_path
 
 # derandomize: the same 300 examples in every CI run (a run of 4,000 random ones per property
 # passed when these were written); no example database in the checkout

@@ -17,7 +17,7 @@ from fleetgate.identity.tokens import (
     VerifierConfig,
     parse_proxy_authorization,
 )
-from fleetgate.policy.normalize import (
+from fleetgate.normalize import (
     MAX_DECODE_ROUNDS,
     PathError,
     ambiguity,

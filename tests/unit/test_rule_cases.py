@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from fleetgate.llm.request import parse_request
+from fleetgate.normalize import RequestFacts, request_facts
 from fleetgate.policy.decide import decide
 from fleetgate.policy.loader import load_policy
 from fleetgate.policy.model import Policy
-from fleetgate.policy.normalize import RequestFacts, request_facts
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 CASES = RULES / "cases"

@@ -21,7 +21,7 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate import bodies
 from fleetgate.addons.flowtools import deny, fail_closed, settled
-from fleetgate.policy.normalize import (
+from fleetgate.normalize import (
     PathError,
     ambiguity,
     normalize_host,

@@ -35,24 +35,19 @@ from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
 
-from fleetgate.addons.flowtools import (
-    CLAIMS,
-    LLM_REQUEST,
-    deny,
-    fail_closed,
-    record_decision,
-    settled,
-)
+from fleetgate.addons.flowtools import deny, fail_closed, settled
 from fleetgate.addons.rules import PolicyStore
-from fleetgate.metrics import GatewayMetrics, HealthServer
+from fleetgate.addons.state import CLAIMS, LLM_REQUEST, record_decision
+from fleetgate.metrics import GatewayMetrics
+from fleetgate.netaddr import Endpoint, internal_reason, parse_resolve_overrides
+from fleetgate.normalize import normalize_host, request_facts
 from fleetgate.policy.decide import decide, private_destination_reason
-from fleetgate.policy.netaddr import Endpoint, internal_reason, parse_resolve_overrides
-from fleetgate.policy.normalize import normalize_host, request_facts
+from fleetgate.runtime.listeners import HttpListener
 
 
 class HttpAuthorization:
     def __init__(self, store: PolicyStore, metrics: GatewayMetrics,
-                 servers: list[HealthServer] | None = None) -> None:
+                 servers: list[HttpListener] | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.servers = servers or []  # our own listeners (metrics, admin): never proxied to

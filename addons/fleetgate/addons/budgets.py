@@ -6,7 +6,10 @@ pricing table — against spend (SQLite, survives restarts and reloads) plus wha
 calls already reserved. A hard limit that would be passed refuses the call with a 429 that
 says which budget, what is spent and when it refills, and ``x-should-retry: false`` when that
 is not soon. When the call ends the reservation is replaced by the metered cost; crossing a
-soft limit logs a WARNING and counts ``fleetgate_budget_soft_exceeded_total``.
+soft limit logs a WARNING and counts ``fleetgate_budget_soft_exceeded_total``. Reservations
+and spend live in the :class:`fleetgate.runtime.reservations.ReservationBook` (shared with
+the rate limiter and the meter); this addon opens the spend store the options name, turns
+flows into facts and outcomes into answers and metrics.
 """
 
 from __future__ import annotations
@@ -14,139 +17,80 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from fleetgate.addons.flowtools import (
-    CUT,
-    DECISION,
-    IDENTITY,
-    LLM_REQUEST,
-    LLM_USAGE,
-    allowed,
-    deny,
-    fail_closed,
-    metered_tokens,
-)
-from fleetgate.addons.limits import limit_activation
+from fleetgate.addons.flowtools import allowed, deny, fail_closed, metered_tokens
+from fleetgate.addons.limit_facts import limit_activation, llm_facts, reserved_tokens
 from fleetgate.addons.rules import PolicyStore
-from fleetgate.celexpr import Activation, CelError
-from fleetgate.limits.budget import Amount, Ledger, Refusal
-from fleetgate.limits.store import SpendStore
+from fleetgate.addons.state import cut_of, decision_of, identity_of, llm_usage_of
+from fleetgate.limits.budget import Refusal
 from fleetgate.llm.usage import Usage
-from fleetgate.metrics import GatewayMetrics, HealthServer, LabelBudget
-from fleetgate.policy.model import Budget, Policy
+from fleetgate.metrics import GatewayMetrics, LabelBudget
+from fleetgate.policy.model import Budget
+from fleetgate.runtime.listeners import HttpListener
+from fleetgate.runtime.reservations import ReservationBook
+from fleetgate.runtime.reservations_spend import Settled, applicable_budgets
+from fleetgate.stores.spend import SqliteSpendStore
 
 log = logging.getLogger("fleetgate.budgets")
 
 BUDGETS = "fleetgate.budgets"
 
 
-@dataclass
-class _Held:
-    budget: Budget
-    key: str
-    amount: Amount
-
-
 class BudgetGuard:
-    def __init__(self, store: PolicyStore, metrics: GatewayMetrics,
-                 health: HealthServer | None = None) -> None:
+    def __init__(self, store: PolicyStore, metrics: GatewayMetrics, book: ReservationBook,
+                 health: HttpListener | None = None) -> None:
         self.store = store
         self.metrics = metrics
-        self.ledger = Ledger(SpendStore(None))
-        self.clock = time.time
+        self.book = book
+        self.spend = book.spend
         self.key_labels = LabelBudget(1000)
-        self._held: dict[str, list[_Held]] = {}
-        self.watch: set[str] = set()  # shared with LlmMeter.watched (see stream_guard)
         if health is not None:
-            health.json_routes["/budgets"] = self.report
+            health.routes.get("/budgets", lambda: self.spend.report(self.store.policy))
 
     def configure(self, updated: set[str]) -> None:
         if "fleetgate_state_dir" in updated:
             d = ctx.options.fleetgate_state_dir
             try:
-                spend = SpendStore(Path(d) / "budgets.sqlite" if d else None)
+                spend = SqliteSpendStore(Path(d) / "budgets.sqlite" if d else None)
             except Exception as exc:
                 raise exceptions.OptionsError(f"fleetgate_state_dir: cannot open budget state "
                                               f"in {d!r}: {exc}") from None
-            old, self.ledger = self.ledger, Ledger(spend)
-            old.store.close()
+            self.spend.use_store(spend).close()
 
     def done(self) -> None:
-        self.ledger.store.close()
-
-    @staticmethod
-    def applicable(policy: Policy, profiles: list[str]) -> list[Budget]:
-        return [*policy.budgets, *(b for p in policy.agents if p.name in profiles for b in p.budgets)]
-
-    @staticmethod
-    def _key(b: Budget, act: Activation | None, ident: dict[str, Any]) -> str:
-        if b.key is not None and act is not None:
-            return str(b.key.value(act))
-        if b.per == "fleet":
-            return "fleet"
-        value = {"agent": ident.get("agent"), "role": ident.get("role"),
-                 "session": ident.get("session")}[b.per]
-        if not value:
-            raise CelError(f"the identity has no {b.per} claim")
-        return str(value)
+        self.book.close()
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
         policy = self.store.policy
         decision = allowed(flow)
-        llm = flow.metadata.get(LLM_REQUEST)
-        if policy is None or decision is None or not isinstance(llm, dict) or not llm.get("is_llm"):
+        llm = llm_facts(flow)
+        if policy is None or decision is None or llm is None:
             return  # budgets count LLM spend
-        budgets = self.applicable(policy, list(decision.get("profiles") or ()))
+        budgets = applicable_budgets(policy, list(decision.get("profiles") or ()))
         if not budgets:
             return
-        act = (limit_activation(flow)  # for CEL keys and conditions only: ~70 µs
-               if any(b.key is not None or b.when is not None for b in budgets) else None)
-        ident = flow.metadata.get(IDENTITY) or {}
-        est_in = int(llm.get("estimated_input_tokens") or 0)
-        max_out = int(llm.get("max_tokens") or 0) or ctx.options.fleetgate_limits_default_max_tokens
-        est_tokens = est_in + max_out
+        ident = identity_of(flow)
+        est_in, max_out = reserved_tokens(llm)
         usd = policy.pricing.cost(str(llm.get("model") or ""), Usage(input=est_in, output=max_out))
-        now = self.clock()
-        held: list[_Held] = []
-        for b in budgets:
-            try:
-                if b.when is not None and act is not None and not b.when.evaluate(act):
-                    continue
-                key = self._key(b, act, ident)
-            except CelError as exc:
-                self._release(held)
-                deny(flow, 500, b.id, f"budget {b.id} could not be evaluated ({exc}); denied "
-                     "rather than unlimited", hint="report this to the gateway operator")
-                return
-            if usd is None and (b.spec.hard_usd is not None or b.spec.soft_usd is not None):
-                self._release(held)
-                deny(flow, 403, b.id, f"model {llm.get('model')!r} has no price in llm.pricing, "
-                     f"so USD budget {b.id} cannot be enforced", hint="use a priced model, or ask "
-                     "an operator to add its price to llm.pricing")
-                return
-            amount = Amount(usd or 0.0, est_tokens)
-            refusal = self.ledger.reserve(b.id, key, b.spec, amount, now)
-            if refusal is not None:
-                self._release(held)
-                self._refuse(flow, b, key, refusal, now)
-                return
-            held.append(_Held(b, key, amount))
-        if held:
-            self._held[flow.id] = held
-            self.watch.add(flow.id)
-            flow.metadata[BUDGETS] = [{"budget": h.budget.id, "key": h.key,
-                                       "reserved_usd": round(h.amount.usd, 8),
-                                       "reserved_tokens": h.amount.tokens} for h in held]
-
-    def _release(self, held: list[_Held]) -> None:
-        for h in held:
-            self.ledger.release(h.budget.id, h.key, h.amount)
+        outcome = self.spend.reserve(flow.id, budgets, who=ident.as_dict() if ident else {},
+                                     usd=usd, tokens=est_in + max_out,
+                                     act=limit_activation(flow, budgets))
+        b = outcome.failed
+        if b is not None and outcome.error is not None:
+            deny(flow, 500, b.id, f"budget {b.id} could not be evaluated ({outcome.error}); "
+                 "denied rather than unlimited", hint="report this to the gateway operator")
+        elif b is not None and outcome.unpriced:
+            deny(flow, 403, b.id, f"model {llm.get('model')!r} has no price in llm.pricing, "
+                 f"so USD budget {b.id} cannot be enforced", hint="use a priced model, or ask "
+                 "an operator to add its price to llm.pricing")
+        elif b is not None and outcome.refusal is not None:
+            self._refuse(flow, b, outcome.key, outcome.refusal, outcome.now)
+        elif outcome.held:
+            flow.metadata[BUDGETS] = [h.as_dict() for h in outcome.held]
 
     def _refuse(self, flow: http.HTTPFlow, b: Budget, key: str, r: Refusal, now: float) -> None:
         self.metrics.budget_rejections.labels(budget=b.id).inc()
@@ -182,85 +126,35 @@ class BudgetGuard:
         self._settle(flow)
 
     def _settle(self, flow: http.HTTPFlow) -> None:
-        held = self._held.pop(flow.id, None)
-        self.watch.discard(flow.id)
-        if not held:
-            return
         used = metered_tokens(flow)
-        usage = flow.metadata.get(LLM_USAGE) or {}
-        decision = flow.metadata.get(DECISION) or {}
+        cost = (llm_usage_of(flow) or {}).get("cost_usd")
         sent = bool(flow.server_conn and flow.server_conn.timestamp_start)
-        refused = not decision.get("allow", True) and not flow.metadata.get(CUT)
-        if used is None and (not sent or refused):
-            self._release(held)  # refused by a later limit, or never reached the provider
-            return
-        now = self.clock()
-        for h in held:
-            if used is not None:
-                cost = usage.get("cost_usd")
-                actual = Amount(float(cost) if cost is not None else h.amount.usd, used)
-            else:
-                actual = h.amount  # sent but nothing metered: charge what was reserved (strict)
-            before, after = self.ledger.settle(h.budget.id, h.key, h.budget.spec, h.amount,
-                                               actual, now)
-            self._soft(h, before, after)
-            label = {"budget": h.budget.id, "key": self.key_labels(h.key)}
-            self.metrics.budget_spend_usd.labels(**label).set(after.usd)
-            self.metrics.budget_spend_tokens.labels(**label).set(after.tokens)
-            spec = h.budget.spec
+        refused = not (decision_of(flow) or {}).get("allow", True) and not cut_of(flow)
+        settled = self.spend.settle(flow.id, used, None if cost is None else float(cost),
+                                    charge=sent and not refused)
+        if not settled:
+            return  # nothing held, or released (refused later, never reached the provider)
+        for s in settled:
+            self._soft(s)
+            label = {"budget": s.hold.budget.id, "key": self.key_labels(s.hold.key)}
+            self.metrics.budget_spend_usd.labels(**label).set(s.after.usd)
+            self.metrics.budget_spend_tokens.labels(**label).set(s.after.tokens)
+            spec = s.hold.budget.spec
             if spec.hard_usd is not None:
-                self.metrics.budget_remaining_usd.labels(**label).set(spec.hard_usd - after.usd)
+                self.metrics.budget_remaining_usd.labels(**label).set(spec.hard_usd - s.after.usd)
             if spec.hard_tokens is not None:
-                self.metrics.budget_remaining_tokens.labels(**label).set(spec.hard_tokens - after.tokens)
+                self.metrics.budget_remaining_tokens.labels(**label).set(
+                    spec.hard_tokens - s.after.tokens)
         for rec in flow.metadata.get(BUDGETS) or []:
             rec["settled"] = used is not None
 
-    def _soft(self, h: _Held, before: Amount, after: Amount) -> None:
-        spec = h.budget.spec
-        unit = spec.over(after, hard=False)
-        if unit is None or spec.over(before, hard=False) == unit:
+    def _soft(self, s: Settled) -> None:
+        spec = s.hold.budget.spec
+        unit = spec.over(s.after, hard=False)
+        if unit is None or spec.over(s.before, hard=False) == unit:
             return
-        self.metrics.budget_soft.labels(budget=h.budget.id).inc()
-        log.warning("fleetgate: soft budget %s crossed for %r: %s (soft limit %s)", h.budget.id,
-                    h.key, f"${after.usd:.4f}" if unit == "usd" else f"{after.tokens} tokens",
+        self.metrics.budget_soft.labels(budget=s.hold.budget.id).inc()
+        log.warning("fleetgate: soft budget %s crossed for %r: %s (soft limit %s)",
+                    s.hold.budget.id, s.hold.key,
+                    f"${s.after.usd:.4f}" if unit == "usd" else f"{s.after.tokens} tokens",
                     f"${spec.soft_usd:g}" if unit == "usd" else f"{spec.soft_tokens} tokens")
-
-    def stream_guard(self, flow: http.HTTPFlow, est_in: int, out: int) -> str | None:
-        """While an LLM answer streams: once the call has used more than it reserved, end it
-        at the point where its budget's hard limit is reached (see LlmMeter.stream_guards)."""
-        held = self._held.get(flow.id)
-        policy = self.store.policy
-        if not held or policy is None:
-            return None
-        llm = flow.metadata.get(LLM_REQUEST) or {}
-        usd = policy.pricing.cost(str(llm.get("model") or ""), Usage(input=est_in, output=out))
-        now = self.clock()
-        for h in held:
-            run = Amount(h.amount.usd if usd is None else usd, est_in + out)
-            if run.tokens <= h.amount.tokens and run.usd <= h.amount.usd + 1e-12:
-                continue  # within its reservation: admission already made room for it
-            spec = h.budget.spec
-            others = self.ledger.reserved.get((h.budget.id, h.key), Amount()) - h.amount
-            if spec.over(self.ledger.spent(h.budget.id, h.key, spec, now) + others + run, hard=True):
-                self.metrics.budget_rejections.labels(budget=h.budget.id).inc()
-                return (f"{h.budget.id}: budget {h.budget.id} ({spec.describe()}) for {h.key!r} "
-                        f"was reached after {out} output tokens; the rest of the answer was not "
-                        "sent (set max_tokens so calls fit their budget)")
-        return None
-
-    def report(self) -> dict[str, Any]:
-        """Spend against each budget, per key (``GET /budgets``)."""
-        policy = self.store.policy
-        if policy is None:
-            return {"budgets": []}
-        from fleetgate.limits.budget import counted_since
-        now = self.clock()
-        out = []
-        for b in [*policy.budgets, *(b for p in policy.agents for b in p.budgets)]:
-            rows = self.ledger.store.keys(b.id, counted_since(b.spec, now))
-            out.append({"budget": b.id, "limit": b.spec.describe(),
-                        "hard_usd": b.spec.hard_usd, "soft_usd": b.spec.soft_usd,
-                        "hard_tokens": b.spec.hard_tokens, "soft_tokens": b.spec.soft_tokens,
-                        "spend": [{"key": k, "usd": round(a.usd, 6), "tokens": a.tokens}
-                                  for k, a in rows]})
-        return {"budgets": out}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,34 +29,30 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from mitmproxy import ctx, exceptions, http
 
-from fleetgate.addons.flowtools import (
-    CLAIMS,
-    HEADER,
-    IDENTITY,
-    decision_id,
-    deny,
-    fail_closed,
-    record_decision,
-    settled,
-)
-from fleetgate.addons.identity import AgentIdentity
-from fleetgate.addons.killswitch import DELEGATION, KillSwitch, subject_of
+from fleetgate.addons.flowtools import deny, fail_closed, settled
+from fleetgate.addons.kill_flows import DELEGATION, subject_of
 from fleetgate.addons.rules import PolicyStore
+from fleetgate.addons.state import HEADER, claims_of, decision_id, record_decision
 from fleetgate.bodies import BodyError, parse_json
-from fleetgate.kill.delegation import DelegationError, child_claims
+from fleetgate.kill.delegation import DelegationError
 from fleetgate.kill.graph import GraphError
 from fleetgate.kill.model import Subject
 from fleetgate.metrics import GatewayMetrics
-from fleetgate.policy.normalize import normalize_host
+from fleetgate.normalize import normalize_host
+from fleetgate.runtime.identity import IdentityRegistry
+from fleetgate.runtime.kill import KillService
 
 log = logging.getLogger(__name__)
 
 
 class ControlEndpoint:
-    def __init__(self, switch: KillSwitch, identity: AgentIdentity, store: PolicyStore,
+    """Talks to the kill service (session graph, kill log) and the identity registry (the
+    HS256 secret child tokens are signed with when no delegation key is set)."""
+
+    def __init__(self, kill: KillService, identities: IdentityRegistry, store: PolicyStore,
                  metrics: GatewayMetrics) -> None:
-        self.switch = switch
-        self.identity = identity
+        self.kill = kill
+        self.identities = identities
         self.store = store
         self.metrics = metrics
         self.host = "fleetgate.internal"
@@ -114,16 +109,15 @@ class ControlEndpoint:
     def request(self, flow: http.HTTPFlow) -> None:
         if settled(flow) or not self._addressed(flow):
             return
-        ident = flow.metadata.get(IDENTITY)
-        claims = flow.metadata.get(CLAIMS)
-        if not isinstance(ident, dict) or not isinstance(claims, dict):
+        subject = subject_of(flow)
+        if subject is None:
             return  # HttpAuthorization answers 407
         path = flow.request.path.split("?", 1)[0]
         method = flow.request.method
         if path == "/v1/delegate" and method == "POST":
-            self._delegate(flow, ident, claims)
+            self._delegate(flow, subject, claims_of(flow))
         elif path == "/v1/whoami" and method == "GET":
-            self._whoami(flow, ident, claims)
+            self._whoami(flow, subject)
         else:
             deny(flow, 404, "control.not-found", f"{method} {path} is not a fleetgate endpoint",
                  hint="use POST /v1/delegate or GET /v1/whoami")
@@ -135,8 +129,7 @@ class ControlEndpoint:
              "Cache-Control": "no-store"})
         record_decision(flow, True, rule, "answered by the gateway", 200)
 
-    def _delegate(self, flow: http.HTTPFlow, ident: dict[str, Any],
-                  claims: dict[str, Any]) -> None:
+    def _delegate(self, flow: http.HTTPFlow, parent: Subject, claims: dict[str, Any]) -> None:
         policy = self.store.policy
         if policy is None:
             deny(flow, 503, "no-policy", "the gateway has no valid policy loaded")
@@ -150,16 +143,14 @@ class ControlEndpoint:
             deny(flow, 400, "delegation.bad_request", "the body must be a JSON object such as "
                  '{"role": "security"}')
             return
-        graph = self.switch.core.graph
-        now = time.time()
         try:
-            child = child_claims(claims, req, policy.delegation, graph, now)
+            child = self.kill.child_claims(claims, req, policy.delegation)
             token = self._sign(child)
             subject = Subject(agent=child["sub"], session=child["session_id"],
                               role=child["agent_role"], jti=child["jti"],
                               user=child.get("user"))
-            self.switch.core.observe(subject, child["parent_session"], float(child["exp"]),
-                                     via="delegation")
+            self.kill.observe(subject, child["parent_session"], float(child["exp"]),
+                              via="delegation")
         except DelegationError as exc:
             self.metrics.delegations.labels(result=exc.code).inc()
             deny(flow, exc.status, exc.code, exc.message,
@@ -170,12 +161,7 @@ class ControlEndpoint:
             deny(flow, 409, f"delegation.{exc.code}", str(exc))
             return
         self.metrics.delegations.labels(result="issued").inc()
-        parent = subject_of(ident, claims)
-        self.switch.core.store.append("delegate", {
-            "parent_agent": parent.agent, "parent_session": parent.session,
-            "child_agent": child["sub"], "child_session": child["session_id"],
-            "role": child["agent_role"], "depth": child["delegation_depth"],
-            "exp": child["exp"], "jti": child["jti"]})
+        fanout = self.kill.record_delegation(parent, child)
         log.info("fleetgate: %s (session %s) delegated to %s (%s, session %s)", parent.agent,
                  parent.session, child["sub"], child["agent_role"], child["session_id"])
         flow.comment = f"delegated {child['agent_role']} child {child['sub']}"
@@ -184,25 +170,22 @@ class ControlEndpoint:
                             child["parent_session"], "depth": child["delegation_depth"],
                             "expires_at": child["exp"], "jti": child["jti"]}, "delegation")
         if parent.session:  # KillWatch feeds these to the delegation triggers
-            flow.metadata[DELEGATION] = (child["delegation_depth"], graph.fanout(parent.session))
+            flow.metadata[DELEGATION] = (child["delegation_depth"], fanout)
 
     def _sign(self, claims: dict[str, Any]) -> str:
         if self._key is not None:
             key, alg, kid = self._key
             return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid} if kid else None)
-        verifier = self.identity.verifier
-        secret = verifier.config.hs_secret if verifier else None
+        secret = self.identities.hs_secret()
         if not secret:
             raise DelegationError(503, "delegation.no_key",
                                   "the gateway has no signing key for child tokens (set "
                                   "fleetgate_delegation_key_file)")
         return jwt.encode(claims, secret, algorithm="HS256")
 
-    def _whoami(self, flow: http.HTTPFlow, ident: dict[str, Any],
-                claims: dict[str, Any]) -> None:
-        subject = subject_of(ident, claims)
-        node = self.switch.core.graph.get(subject.session)
-        v = self.switch.core.verdict(subject)
+    def _whoami(self, flow: http.HTTPFlow, subject: Subject) -> None:
+        node = self.kill.node(subject.session)
+        v = self.kill.verdict(subject)
         self._answer(flow, {
             "agent": subject.agent, "role": subject.role, "session": subject.session,
             "user": subject.user, "parent_session": node.parent if node else None,

@@ -34,6 +34,7 @@ from mitmproxy import http
 
 from fleetgate.addons.flowtools import allowed, deny, fail_closed
 from fleetgate.addons.rules import PolicyStore
+from fleetgate.addons.state import annotate_decision
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.policy.credentials import CredentialUnavailable, SecretSource, find_route, redacted
 from fleetgate.policy.model import Policy
@@ -69,8 +70,7 @@ class CredentialInjector:
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
         policy = self.store.policy
-        decision = allowed(flow)
-        if policy is None or decision is None or not policy.credentials:
+        if policy is None or allowed(flow) is None or not policy.credentials:
             return
         req = flow.request
         route = find_route(policy.credentials, req.host, req.port, req.path)
@@ -96,7 +96,7 @@ class CredentialInjector:
         flow.metadata[CREDENTIAL] = route.id
         flow.metadata[CREDENTIAL_HEADER] = route.header
         self.in_flight[flow.id] = flow
-        decision["credential"] = route.id
+        annotate_decision(flow, credential=route.id)
         self.metrics.credentials_injected.labels(route=route.id).inc()
 
     # -- once the request has left: hide the value --------------------------------------

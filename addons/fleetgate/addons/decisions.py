@@ -16,9 +16,9 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate import decisionlog
 from fleetgate.addons.budgets import BUDGETS
-from fleetgate.addons.flowtools import CUT, DECISION, HEADER, IDENTITY, LLM_USAGE, MCP, decision_id
 from fleetgate.addons.limits import LIMITS
 from fleetgate.addons.rules import PolicyStore
+from fleetgate.addons.state import CUT, DECISION, HEADER, IDENTITY, LLM_USAGE, MCP, decision_id
 from fleetgate.metrics import GatewayMetrics
 
 log = logging.getLogger("fleetgate.decisions")

@@ -16,38 +16,17 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from fleetgate.decisionlog import new_decision_id
-from fleetgate.denial import denial_body
+from fleetgate.addons.state import (
+    CUT,
+    HEADER,
+    decision_id,
+    decision_of,
+    llm_usage_of,
+    record_decision,
+)
+from fleetgate.wire import denial_body
 
 log = logging.getLogger(__name__)
-
-DECISION_ID = "fleetgate.decision_id"
-DECISION = "fleetgate.decision"
-IDENTITY = "fleetgate.identity"
-CLAIMS = "fleetgate.claims"
-CUT = "fleetgate.cut"
-LLM_REQUEST = "fleetgate.llm"
-LLM_USAGE = "fleetgate.llm_usage"
-MCP = "fleetgate.mcp"
-# Set by an addon that must read a response whole (bounded by its own limit): the
-# streaming addon then leaves the response buffered.
-NEEDS_BODY = "fleetgate.needs_body"
-HEADER = "X-Fleetgate-Decision-Id"
-
-def decision_id(flow: http.HTTPFlow) -> str:
-    """The flow's decision id, created on first use."""
-    did = flow.metadata.get(DECISION_ID)
-    if not isinstance(did, str):
-        did = new_decision_id()
-        flow.metadata[DECISION_ID] = did
-    return did
-
-
-def record_decision(flow: http.HTTPFlow, allow: bool, rule: str, reason: str,
-                    status: int | None = None, **extra: Any) -> None:
-    flow.metadata[DECISION] = {"allow": allow, "rule": rule, "reason": reason,
-                               "status": status, **extra}
-
 
 def deny(flow: http.HTTPFlow, status: int, rule: str, reason: str,
          hint: str | None = None, headers: dict[str, str] | None = None) -> None:
@@ -128,6 +107,8 @@ def _fail(flow: Any, hook: str, exc: BaseException) -> None:
             cut_flow(flow, "internal-error", reason)
     else:
         server = getattr(flow, "server", None)
+        if hasattr(flow, "ignore_connection"):  # tls_clienthello: keep intercepting
+            flow.ignore_connection = False
         if server is not None:  # server_connect hook data
             server.error = f"fleetgate: internal error in {hook}; connection refused"
         elif hasattr(flow, "kill") and getattr(flow, "killable", False):
@@ -168,8 +149,8 @@ def allowed(flow: http.HTTPFlow) -> dict[str, Any] | None:
     budgets) only ever narrow an allow."""
     if settled(flow):
         return None
-    decision = flow.metadata.get(DECISION)
-    return decision if isinstance(decision, dict) and decision.get("allow") else None
+    decision = decision_of(flow)
+    return decision if decision is not None and decision.get("allow") else None
 
 
 def close_client(client: Any, abort: bool = False) -> bool:
@@ -185,8 +166,8 @@ def close_client(client: Any, abort: bool = False) -> bool:
 def metered_tokens(flow: http.HTTPFlow) -> int | None:
     """Input + output tokens the LLM meter recorded for the flow; ``None`` if it recorded no
     usage (limits and budgets then keep what they reserved, or release it)."""
-    usage = flow.metadata.get(LLM_USAGE)
-    tokens = usage.get("tokens") if isinstance(usage, dict) else None
+    usage = llm_usage_of(flow)
+    tokens = usage.get("tokens") if usage is not None else None
     if not isinstance(tokens, dict):
         return None
     return int(tokens.get("input") or 0) + int(tokens.get("output") or 0)

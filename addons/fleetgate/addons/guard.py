@@ -13,6 +13,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, tcp, udp
 
+from fleetgate.addons.flowtools import fail_closed
 from fleetgate.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -58,21 +59,25 @@ class ConnectionGuard:
             # Eager would dial the CONNECT target before any request was authorized.
             o.connection_strategy = "lazy"
 
+    @fail_closed
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         self._close(flow, "raw-tcp")
 
+    @fail_closed
     def udp_start(self, flow: udp.UDPFlow) -> None:
         self._close(flow, "raw-udp")
 
+    @fail_closed
     def tls_clienthello(self, data: Any) -> None:
-        # Nothing may turn interception off for a connection (ignore_hosts does via this hook).
+        # Nothing may turn interception off for a connection (ignore_hosts does via this hook;
+        # a crash here leaves it off too: see flowtools._fail).
         data.ignore_connection = False
 
     def _close(self, flow: Any, reason: str) -> None:
+        if flow.killable:  # first: nothing after this may let the connection run
+            flow.kill()
         self.metrics.connections_refused.labels(reason=reason).inc()
         log.info("fleetgate: closing %s connection from %s: fleetgate only carries HTTP(S)",
                  reason, flow.client_conn.peername)
         flow.marked = ":no_entry:"
         flow.comment = f"denied: {reason} is not inspected, so it is not allowed"
-        if flow.killable:
-            flow.kill()

@@ -15,7 +15,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions
 
-from fleetgate.metrics import HealthServer
+from fleetgate.runtime.listeners import HttpListener
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _listen_spec(name: str, spec: str) -> tuple[str, int] | None:
 
 
 class HealthEndpoint:
-    def __init__(self, server: HealthServer, admin: HealthServer) -> None:
+    def __init__(self, server: HttpListener, admin: HttpListener) -> None:
         self.server = server
         self.admin = admin
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy import ctx, exceptions, http
 
-from fleetgate.addons.flowtools import CLAIMS, IDENTITY, decision_id, deny, fail_closed, settled
+from fleetgate.addons.flowtools import deny, fail_closed, settled
+from fleetgate.addons.state import decision_id, set_identity
 from fleetgate.identity.tokens import (
     Identity,
     IdentityError,
@@ -30,6 +30,7 @@ from fleetgate.identity.tokens import (
     parse_proxy_authorization,
 )
 from fleetgate.metrics import GatewayMetrics
+from fleetgate.runtime.identity import IdentityRegistry
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,12 @@ REALM = 'Basic realm="fleetgate", Bearer realm="fleetgate"'
 
 
 class AgentIdentity:
-    def __init__(self, metrics: GatewayMetrics) -> None:
+    """Writes the verifier and the tunnels' identities to the :class:`IdentityRegistry` it is
+    handed (a fresh one when none is: a stand-alone addon)."""
+
+    def __init__(self, metrics: GatewayMetrics, registry: IdentityRegistry | None = None) -> None:
         self.metrics = metrics
-        self.verifier: Verifier | None = None
-        self.bound: weakref.WeakKeyDictionary[connection.Client, Identity] = (
-            weakref.WeakKeyDictionary())
+        self.registry = registry if registry is not None else IdentityRegistry()
         self._jwks_stat: tuple[int, int] | None = None
         self._jwks_checked = 0.0
 
@@ -67,7 +69,7 @@ class AgentIdentity:
     def configure(self, updated: set[str]) -> None:
         if any(k.startswith("fleetgate_jwt") or k == "fleetgate_jwks_file" for k in updated):
             try:
-                self.verifier = self._build_verifier()
+                self.registry.verifier = self._build_verifier()
             except (OSError, ValueError) as exc:
                 raise exceptions.OptionsError(f"fleetgate identity: {exc}") from None
 
@@ -111,7 +113,7 @@ class AgentIdentity:
         try:
             st = os.stat(path)
             if (st.st_ino, st.st_mtime_ns) != self._jwks_stat:
-                self.verifier = self._build_verifier()
+                self.registry.verifier = self._build_verifier()
                 log.info("fleetgate: JWKS reloaded from %s", path)
         except (OSError, ValueError) as exc:
             log.error("fleetgate: JWKS %s could not be reloaded (%s); keeping the previous keys",
@@ -122,11 +124,12 @@ class AgentIdentity:
         if len(headers) > 1:
             raise IdentityError("ambiguous", f"{len(headers)} Proxy-Authorization headers: "
                                              "send exactly one")
-        if self.verifier is None:
+        verifier = self.registry.verifier
+        if verifier is None:
             raise IdentityError("no_verifier", "gateway has no token verification key configured")
         token = parse_proxy_authorization(headers[0] if headers else None,
-                                          self.verifier.config.max_bytes)
-        return self.verifier.verify(token)
+                                          verifier.config.max_bytes)
+        return verifier.verify(token)
 
     @staticmethod
     def _take_credentials(flow: http.HTTPFlow) -> list[str]:
@@ -150,11 +153,11 @@ class AgentIdentity:
         try:
             ident = self._verify(self._take_credentials(flow))
         except IdentityError as err:
-            self.bound.pop(flow.client_conn, None)
+            self.registry.unbind(flow.client_conn)
             self._refuse(flow, err)
             return
-        self.bound[flow.client_conn] = ident
-        self._annotate(flow, ident)
+        self.registry.bind(flow.client_conn, ident)
+        set_identity(flow, ident)
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -162,24 +165,17 @@ class AgentIdentity:
         if settled(flow):
             return
         decision_id(flow)
-        ident = self.bound.get(flow.client_conn)
+        ident = self.registry.bound_to(flow.client_conn)
+        verifier = self.registry.verifier
         if ident is None:
             try:
                 ident = self._verify(headers)
             except IdentityError as err:
                 self._refuse(flow, err)
                 return
-        elif self.verifier is not None and ident.expired(time.time(), self.verifier.config.leeway):
+        elif verifier is not None and ident.expired(time.time(), verifier.config.leeway):
             self._refuse(flow, IdentityError(
                 "expired", "token expired while its tunnel was open; reconnect with a new token"))
             return
-        self._annotate(flow, ident)
-
-    @staticmethod
-    def _annotate(flow: http.HTTPFlow, ident: Identity) -> None:
-        user = ident.claims.get("user")
-        flow.metadata[IDENTITY] = {"agent": ident.agent, "role": ident.role,
-                                   "session": ident.session, "jti": ident.jti,
-                                   "user": str(user) if user is not None else None}
-        flow.metadata[CLAIMS] = dict(ident.claims)
+        set_identity(flow, ident)
 

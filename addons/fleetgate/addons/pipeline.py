@@ -21,52 +21,67 @@ from fleetgate.addons.control import ControlEndpoint
 from fleetgate.addons.credentials import CredentialInjector
 from fleetgate.addons.decisions import DecisionLog
 from fleetgate.addons.guard import ConnectionGuard
+from fleetgate.addons.header_bounds import HeaderBounds
 from fleetgate.addons.health import HealthEndpoint
 from fleetgate.addons.identity import AgentIdentity
-from fleetgate.addons.killswitch import KillSwitch, KillWatch
+from fleetgate.addons.kill_commands import KillCommands
+from fleetgate.addons.kill_flows import kill_service
+from fleetgate.addons.killswitch import KillSwitch
+from fleetgate.addons.killwatch import KillWatch
 from fleetgate.addons.limits import RateLimiter
-from fleetgate.addons.llm import LlmInspector, LlmMeter
+from fleetgate.addons.llm import LlmInspector
+from fleetgate.addons.llm_meter import LlmMeter
 from fleetgate.addons.mcp import McpGuard
+from fleetgate.addons.mcp_answers import McpAnswers
+from fleetgate.addons.mcp_operator import McpOperator
 from fleetgate.addons.request_bodies import RequestBodies
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.streaming import StreamPassthrough
-from fleetgate.addons.timeouts import HeaderBounds, Timeouts
+from fleetgate.addons.timeouts import Timeouts
 from fleetgate.addons.upstream_errors import UpstreamErrors
 from fleetgate.llm.ledger import Ledger
-from fleetgate.metrics import GatewayMetrics, HealthServer
+from fleetgate.metrics import GatewayMetrics
+from fleetgate.runtime.identity import IdentityRegistry
+from fleetgate.runtime.listeners import HttpListener
+from fleetgate.runtime.mcp import McpService
+from fleetgate.runtime.reservations import ReservationBook
+from fleetgate.stores.spend import SqliteSpendStore
 
 
 def pipeline() -> list[Any]:
     metrics = GatewayMetrics()
     store = PolicyStore(metrics)
-    health = HealthServer(metrics, store.status)
-    admin = HealthServer(metrics, store.status, admin=True)
+    health = HttpListener(metrics, store.status)
+    admin = HttpListener(metrics, store.status, admin=True)
     ledger = Ledger()
-    health.json_routes["/usage"] = ledger.snapshot
-    identity = AgentIdentity(metrics)
-    kill = KillSwitch(identity, metrics, admin)
-    watch = KillWatch(kill, metrics)
+    health.routes.get("/usage", ledger.snapshot)
+    identities = IdentityRegistry()  # the token verifier, tunnels bound to identities
+    kill = kill_service(metrics, identities)  # kill decisions, live flows, sweeps
     store.listeners.append(kill.on_policy)
-    meter = LlmMeter(store, metrics, ledger)
-    budgets = BudgetGuard(store, metrics, health)
-    limiter = RateLimiter(store, metrics, health)
-    meter.stream_guards += [budgets.stream_guard, limiter.stream_guard]
-    budgets.watch = limiter.watch = meter.watched
-    mcp = McpGuard(store, metrics, admin)
+    # rate limits and budgets: reserved by the limiter and the budget guard, checked by the
+    # meter while an answer streams, settled from the meter's usage
+    book = ReservationBook(SqliteSpendStore(None))  # in memory until fleetgate_state_dir
+    meter = LlmMeter(store, metrics, ledger, book)
+    budgets = BudgetGuard(store, metrics, book, health)
+    limiter = RateLimiter(store, metrics, book, health)
+    mcp = McpService(metrics, admin.routes)  # sessions, pins; /mcp/pins, /mcp/approve
     return [
         ConnectionGuard(metrics),
         HeaderBounds(),  # 431 before anything reads the headers
         AmbiguityGuard(),  # before identity: a doubled Host or path trick needs no token to refuse
         store,
-        identity,
-        kill,
-        ControlEndpoint(kill, identity, store, metrics),
+        AgentIdentity(metrics, identities),
+        KillSwitch(kill, metrics),  # the gate
+        KillCommands(kill, admin.routes),  # mitmweb commands, /v1/... admin API
+        ControlEndpoint(kill, identities, store, metrics),
         # requestheaders: bound the body, stream it when nothing reads it (runs the request
         # hook before the body then), refuse it early when a reader could not read it
         RequestBodies(store, mcp, kill),
         LlmInspector(store, metrics),
         HttpAuthorization(store, metrics, [health, admin]),
-        mcp,
+        McpOperator(mcp),  # the MCP options and commands
+        McpGuard(store, metrics, mcp),  # requests
+        McpAnswers(store, metrics, mcp),  # answers
         meter,
         # after the meter: they settle their reservations from the usage the meter recorded.
         # Budgets first: a call a budget refuses takes nothing from the rate limits.
@@ -74,7 +89,7 @@ def pipeline() -> list[Any]:
         limiter,
         CredentialInjector(store, metrics),
         StreamPassthrough(),
-        watch,
+        KillWatch(kill, metrics),  # live-flow registry, trigger observations
         Timeouts(metrics),  # after every check and stream wrapper: times only what goes upstream
         HealthEndpoint(health, admin),
         # answers an allowed request whose upstream failed, before the log records its status

@@ -23,7 +23,6 @@ A streamed body is counted too: past ``fleetgate_max_request_body`` the flow is 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Generator
 from typing import Any
@@ -34,21 +33,16 @@ from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http._events import RequestData, RequestEndOfMessage
 from mitmproxy.proxy.layers.http._hooks import HttpRequestHook
 
-from fleetgate.addons.flowtools import (
-    HEADER,
-    cut_flow,
-    decision_id,
-    deny,
-    fail_closed,
-    record_decision,
-    settled,
-)
-from fleetgate.addons.killswitch import KillSwitch
+from fleetgate.addons.flowtools import cut_flow, deny, fail_closed, settled
 from fleetgate.addons.layerpatch import relay
-from fleetgate.addons.mcp import McpGuard
+from fleetgate.addons.mcp_flow import mcp_server
 from fleetgate.addons.rules import PolicyStore
+from fleetgate.addons.state import HEADER, decision_id, record_decision
 from fleetgate.body_plan import BodyFacts, BodyPlan, parse_content_length, plan_body
-from fleetgate.policy.normalize import normalize_host, normalize_path
+from fleetgate.normalize import normalize_host, normalize_path
+from fleetgate.runtime.kill import KillService
+from fleetgate.runtime.mcp import McpService
+from fleetgate.wire import jsonrpc_error_body
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +57,7 @@ _MARK = "_fleetgate_bodies"
 
 
 class RequestBodies:
-    def __init__(self, store: PolicyStore, mcp: McpGuard, kill: KillSwitch) -> None:
+    def __init__(self, store: PolicyStore, mcp: McpService, kill: KillService) -> None:
         self.store = store
         self.mcp = mcp
         self.kill = kill
@@ -106,7 +100,7 @@ class RequestBodies:
             route = policy.providers.route(normalize_host(req.host), req.port, path)
             if route is not None and req.method == "POST":
                 llm_limit = ctx.options.fleetgate_llm_max_body
-            if route is None and self.mcp._server(policy, flow) is not None:
+            if route is None and mcp_server(self.mcp, policy, flow) is not None:
                 mcp_limit = ctx.options.fleetgate_mcp_max_body
         depth_header = self.kill.depth_header
         depth_check = bool(self.kill.max_depth) and "json" in req.headers.get(
@@ -128,9 +122,9 @@ def refuse(flow: http.HTTPFlow, plan: BodyPlan | dict[str, Any], size: int | Non
     hint = f"send at most {limit} bytes of body to this destination"
     if reader == "mcp":
         did = decision_id(flow)
-        body = json.dumps({"jsonrpc": "2.0", "id": None, "error": {
-            "code": -32600, "message": f"fleetgate refused this MCP request: {reason}. {hint}",
-            "data": {"decision_id": did, "rule": rule}}}).encode()
+        body = jsonrpc_error_body(None, -32600,
+                                  f"fleetgate refused this MCP request: {reason}. {hint}",
+                                  decision_id=did, rule=rule)
         flow.response = http.Response.make(413, body, {"Content-Type": "application/json",
                                                        HEADER: did})
         record_decision(flow, False, rule, reason, 413)

@@ -14,7 +14,8 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from fleetgate.addons.flowtools import NEEDS_BODY, fail_closed
+from fleetgate.addons.flowtools import fail_closed
+from fleetgate.addons.state import NEEDS_BODY
 
 STREAMED = "fleetgate.streamed"
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")

@@ -32,11 +32,11 @@ from mitmproxy.proxy.layers.http._events import (
 )
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
 
-from fleetgate.addons.flowtools import CUT, DECISION, HEADER, MCP, decision_id, record_decision
 from fleetgate.addons.layerpatch import relay
-from fleetgate.denial import denial_body
+from fleetgate.addons.state import CUT, DECISION, HEADER, MCP, decision_id, record_decision
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.upstream_failure import UpstreamFailure, classify, timed_out
+from fleetgate.wire import denial_body, jsonrpc_error_body
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,9 @@ class UpstreamErrors:
                 else "fleetgate could not reach the upstream")
         if isinstance(flow.metadata.get(MCP), dict):
             message = f"{lead} ({failure.rule}): {failure.reason}. {failure.hint}"
-            body = json.dumps({"jsonrpc": "2.0", "id": _rpc_id(flow.request.raw_content),
-                               "error": {"code": -32603, "message": message,
-                                         "data": {"decision_id": did, "rule": failure.rule}}})
-            return http.Response.make(failure.status, body.encode(), headers)
+            body = jsonrpc_error_body(_rpc_id(flow.request.raw_content), -32603, message,
+                                      decision_id=did, rule=failure.rule)
+            return http.Response.make(failure.status, body, headers)
         return http.Response.make(
             failure.status,
             denial_body(failure.status, failure.rule, failure.reason, did, failure.hint, lead=lead),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -10,18 +9,12 @@ from typing import Any
 
 import jwt
 
+from fleetgate.durations import parse_duration
+
 __all__ = ["mint_token", "parse_ttl"]
 
-_TTL = re.compile(r"^(\d+)([smhd]?)$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_ttl(text: str) -> int:
-    """``90`` / ``90s`` / ``15m`` / ``1h`` / ``7d`` -> seconds."""
-    m = _TTL.match(text.strip())
-    if not m:
-        raise ValueError(f"bad duration {text!r}: use e.g. 30s, 15m, 1h, 7d")
-    return int(m.group(1)) * _UNITS[m.group(2)]
+# ``--ttl 15m``: the one durations parser (kept under its old name for the CLI).
+parse_ttl = parse_duration
 
 
 def mint_token(

@@ -20,6 +20,8 @@ from typing import Any
 import jwt
 from jwt import PyJWK, PyJWKSet
 
+from fleetgate.errors import FleetgateError
+
 __all__ = [
     "Identity",
     "IdentityError",
@@ -35,7 +37,7 @@ ASYMMETRIC_ALGS = frozenset(
 )
 
 
-class IdentityError(Exception):
+class IdentityError(FleetgateError):
     """Credentials are missing or invalid. ``code`` is stable; ``str()`` explains."""
 
     def __init__(self, code: str, message: str) -> None:

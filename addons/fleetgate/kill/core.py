@@ -9,26 +9,54 @@ reload and are not stored: the rules file is their durable home.
 If the store cannot be written, the action still takes effect in memory (a kill must not
 fail because a disk is full); the error is raised to the caller after the board changed, so
 the operator sees that it will not survive a restart.
+
+Sessions are written behind: a request records a session first seen in memory only (no disk
+write on the request path), and :meth:`KillCore.flush` writes them: before an action is saved
+(an action in the store always has the sessions it reached beside it), when a delegation is
+recorded, and from the kill service's housekeeping and shutdown.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from fleetgate.errors import StateError
 from fleetgate.kill.board import KillBoard, Reach, Verdict
 from fleetgate.kill.graph import GraphError, Node, SessionGraph
 from fleetgate.kill.model import Action, Scope, Subject, Verb
-from fleetgate.kill.store import KillStore
 
-__all__ = ["Applied", "KillCore", "PersistError"]
+__all__ = ["Applied", "KillCore", "KillStore", "PersistError"]
 
 RULES = "rules"
 
 
-class PersistError(RuntimeError):
+class KillStore(Protocol):
+    """Where the core keeps what must survive a restart: actions in force (not the rules'),
+    the session graph, and the append-only kill log. The core is the only writer; the
+    implementations (SQLite: :mod:`fleetgate.stores.kill`) live outside this pure package."""
+
+    def save_action(self, action: Action) -> None: ...
+    def remove_action(self, action_id: str) -> None: ...
+    def actions(self) -> list[Action]: ...
+    def save_node(self, node: Node) -> None: ...
+    def forget_nodes(self, sessions: list[str]) -> None: ...
+    def nodes(self) -> list[Node]: ...
+
+    def append(self, event: str, body: dict[str, Any], action: str | None = None,
+               at: float | None = None) -> int: ...
+
+    def append_many(self, rows: list[tuple[str, dict[str, Any], str | None]],
+                    at: float | None = None) -> None: ...
+
+    def log(self, limit: int = 100, action: str | None = None,
+            since: float | None = None) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+class PersistError(StateError, RuntimeError):
     """The action is in force but could not be written to the state store."""
 
 
@@ -40,12 +68,13 @@ class Applied:
 
 
 class KillCore:
-    def __init__(self, store: KillStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: KillStore, clock: Callable[[], float]) -> None:
         self.store = store
         self.clock = clock
         self.graph = SessionGraph()
         self.board = KillBoard(self.graph)
         self.listeners: list[Callable[[], None]] = []  # called after every board change
+        self._unsaved: dict[str, Node] = {}  # sessions first seen since the last flush
 
     def load(self) -> int:
         """Read actions in force and the session graph from the store (startup)."""
@@ -80,6 +109,7 @@ class KillCore:
             body = {**in_force.to_json(), "sessions": list(reach.sessions),
                     "descendants": list(reach.descendants)}
             try:
+                self.flush()
                 if in_force.source != RULES:
                     self.store.save_action(in_force)
                 self.store.append("action", body, action=in_force.id, at=in_force.at)
@@ -110,7 +140,7 @@ class KillCore:
             self.store.remove_action(action.id)
         self.store.append(event, {"verb": action.verb.value, "scope": action.scope.to_json(),
                                   "by": by, "reason": reason, "source": action.source},
-                          action=action.id)
+                          action=action.id, at=self.clock())
 
     def set_rules_actions(self, actions: Iterable[Action]) -> tuple[list[Applied], list[Action]]:
         """Make the rules' actions exactly ``actions``: returns (newly applied, lifted)."""
@@ -130,12 +160,19 @@ class KillCore:
         """Record the requester's session (and its parent edge) the first time it is seen."""
         node, created = self.graph.observe(subject, parent, self.clock(), exp, via)
         if created and node is not None:
-            self.store.save_node(node)
+            self._unsaved[node.session] = node
             if node.parent:
                 pnode = self.graph.get(node.parent)
                 if pnode is not None and pnode.via == "placeholder":
-                    self.store.save_node(pnode)
+                    self._unsaved[pnode.session] = pnode
         return node
+
+    def flush(self) -> None:
+        """Write the sessions first seen since the last flush. On a write error the ones not
+        written stay queued (the next flush retries) and the error is raised."""
+        for node in list(self._unsaved.values()):
+            self.store.save_node(node)
+            self._unsaved.pop(node.session, None)
 
     def verdict(self, subject: Subject) -> Verdict | None:
         return self.board.verdict(subject, self.clock())
@@ -146,7 +183,7 @@ class KillCore:
     def record_cuts(self, cuts: list[tuple[Action | None, str, dict[str, Any]]]) -> None:
         """One kill-log row per cut flow, written in one transaction."""
         self.store.append_many([("cut", {"rule": rule, **flow}, a.id if a else None)
-                                for a, rule, flow in cuts])
+                                for a, rule, flow in cuts], at=self.clock())
 
     def status(self) -> dict[str, Any]:
         now = self.clock()
@@ -157,6 +194,8 @@ class KillCore:
     def prune(self) -> None:
         gone = self.graph.prune(self.clock())
         if gone:
+            for session in gone:
+                self._unsaved.pop(session, None)
             self.store.forget_nodes(gone)
 
 

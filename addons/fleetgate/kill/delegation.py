@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleetgate.errors import FleetgateError
 from fleetgate.kill.graph import SessionGraph
 
 __all__ = ["DelegationError", "DelegationPolicy", "child_claims"]
@@ -28,7 +29,7 @@ __all__ = ["DelegationError", "DelegationPolicy", "child_claims"]
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
-class DelegationError(Exception):
+class DelegationError(FleetgateError):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status = status

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleetgate.errors import FleetgateError
 from fleetgate.kill.model import Subject
 
 __all__ = ["GraphError", "Node", "SessionGraph"]
@@ -27,7 +28,7 @@ __all__ = ["GraphError", "Node", "SessionGraph"]
 MAX_DEPTH = 64  # a hard stop for walks; delegation limits are far lower
 
 
-class GraphError(ValueError):
+class GraphError(FleetgateError, ValueError):
     """An edge the graph refuses (cycle, re-parenting, too deep). ``code`` is stable."""
 
     def __init__(self, code: str, message: str) -> None:

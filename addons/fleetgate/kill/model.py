@@ -11,14 +11,13 @@ kill log whatever issued it.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["Action", "Scope", "ScopeKind", "Subject", "Throttle", "Verb"]
+__all__ = ["Action", "Scope", "ScopeKind", "Subject", "Throttle", "Verb", "parse_scope"]
 
 
 class Verb(StrEnum):
@@ -116,6 +115,21 @@ class Scope:
         return cls.parse(str(data["kind"]), data.get("value"), bool(data.get("cascade")))
 
 
+def parse_scope(spec: str, cascade: bool = False) -> Scope:
+    """Operator shorthand: ``agent:X``, ``session:S+`` (``+``: with descendants), ``role:R``,
+    ``all``."""
+    spec = spec.strip()
+    if spec.endswith("+"):
+        spec, cascade = spec[:-1], True
+    if spec in ("all", "global", "*"):
+        return Scope(ScopeKind.GLOBAL)
+    kind, sep, value = spec.partition(":")
+    if not sep:
+        raise ValueError(f"scope {spec!r}: write kind:value (agent:X, token:JTI, session:S, "
+                         "session:S+ with descendants, role:R, user:U) or 'all'")
+    return Scope.parse(kind, value, cascade)
+
+
 @dataclass(frozen=True)
 class Throttle:
     """A throttle's rate ceiling: ``requests`` per ``per`` seconds (burst = ``requests``)."""
@@ -138,7 +152,8 @@ class Action:
 
     ``source`` is ``operator`` (CLI, admin API, mitmweb), ``rules`` (the rules YAML) or
     ``trigger:<id>``; ``until`` (epoch seconds) makes an action lift itself (automatic throttles
-    and pauses); ``by`` says who (operator name, rules file, trigger id).
+    and pauses); ``by`` says who (operator name, rules file, trigger id). ``at`` is when it was
+    issued (epoch seconds), stamped by the issuer from its clock: this package reads none.
     """
 
     verb: Verb
@@ -146,7 +161,7 @@ class Action:
     reason: str
     by: str = "operator"
     source: str = "operator"
-    at: float = field(default_factory=time.time)
+    at: float = 0.0
     until: float | None = None
     throttle: Throttle | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])

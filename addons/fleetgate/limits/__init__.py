@@ -1,1 +1,2 @@
-"""Rate limits (token buckets) and budgets. No mitmproxy."""
+"""Rate limits (token buckets) and budgets: pure arithmetic. No mitmproxy, no SQLite (spend is
+kept by :mod:`fleetgate.stores.spend`), no clock (every time is passed in)."""

@@ -1,11 +1,11 @@
 """Budgets: how much an agent, role, session, user or the whole fleet may spend per period.
 
 A budget has soft and/or hard limits in USD and/or tokens over a calendar period (``hour``,
-``day``, ``month``, UTC) or a rolling window (``rolling: 24h``). Spend is persisted by a
-:class:`fleetgate.limits.store.SpendStore`; in-flight requests hold **reservations** (their
-estimated cost) in memory, so a check sees spend + everything already promised, and N
-concurrent requests cannot together pass a hard limit (see :meth:`Ledger.reserve`).
-Pure: times are passed in, no I/O here.
+``day``, ``month``, UTC) or a rolling window (``rolling: 24h``). Spend is read and added
+through a :class:`SpendRecords` (``fleetgate.stores.spend`` persists it); in-flight requests
+hold **reservations** (their estimated cost) in memory, so a check sees spend + everything
+already promised, and N concurrent requests cannot together pass a hard limit (see
+:meth:`Ledger.reserve`). Pure: times are passed in, no I/O here.
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import calendar
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from fleetgate.limits.store import SpendStore
-
-__all__ = ["Amount", "BudgetSpec", "Ledger", "Period", "Refusal", "counted_since", "window"]
+__all__ = ["Amount", "BudgetSpec", "Ledger", "Period", "Refusal", "SpendRecords", "counted_since",
+           "window"]
 
 ROLLING_SLOTS = 60  # a rolling window is summed from this many sub-windows
 
@@ -116,11 +114,23 @@ class Refusal:
     resets_at: float  # epoch seconds: end of the calendar window, or when the oldest spend ages out
 
 
+class SpendRecords(Protocol):
+    """What the ledger needs of a spend store: sums since a time, and adding to a window."""
+
+    def spent(self, budget: str, key: str, since: int) -> Amount:
+        """Spend of ``budget`` for ``key`` in windows starting at or after ``since``."""
+        ...
+
+    def add(self, budget: str, key: str, window_start: int, amount: Amount) -> None:
+        """Add ``amount`` to the window of ``budget`` for ``key`` that starts at ``window_start``."""
+        ...
+
+
 class Ledger:
     """Reservations in memory over spend in a store. Single-threaded use (the event loop)
     makes check-and-reserve atomic: no check-then-spend race."""
 
-    def __init__(self, store: SpendStore) -> None:
+    def __init__(self, store: SpendRecords) -> None:
         self.store = store
         self.reserved: dict[tuple[str, str], Amount] = {}
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fleetgate.policy.netaddr import HostPattern
+from fleetgate.netaddr import HostPattern
 
 __all__ = ["BUILTIN_PROVIDERS", "LlmRoute", "Provider", "ProviderTable", "provider_from_dict"]
 
@@ -119,7 +119,7 @@ class ProviderTable:
         self.providers = (*tuple(extra), *BUILTIN_PROVIDERS)
 
     def route(self, host: str, port: int, path: str) -> LlmRoute | None:
-        """``host`` and ``path`` must be normalised (see ``fleetgate.policy.normalize``)."""
+        """``host`` and ``path`` must be normalised (see ``fleetgate.normalize``)."""
         for p in self.providers:
             if not any(h.matches(host, port) for h in p.hosts):
                 continue

@@ -28,9 +28,11 @@ from typing import Any
 from fleetgate.celexpr import Activation
 from fleetgate.mcp.facts import LIST_METHODS, base_facts, item_facts, mcp_facts, target_kind
 from fleetgate.mcp.messages import FORBIDDEN, HEADER_MISMATCH, McpError, Message
+from fleetgate.mcp.mode import McpMode
 from fleetgate.mcp.policy import LIST_VARS, McpVerdict, fast_listing, may_call, may_deny, may_list
 from fleetgate.mcp.vetting import Vetting
-from fleetgate.policy.model import McpMode, Rule
+from fleetgate.rule import Rule
+from fleetgate.wire import jsonrpc_error
 
 __all__ = ["CallRecord", "McpScope", "RequestPlan", "check_headers", "id_key", "judge_request",
            "rewrite_message"]
@@ -206,8 +208,8 @@ def judge_request(messages: list[Message], batch: bool, scope: McpScope,
         if msg.is_notification:
             continue  # dropped: a notification has no answer
         verdict = McpVerdict(False, record.rule, record.reason)
-        err = {"jsonrpc": "2.0", "id": msg.id,
-               "error": denial_error(record.method, kind, record.target, verdict, scope)}
+        e = denial_error(record.method, kind, record.target, verdict, scope)
+        err = jsonrpc_error(msg.id, e["code"], e["message"], **e["data"])
         errors.append(err)
         plan.substitutions[id_key(msg.id)] = err
         out.append({"jsonrpc": "2.0", "id": msg.id, "method": "ping"})

@@ -20,14 +20,14 @@ No mitmproxy, no I/O.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 from fleetgate.mcp.messages import INVALID_REQUEST, McpError
 
-__all__ = ["JUDGED_HEADERS", "SESSION_KEYS", "SessionRef", "method_problem", "read_identifiers",
-           "session_candidates"]
+__all__ = ["JUDGED_HEADERS", "SESSION_KEYS", "SessionRef", "looks_like_mcp", "method_problem",
+           "read_identifiers", "session_candidates"]
 
 JUDGED_HEADERS = ("mcp-session-id", "mcp-method", "mcp-name", "mcp-protocol-version")
 SESSION_KEYS = ("session_id", "sessionId")  # the older transport's query parameter (TS: sessionId)
@@ -130,6 +130,21 @@ def read_identifiers(headers: Iterable[tuple[str, str]], target: str) -> Session
     if header_sid is not None:
         return SessionRef(header_sid, False)
     return SessionRef(query_sid, query_sid is not None)
+
+
+def looks_like_mcp(method: str, headers: Mapping[str, str], target: str,
+                   known_session: Callable[[str], bool]) -> bool:
+    """Whether a request to a server the policy does not declare is MCP: it carries an MCP
+    header, asks for JSON or an event stream the way MCP clients do (a GET stream is sniffed
+    further by its first event), or any reading of its query names a session the gateway
+    knows (judged, and refused if the readings differ). ``headers`` looks up names case
+    blind."""
+    accept = headers.get("accept", "").lower()
+    return (any(k in headers for k in JUDGED_HEADERS)
+            or (method == "POST" and "text/event-stream" in accept
+                and "application/json" in accept)
+            or (method == "GET" and "text/event-stream" in accept)
+            or any(known_session(s) for s in session_candidates(target)))
 
 
 def method_problem(method: str, has_body: bool) -> str | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fleetgate.errors import RequestError
+
 __all__ = ["McpError", "Message", "parse_messages"]
 
 # JSON-RPC / MCP error codes fleetgate answers with.
@@ -20,7 +22,7 @@ HEADER_MISMATCH = -32020  # MCP 2026-07-28: Mcp-Method / Mcp-Name disagree with 
 FORBIDDEN = -32003  # fleetgate: policy refused the call
 
 
-class McpError(Exception):
+class McpError(RequestError):
     """The MCP body cannot be judged; answered with JSON-RPC ``code`` (and HTTP 400)."""
 
     def __init__(self, code: int, message: str) -> None:

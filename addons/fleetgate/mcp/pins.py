@@ -2,25 +2,27 @@
 
 A rug pull is a server that changes a tool after it was approved — same name, new
 description or schema. Each tool's definition (name, description, input schema) is reduced
-to a fingerprint; :meth:`PinStore.check` says whether a listed tool matches its pin, is new,
-or changed. New and changed tools stay hidden until :meth:`PinStore.approve`. Pins persist
-as JSON written atomically, so they survive restarts and can be reviewed and shipped as an
-operator-approved pin file.
+to a fingerprint; :meth:`Pins.check` says whether a listed tool matches its pin, is new, or
+changed. New and changed tools stay hidden until :meth:`Pins.approve`.
+
+No I/O: the approved pins come in at construction and every change goes out through
+``on_change`` (the pin store's ``save``, :mod:`fleetgate.stores.pins`), so they survive
+restarts and can be reviewed and shipped as an operator-approved pin file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
-__all__ = ["Pending", "PinState", "PinStore", "fingerprint"]
+__all__ = ["Pending", "PinMap", "PinState", "Pins", "fingerprint"]
+
+PinMap = dict[str, dict[str, str]]  # server -> tool -> sha256 of its approved definition
 
 
 def fingerprint(tool: dict[str, Any]) -> str:
@@ -45,37 +47,25 @@ class Pending:
     fingerprint: str
 
 
-class PinStore:
-    """Pins per server. ``trust_on_first_use``: a server never seen before has all the tools
-    of its first listing pinned; otherwise every tool waits for approval."""
+class Pins:
+    """Pins per server, and the definitions waiting for an operator. ``trust_on_first_use``:
+    a server never seen before has all the tools of its first listing pinned; otherwise
+    every tool waits for approval. ``on_change`` gets the whole map after every change (under
+    the lock, so saves land in the order the changes were made)."""
 
-    def __init__(self, path: Path | None = None, trust_on_first_use: bool = True) -> None:
-        self.path = path
+    def __init__(self, approved: Mapping[str, Mapping[str, str]] | None = None,
+                 trust_on_first_use: bool = True,
+                 on_change: Callable[[PinMap], None] | None = None) -> None:
         self.trust_on_first_use = trust_on_first_use
+        self._on_change = on_change
         self._lock = threading.Lock()
-        self._pins: dict[str, dict[str, str]] = {}
+        self._pins: PinMap = {s: dict(t) for s, t in (approved or {}).items()}
         self._pending: dict[tuple[str, str], Pending] = {}
         self._learning: set[str] = set()
-        if path is not None and path.exists():
-            self._pins = self._read(path)
 
-    @staticmethod
-    def _read(path: Path) -> dict[str, dict[str, str]]:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or not all(
-                isinstance(v, dict) and all(isinstance(h, str) for h in v.values())
-                for v in data.values()):
-            raise ValueError(f"{path}: a pin file maps server -> {{tool: sha256}}")
-        return {str(s): {str(t): h for t, h in tools.items()} for s, tools in data.items()}
-
-    def _save(self) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".pins-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._pins, f, indent=2, sort_keys=True)
-        os.replace(tmp, self.path)
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self._pins)
 
     def check(self, server: str, tools: list[dict[str, Any]], last_page: bool = True,
               fingerprints: list[str] | None = None) -> dict[str, PinState]:
@@ -110,7 +100,7 @@ class PinStore:
             if last_page:
                 self._learning.discard(server)
             if changed:
-                self._save()
+                self._changed()
             return states
 
     def state(self, server: str, tool: str, fp: str) -> PinState | None:
@@ -136,9 +126,9 @@ class PinStore:
             if p is None:
                 return False
             self._pins.setdefault(server, {})[tool] = p.fingerprint
-            self._save()
+            self._changed()
             return True
 
-    def pins(self) -> dict[str, dict[str, str]]:
+    def pins(self) -> PinMap:
         with self._lock:
             return {s: dict(t) for s, t in self._pins.items()}

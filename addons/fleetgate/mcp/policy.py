@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetgate.celexpr import Activation, CelError, Expr, compile_expr, rename_fields
-from fleetgate.policy.model import Effect, Rule
+from fleetgate.rule import Effect, Rule
 
 __all__ = ["MCP_ROOTS", "McpVerdict", "compile_capability", "compile_mcp_entry", "compile_mcp_rules",
            "glob_to_cel", "may_call", "may_deny", "may_list"]

@@ -13,10 +13,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fleetgate.errors import RequestError
+
 __all__ = ["Event", "SseError", "SseRewriter"]
 
 
-class SseError(Exception):
+class SseError(RequestError):
     """The stream cannot be re-framed safely (an event beyond the size limit)."""
 
 

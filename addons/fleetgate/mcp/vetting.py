@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fleetgate.mcp.pins import PinState, PinStore, fingerprint
+from fleetgate.mcp.mode import McpMode
+from fleetgate.mcp.pins import Pins, PinState, fingerprint
 from fleetgate.mcp.poison import Finding, scan_patterns, shadowing
-from fleetgate.policy.model import McpMode
 
 __all__ = ["Report", "Vetting"]
 
@@ -38,7 +38,7 @@ class Report:
 
 
 class Vetting:
-    def __init__(self, pins: PinStore, on_report: Callable[[Report], None] | None = None) -> None:
+    def __init__(self, pins: Pins, on_report: Callable[[Report], None] | None = None) -> None:
         self.pins = pins
         self.on_report = on_report
         self._lock = threading.Lock()

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetgate.celexpr import Activation, CelError, MissingField
-from fleetgate.policy.model import AgentProfile, Effect, Policy, Rule
-from fleetgate.policy.netaddr import internal_reason
-from fleetgate.policy.normalize import RequestFacts
+from fleetgate.netaddr import internal_reason
+from fleetgate.normalize import RequestFacts
+from fleetgate.policy.model import AgentProfile, Policy
+from fleetgate.rule import Effect, Rule
 
 __all__ = ["Decision", "decide", "private_destination_reason"]
 

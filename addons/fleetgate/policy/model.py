@@ -8,7 +8,6 @@ another, so a request never sees half a reload.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from fleetgate.celexpr import Expr
 from fleetgate.kill.delegation import DelegationPolicy
@@ -18,51 +17,20 @@ from fleetgate.limits.bucket import BucketSpec
 from fleetgate.limits.budget import BudgetSpec
 from fleetgate.llm.pricing import PricingTable
 from fleetgate.llm.providers import ProviderTable
+from fleetgate.mcp.mode import McpMode
+from fleetgate.netaddr import HostPattern, IPNetwork
 from fleetgate.policy.credentials import CredentialRoute
-from fleetgate.policy.netaddr import HostPattern, IPNetwork
+from fleetgate.rule import Rule
 
 __all__ = [
     "AgentProfile",
     "Budget",
-    "Effect",
-    "McpMode",
     "McpServer",
     "McpSettings",
     "Policy",
     "RateLimit",
     "Revocations",
-    "Rule",
 ]
-
-
-class Effect(StrEnum):
-    """What a matching rule does.
-
-    ``deny``: a match denies. ``require``: a non-match denies. ``allow``: a match is
-    needed from at least one allow rule, otherwise the request is denied by default.
-    """
-
-    ALLOW = "allow"
-    DENY = "deny"
-    REQUIRE = "require"
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One ``authorization.rules`` entry."""
-
-    id: str
-    effect: Effect
-    expr: Expr
-    reason: str | None = None
-    source: str = ""  # "file:line", for operators
-    hosts: tuple[HostPattern, ...] = ()  # empty: applies to every destination
-    # MCP rules: the same expression reading the list entry's name from a plain variable
-    # (see fleetgate.mcp.policy.list_variant); None when it cannot be rewritten safely.
-    list_expr: Expr | None = None
-
-    def applies_to(self, host: str, port: int) -> bool:
-        return not self.hosts or any(h.matches(host, port) for h in self.hosts)
 
 
 @dataclass(frozen=True)
@@ -105,14 +73,6 @@ class AgentProfile:
     # policies.localRateLimit of this profile: every one must pass for its agents' flows
     limits: tuple[RateLimit, ...] = ()
     budgets: tuple[Budget, ...] = ()
-
-
-class McpMode(StrEnum):
-    """What a tool-poisoning finding or an unapproved tool definition does."""
-
-    ENFORCE = "enforce"  # hide the tool (and refuse calls to it)
-    REPORT = "report"    # show it, log and count the finding
-    OFF = "off"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Where kill state and the kill log live: one SQLite file in the state directory.
+"""The kill switch's store: the :class:`KillStore` interface and its SQLite implementation.
+
+The embedded default is one SQLite file in the state directory (``killswitch.sqlite``).
 
 Three tables. ``actions`` holds what is in force (operator and trigger actions; rules actions
 come from the rules YAML and are not stored): it is read at startup, before the proxy accepts
@@ -8,7 +10,9 @@ of a killed parent back in). ``log`` is append-only: this module has no statemen
 updates or deletes a log row. Every action, lift and cut flow is one row, so an operator can
 reconcile what was running and what was cut.
 
-The embedded default is this file; with ``path=None`` everything is in memory (tests).
+With ``path=None`` everything is in memory (tests, ``fleetgate_state_dir=''``). The interface
+is declared beside the core that uses it (:class:`fleetgate.kill.core.KillStore`: the pure
+package states what it needs, this layer provides it) and re-exported here.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import json
 import time
 from typing import Any
 
+from fleetgate.kill.core import KillStore
 from fleetgate.kill.graph import Node
 from fleetgate.kill.model import Action
 from fleetgate.sqlite import SqliteStore
 
-__all__ = ["KillStore"]
+__all__ = ["KillStore", "SqliteKillStore"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS actions (id TEXT PRIMARY KEY, body TEXT NOT NULL);
@@ -37,7 +42,9 @@ CREATE INDEX IF NOT EXISTS log_action ON log (action);
 """
 
 
-class KillStore(SqliteStore):
+class SqliteKillStore(SqliteStore):
+    """:class:`KillStore` on one SQLite connection (see :mod:`fleetgate.sqlite`)."""
+
     SCHEMA = _SCHEMA
 
     # -- actions in force ------------------------------------------------------------
@@ -84,9 +91,10 @@ class KillStore(SqliteStore):
                  json.dumps(body, default=str)))
             return int(cur.lastrowid or 0)
 
-    def append_many(self, rows: list[tuple[str, dict[str, Any], str | None]]) -> None:
+    def append_many(self, rows: list[tuple[str, dict[str, Any], str | None]],
+                    at: float | None = None) -> None:
         """Several ``(event, body, action)`` rows in one transaction (a sweep's cuts)."""
-        now = time.time()
+        now = at if at is not None else time.time()
         with self._lock:
             self._db.execute("BEGIN")
             try:

@@ -85,7 +85,7 @@ class HostPattern:
     def __init__(self, source: str, *, cidr: bool = False) -> None:
         """``cidr``: accept a CIDR entry. Off by default: a user of :attr:`host` that turns
         patterns into text (KILLSWITCH.md hosts become CEL) would silently never match one."""
-        from fleetgate.policy.normalize import normalize_host
+        from fleetgate.normalize import normalize_host
 
         text = str(source).strip()
         if not text:

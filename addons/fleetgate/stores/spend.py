@@ -1,17 +1,38 @@
-"""Where budget spend lives: SQLite, so it survives restarts and rules reloads.
+"""Where budget spend lives: a :class:`SpendStore` and its SQLite implementation.
 
-The embedded default is one local file in the state directory (or memory, for tests and
-``fleetgate_state_dir=''``). Rows are (budget id, key, window start) -> (usd, tokens); a
-settle is one upsert in its own transaction; a check is one indexed ``SUM`` (the primary key
-starts with budget and key). A shared backend for several gateways is a later release.
+:class:`fleetgate.limits.budget.Ledger` decides (windows, reservations, hard limits) without
+I/O; it reads and adds spend through the store it is given. The embedded default keeps spend
+in one SQLite file in the state directory, so it survives restarts and rules reloads (or in
+memory, for tests and ``fleetgate_state_dir=''``). Rows are (budget id, key, window start) ->
+(usd, tokens); a settle is one upsert in its own transaction; a check is one indexed ``SUM``
+(the primary key starts with budget and key). A shared engine for several gateways goes
+behind the same Protocol.
 """
 
 from __future__ import annotations
 
-from fleetgate.limits.budget import Amount
+from typing import Protocol
+
+from fleetgate.limits.budget import Amount, SpendRecords
 from fleetgate.sqlite import SqliteStore
 
-__all__ = ["SpendStore"]
+__all__ = ["SpendStore", "SqliteSpendStore"]
+
+
+class SpendStore(SpendRecords, Protocol):
+    """Spend per (budget, key, window) that outlives the process: what the ledger needs
+    (``spent``, ``add``) plus what the operator's report and housekeeping need."""
+
+    def keys(self, budget: str, since: int, top: int = 1000) -> list[tuple[str, Amount]]:
+        """The ``top`` keys of ``budget`` by spend since ``since`` (epoch seconds)."""
+        ...
+
+    def prune(self, before: int) -> None:
+        """Forget windows that started before ``before``."""
+        ...
+
+    def close(self) -> None: ...
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spend (
@@ -25,7 +46,9 @@ CREATE TABLE IF NOT EXISTS spend (
 """
 
 
-class SpendStore(SqliteStore):
+class SqliteSpendStore(SqliteStore):
+    """Spend in SQLite (``budgets.sqlite`` in the state directory, or memory)."""
+
     SCHEMA = _SCHEMA
 
     def add(self, budget: str, key: str, window_start: int, amount: Amount) -> None:
@@ -52,6 +75,5 @@ class SpendStore(SqliteStore):
         return [(str(k), Amount(float(u), int(t))) for k, u, t in rows]
 
     def prune(self, before: int) -> None:
-        """Forget windows that ended long ago (called now and then)."""
         with self._lock:
             self._db.execute("DELETE FROM spend WHERE window_start < ?", (before,))

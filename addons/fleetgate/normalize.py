@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+from fleetgate.errors import RequestError
+
 __all__ = [
     "MAX_DECODE_ROUNDS",
     "PathError",
@@ -81,7 +83,7 @@ def _decode_once(path: str) -> str:
     return "".join(p if p in ("%2F", "%5C") else unquote(p, errors="replace") for p in parts)
 
 
-class PathError(ValueError):
+class PathError(RequestError, ValueError):
     """The path did not settle: it still decodes after :data:`MAX_DECODE_ROUNDS` rounds."""
 
 

@@ -1,0 +1,163 @@
+"""One MCP answer rewritten for its agent: a JSON body, or an event stream one event at a time.
+
+:class:`AnswerFilter` holds what one answer is judged under (the flow's scope and what its
+request recorded) and feeds each JSON-RPC message to the pure engine
+(:func:`fleetgate.mcp.engine.rewrite_message`): list results filtered for the agent, tools
+vetted (poisoning, pins), placeholders swapped for their denial errors. Answers to requests
+sent on other exchanges of a session (the older transport) are found in the session's
+answers owed (:class:`fleetgate.runtime.mcp.McpService`). :class:`StreamRewriter` is the
+mitmproxy stream callable around it. Not an addon: used by
+:class:`fleetgate.addons.mcp_answers.McpAnswers`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from mitmproxy import http
+
+from fleetgate.addons.flowtools import cut_flow
+from fleetgate.addons.state import MCP, agent_of
+from fleetgate.bodies import BodyError, parse_json
+from fleetgate.llm.decoding import StreamDecoder
+from fleetgate.mcp.engine import McpScope, id_key, rewrite_message
+from fleetgate.mcp.exchange import read_identifiers
+from fleetgate.mcp.messages import McpError
+from fleetgate.mcp.sse import Event, SseRewriter
+from fleetgate.metrics import GatewayMetrics
+from fleetgate.runtime.mcp import McpService
+
+__all__ = ["AnswerFilter", "StreamRewriter"]
+
+log = logging.getLogger("fleetgate.mcp")
+
+
+class AnswerFilter:
+    def __init__(self, mcp: McpService, metrics: GatewayMetrics, flow: http.HTTPFlow,
+                 scope: McpScope, meta: dict[str, Any]) -> None:
+        self.mcp, self.metrics, self.flow = mcp, metrics, flow
+        self.scope, self.meta = scope, meta
+
+    def json(self, text: bytes) -> bytes | None:
+        """The rewritten JSON answer, or ``None`` to pass it unchanged. Raises BodyError or
+        ValueError: the answer is withheld."""
+        if not text.strip():
+            return None
+        try:
+            obj = parse_json(text)
+        except BodyError:
+            if self.flow.response is not None and self.flow.response.status_code == 202:
+                # "Accepted" (the older transport's POST answer; its JSON-RPC answer comes on
+                # the GET stream): the agent gets the status, not text nobody could check
+                self.meta["dropped_body"] = len(text)
+                return b""
+            raise
+        hidden: list[tuple[str, str]] = []
+        new = rewrite_message(obj, self.meta.get("methods") or {},
+                              self.meta.get("substitutions") or {}, self.scope, hidden)
+        self._hidden(hidden)
+        return None if new is obj else json.dumps(new, separators=(",", ":")).encode()
+
+    def event(self, event: Event) -> str | None:
+        """The event's new data, or ``None`` to pass it unchanged. Raises ValueError: the
+        stream is cut."""
+        meta = self.meta
+        if meta.get("sniff"):
+            if meta.get("not_mcp"):
+                return None
+            if event.type != "endpoint":
+                meta["not_mcp"] = True  # some other event stream: passed through untouched
+                self.flow.metadata.pop(MCP, None)
+                return None
+            meta["sniff"] = False
+        if event.type == "endpoint":  # older transport: where this session's POSTs go
+            try:
+                sid = read_identifiers((), event.data.strip()).id
+            except McpError as exc:
+                raise ValueError(f"the endpoint event cannot be used: {exc.message}") from None
+            if sid:
+                self.mcp.sessions.claim(self.scope.server, sid, agent_of(self.flow), legacy=True)
+                meta["session"] = sid
+            return None
+        if not event.data.strip():
+            return None
+        # Every event with data, whatever its type (a raw client may read any), through the
+        # parser JSON answers go through: strict, duplicate keys refused.
+        try:
+            obj = parse_json(event.data.encode())
+        except BodyError as exc:
+            raise ValueError(f"an event's data is unreadable: {exc.message}") from None
+        methods: dict[str, str] = meta.get("methods") or {}
+        subs: dict[str, dict[str, Any]] = meta.get("substitutions") or {}
+        sid = meta.get("session")
+        if sid:  # answers to requests sent on other exchanges of the session
+            s_methods, s_subs = self.mcp.sessions.owed(self.scope.server, sid)
+            ids = [id_key(o.get("id")) for o in (obj if isinstance(obj, list) else [obj])
+                   if isinstance(o, dict) and "method" not in o]
+            methods = {**methods, **{k: s_methods.pop(k) for k in ids if k in s_methods}}
+            subs = {**subs, **{k: s_subs.pop(k) for k in ids if k in s_subs}}
+        hidden: list[tuple[str, str]] = []
+        new = rewrite_message(obj, methods, subs, self.scope, hidden)
+        self._hidden(hidden)
+        return None if new is obj else json.dumps(new, separators=(",", ":"))
+
+    def _hidden(self, hidden: list[tuple[str, str]]) -> None:
+        meta, server = self.meta, self.scope.server
+        for name, why in hidden:
+            reason = ("poisoning" if why.startswith("tool poisoning") else
+                      "pin" if "approv" in why else "policy")
+            self.metrics.mcp_hidden.labels(server=server, kind="entry", reason=reason).inc()
+            meta["hidden_count"] = meta.get("hidden_count", 0) + 1
+            if len(meta["hidden"]) < 20:  # the log line names the first few; metrics count all
+                meta["hidden"].append({"name": name, "why": why})
+        if hidden and not self.flow.comment:
+            self.flow.comment = f"MCP {server}: {meta['hidden_count']} list entries hidden"
+
+
+class StreamRewriter:
+    """mitmproxy's stream callable for one MCP answer: events re-framed one at a time (SSE),
+    or a JSON answer held within the limit and rewritten at its end. Never raises: anything
+    that cannot be judged cuts the flow (fail closed)."""
+
+    def __init__(self, answer: AnswerFilter, encoding: str, limit: int, sse: bool) -> None:
+        self.answer = answer
+        self.limit = limit
+        self.sse = sse
+        self.decoder = StreamDecoder(encoding)
+        self.rewriter = SseRewriter(answer.event, limit)
+        self.body = bytearray()
+        self.dead = False
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        # A list, never b"": mitmproxy frames every returned bytes object as an HTTP/1 chunk,
+        # and an empty one is the zero-length chunk that ends the body.
+        out = self._feed(data)
+        return [out] if out else []
+
+    def _feed(self, data: bytes) -> bytes:
+        if self.dead:
+            return b""
+        try:
+            if self.sse:
+                if self.answer.meta.get("not_mcp"):  # sniffed: another kind of event stream
+                    return self.rewriter.drain() + self.decoder.feed(data)
+                if data:
+                    return self.rewriter.feed(self.decoder.feed(data))
+                return self.rewriter.finish()
+            if data:
+                self.body += self.decoder.feed(data)
+                if len(self.body) > self.limit:
+                    raise ValueError(f"answer larger than {self.limit} bytes")
+                return b""
+            new = self.answer.json(bytes(self.body))
+            return bytes(self.body) if new is None else new
+        except Exception as exc:
+            self.dead = True
+            flow = self.answer.flow
+            self.answer.metrics.mcp_refused.labels(reason="answer").inc()
+            log.error("fleetgate: MCP answer on flow %s cut: %s", flow.id, exc)
+            cut_flow(flow, "mcp.answer", f"the MCP server's answer could not be checked "
+                     f"({exc}); cut rather than passed on")
+            return b""

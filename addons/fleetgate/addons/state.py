@@ -1,0 +1,138 @@
+"""Typed access to what fleetgate records on a flow (``flow.metadata``).
+
+Every addon reads and writes the per-flow state through these accessors, never through raw
+``flow.metadata`` keys: the values stay JSON-able (mitmweb shows them, ``mitmdump -w`` saves
+them), and what they mean is written down once. The identity is parsed from the token's
+claims only by :meth:`fleetgate.identity.tokens.Identity.from_claims` (in the identity addon);
+everyone else asks :func:`identity_of`. A decision is recorded by the addon that decides
+(:func:`record_decision`); another addon adds to it only through :func:`annotate_decision`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from mitmproxy import http
+
+from fleetgate.decisionlog import new_decision_id
+from fleetgate.identity.tokens import Identity
+
+__all__ = [
+    "CLAIMS", "CUT", "DECISION", "DECISION_ID", "HEADER", "IDENTITY", "LLM_REQUEST", "LLM_USAGE",
+    "MCP", "NEEDS_BODY", "FlowIdentity", "agent_of", "annotate_decision", "claims_of",
+    "cut_of", "decision_id", "decision_of", "identity_of", "llm_request_of", "llm_usage_of",
+    "mcp_of", "record_decision", "set_identity",
+]
+
+DECISION_ID = "fleetgate.decision_id"
+DECISION = "fleetgate.decision"
+IDENTITY = "fleetgate.identity"
+CLAIMS = "fleetgate.claims"
+CUT = "fleetgate.cut"
+LLM_REQUEST = "fleetgate.llm"
+LLM_USAGE = "fleetgate.llm_usage"
+MCP = "fleetgate.mcp"
+# Set by an addon that must read a response whole (bounded by its own limit): the
+# streaming addon then leaves the response buffered.
+NEEDS_BODY = "fleetgate.needs_body"
+HEADER = "X-Fleetgate-Decision-Id"
+
+
+class FlowIdentity(NamedTuple):
+    """Who sent the flow, as the identity addon verified it (a tuple: built on every read,
+    several times per request, so it must be cheap)."""
+
+    agent: str
+    role: str | None = None
+    session: str | None = None
+    jti: str | None = None
+    user: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"agent": self.agent, "role": self.role, "session": self.session,
+                "jti": self.jti, "user": self.user}
+
+
+def set_identity(flow: http.HTTPFlow, ident: Identity) -> None:
+    """Record a verified identity on the flow (the identity addon's job, once per flow)."""
+    user = ident.claims.get("user")
+    flow.metadata[IDENTITY] = FlowIdentity(
+        ident.agent, ident.role, ident.session, ident.jti,
+        str(user) if user is not None else None).as_dict()
+    flow.metadata[CLAIMS] = dict(ident.claims)
+
+
+def identity_of(flow: http.HTTPFlow) -> FlowIdentity | None:
+    """The flow's verified identity; ``None`` before (or without) one. Cheap: it runs in
+    several addons on every request, so it reads what :func:`set_identity` wrote as is."""
+    raw = flow.metadata.get(IDENTITY)
+    if raw.__class__ is not dict or not raw.get("agent"):
+        return None
+    return FlowIdentity(raw["agent"], raw.get("role"), raw.get("session"), raw.get("jti"),
+                        raw.get("user"))
+
+
+def agent_of(flow: http.HTTPFlow) -> str:
+    """The agent id, ``""`` when the flow has no identity (e.g. refused before it)."""
+    raw = flow.metadata.get(IDENTITY)
+    return (raw.get("agent") or "") if raw.__class__ is dict else ""
+
+
+def claims_of(flow: http.HTTPFlow) -> dict[str, Any]:
+    """The verified token's claims (a copy's worth of trust: never edit them)."""
+    claims = flow.metadata.get(CLAIMS)
+    return claims if isinstance(claims, dict) else {}
+
+
+def decision_id(flow: http.HTTPFlow) -> str:
+    """The flow's decision id, created on first use."""
+    did = flow.metadata.get(DECISION_ID)
+    if not isinstance(did, str):
+        did = new_decision_id()
+        flow.metadata[DECISION_ID] = did
+    return did
+
+
+def record_decision(flow: http.HTTPFlow, allow: bool, rule: str, reason: str,
+                    status: int | None = None, **extra: Any) -> None:
+    flow.metadata[DECISION] = {"allow": allow, "rule": rule, "reason": reason,
+                               "status": status, **extra}
+
+
+def decision_of(flow: http.HTTPFlow) -> dict[str, Any] | None:
+    """The recorded decision (read it; add to it with :func:`annotate_decision`)."""
+    decision = flow.metadata.get(DECISION)
+    return decision if isinstance(decision, dict) else None
+
+
+def annotate_decision(flow: http.HTTPFlow, **fields: Any) -> bool:
+    """Add facts to the decision another addon recorded (the kill action that applied, what
+    happened upstream); False when there is none to add to."""
+    decision = decision_of(flow)
+    if decision is None:
+        return False
+    decision.update(fields)
+    return True
+
+
+def cut_of(flow: http.HTTPFlow) -> dict[str, Any] | None:
+    cut = flow.metadata.get(CUT)
+    return cut if isinstance(cut, dict) else None
+
+
+def llm_request_of(flow: http.HTTPFlow) -> dict[str, Any] | None:
+    """What the LLM inspector read from the request (provider, api, model...)."""
+    llm = flow.metadata.get(LLM_REQUEST)
+    return llm if isinstance(llm, dict) else None
+
+
+def llm_usage_of(flow: http.HTTPFlow) -> dict[str, Any] | None:
+    """What the meter recorded from the answer (tokens, cost)."""
+    usage = flow.metadata.get(LLM_USAGE)
+    return usage if isinstance(usage, dict) else None
+
+
+def mcp_of(flow: http.HTTPFlow) -> dict[str, Any] | None:
+    """What the MCP guard recorded (server, methods, session)."""
+    mcp = flow.metadata.get(MCP)
+    return mcp if isinstance(mcp, dict) else None

@@ -1,0 +1,50 @@
+"""The exception tree: every exception fleetgate defines derives from :class:`FleetgateError`.
+
+One root, as httpx has one (``httpx.HTTPError``): a caller that must not let a gateway failure
+escape catches ``FleetgateError``; one that handles a kind of failure catches its branch. The
+classes that carry data (a stable ``code``, an HTTP ``status``, the loader's ``problems``) are
+defined beside the code that raises them and hang from the branches here::
+
+    FleetgateError
+    ├── ConfigError                  the configuration cannot be used as it is
+    │   └── PolicyError              policy/loader.py: the rules cannot be loaded (``problems``)
+    ├── RequestError                 a message in transit cannot be judged: answered, never relayed
+    │   ├── BodyError                bodies.py: the body cannot be inspected (``status`` 400/413)
+    │   ├── PathError                normalize.py: the path does not settle (also a ValueError)
+    │   ├── McpError                 mcp/messages.py: an MCP body (JSON-RPC ``code``)
+    │   └── SseError                 mcp/sse.py: an event stream that cannot be re-framed
+    ├── IdentityError                identity/tokens.py: credentials missing or invalid (``code``)
+    ├── CredentialUnavailable        policy/credentials.py: a route's secret cannot be used now
+    ├── CelError                     celexpr.py: a CEL expression failed to compile or evaluate
+    │   └── MissingField             celexpr.py: evaluation read a key that is not there
+    ├── DelegationError              kill/delegation.py: a delegation the kill switch refuses
+    ├── GraphError                   kill/graph.py: an edge the lineage graph refuses (also a ValueError)
+    ├── StateError                   durable state cannot be read or written
+    │   └── PersistError             kill/core.py: in force, but not written (also a RuntimeError)
+    └── StepFailed                   demo.py: an outcome ``fleetgate demo --check`` asserts did not happen
+
+Where a class also derives from a builtin (``ValueError``, ``RuntimeError``) it is because callers
+already catch it by that name; the tree adds a base, it takes none away. Whatever the branch, a
+hook that meets one of these fails closed (``flowtools.fail_closed``): the tree is for callers
+that handle errors, never a way to let a flow through.
+
+This module is a base module: it imports nothing from fleetgate, so every layer can use it.
+"""
+
+from __future__ import annotations
+
+
+class FleetgateError(Exception):
+    """The root: every exception fleetgate defines derives from it."""
+
+
+class ConfigError(FleetgateError):
+    """The configuration (rules, options, files they name) cannot be used as it is."""
+
+
+class RequestError(FleetgateError):
+    """A request or response in transit cannot be judged; the gateway answers it, never relays it."""
+
+
+class StateError(FleetgateError):
+    """Durable state (the kill switch's store, spend, pins) cannot be read or written."""

@@ -1,0 +1,83 @@
+"""``agents: [...]`` (agent profiles) and ``revoked`` (identities refused outright).
+
+A profile selects identities with a CEL ``match`` over ``jwt`` and carries what they may
+do: egress hosts, authorization rules, MCP rules and capability lists, rate limits and
+budgets, each read by its own domain's parser with the profile's name as the owner of the
+default ids (``<name>.authorization[0]``...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleetgate.celexpr import CelError, compile_expr
+from fleetgate.netaddr import HostPattern
+from fleetgate.policy.model import AgentProfile, Revocations
+from fleetgate.policy.parse_budgets import parse_budgets
+from fleetgate.policy.parse_limits import parse_policies
+from fleetgate.policy.parse_mcp import parse_capabilities, parse_mcp_authorization
+from fleetgate.policy.parse_rules import host_patterns, parse_authorization
+from fleetgate.policy.report import IdSpaces, Reporter, check_keys, str_list
+
+__all__ = ["MATCH_ROOTS", "parse_agent", "parse_revoked"]
+
+MATCH_ROOTS = ("jwt",)
+_AGENT_KEYS = {"name", "match", "egress", "authorization", "description", "mcpAuthorization",
+               "allowed_tools", "denied_tools", "policies", "budgets"}
+
+
+def parse_agent(node: Any, where: str, report: Reporter, *, ids: IdSpaces) -> AgentProfile | None:
+    """One ``agents[]`` entry."""
+    if not isinstance(node, dict):
+        report.error(where, "an agent profile must be a mapping")
+        return None
+    check_keys(node, where, _AGENT_KEYS, report)
+    name = node.get("name")
+    if not isinstance(name, str) or not name:
+        report.error(f"{where}.name", "every agent profile needs a 'name'")
+        return None
+    first = ids.agents.claim(name, report.source(where))
+    if first is not None:
+        report.error(f"{where}.name", f"duplicate agent name {name!r} (first at {first})")
+        return None
+    try:
+        match = compile_expr(node.get("match", ""), MATCH_ROOTS)
+    except CelError as exc:
+        report.error(f"{where}.match", f"CEL: {exc}")
+        return None
+    egress: list[HostPattern] = []
+    eg = node.get("egress", {})
+    if not isinstance(eg, dict):
+        report.error(f"{where}.egress", "egress must be a mapping with a 'hosts' list")
+    else:
+        check_keys(eg, f"{where}.egress", {"hosts"}, report)
+        egress = host_patterns(eg.get("hosts"), f"{where}.egress.hosts", report)
+    rules = (parse_authorization(node["authorization"], f"{where}.authorization", report,
+                                 owner=name, ids=ids.rules)
+             if "authorization" in node else [])
+    mcp_rules = (parse_mcp_authorization(node["mcpAuthorization"], f"{where}.mcpAuthorization",
+                                         report, owner=name, ids=ids.rules)
+                 if "mcpAuthorization" in node else [])
+    mcp_rules += parse_capabilities(node, where, report, owner=name, ids=ids.rules)
+    limits = (parse_policies(node["policies"], f"{where}.policies", report, owner=name,
+                             ids=ids.limits)
+              if "policies" in node else [])
+    budgets = (parse_budgets(node["budgets"], f"{where}.budgets", report, owner=name,
+                             ids=ids.limits)
+               if "budgets" in node else [])
+    return AgentProfile(name=name, match=match, egress=tuple(egress), rules=tuple(rules),
+                        source=report.source(where), mcp_rules=tuple(mcp_rules),
+                        limits=tuple(limits), budgets=tuple(budgets))
+
+
+def parse_revoked(node: Any, where: str, report: Reporter) -> Revocations | None:
+    """``revoked: {agents, tokens, roles, sessions}``: refused whatever else the rules say."""
+    if node is None:
+        return None
+    if not isinstance(node, dict):
+        report.error(where, "revoked must be a mapping with 'agents', 'tokens', 'roles' "
+                     "and/or 'sessions'")
+        return None
+    check_keys(node, where, {"agents", "tokens", "roles", "sessions"}, report)
+    return Revocations(*(frozenset(str_list(node.get(k), f"{where}.{k}", report))
+                         for k in ("agents", "tokens", "roles", "sessions")))

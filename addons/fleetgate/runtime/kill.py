@@ -1,0 +1,260 @@
+"""KillService: the kill switch's runtime state, shared by the kill-switch addons.
+
+It owns the decisions (:class:`fleetgate.kill.core.KillCore`: board, session graph, store),
+the trigger engine, the live-flow registry and, through the identity registry, the tunnels
+bound to identities. Every way of acting (operator command, admin API, trigger firing, a
+rules edit) ends in :meth:`KillService.apply` or :meth:`KillService.lift`; a new action that
+stops anyone sweeps the live flows and bound tunnels at once and cuts every one it reaches.
+
+What cutting a flow means belongs to the proxy, not to this layer: :class:`FlowEffects`
+(:mod:`.kill_sweep`; built from mitmproxy by the addons' ``kill_flows.kill_service``) is
+handed in. Housekeeping (expiry, pruning, gauges, writing new sessions) is
+:class:`fleetgate.runtime.kill_tasks.KillHousekeeping`'s job, a periodic task; the request
+path never does it.
+
+All state changes happen on the proxy's event loop; the admin API's threads go through
+:meth:`KillService.call`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fleetgate.kill.board import Verdict
+from fleetgate.kill.core import Applied, KillCore, KillStore
+from fleetgate.kill.delegation import DelegationPolicy, child_claims
+from fleetgate.kill.graph import Node
+from fleetgate.kill.model import Action, Scope, Subject, Verb
+from fleetgate.kill.triggers import Event, Firing, Metric, TriggerEngine
+from fleetgate.limits.bucket import Take
+from fleetgate.metrics import GatewayMetrics
+from fleetgate.policy.model import Policy
+from fleetgate.runtime.identity import IdentityRegistry
+from fleetgate.runtime.kill_sweep import FlowEffects, source_of, sweep_revoked, sweep_stopped
+from fleetgate.runtime.kill_tasks import STATE, KillGauges, after_this_turn, in_loop
+from fleetgate.runtime.liveflows import LiveFlows
+from fleetgate.stores.kill import SqliteKillStore
+
+__all__ = ["FlowEffects", "KillService", "source_of"]
+
+log = logging.getLogger(__name__)
+
+
+class KillService:
+    def __init__(self, metrics: GatewayMetrics, identities: IdentityRegistry,
+                 effects: FlowEffects, clock: Callable[[], float] = time.time,
+                 open_store: Callable[[Path | None], KillStore] = SqliteKillStore) -> None:
+        self.metrics = metrics
+        self.identities = identities
+        self.effects = effects
+        self.clock = clock
+        self._open_store = open_store
+        self.core = KillCore(open_store(None), clock)
+        self.gauges = KillGauges(self, metrics)
+        self.engine = TriggerEngine([])
+        self.live: LiveFlows[Any] = LiveFlows()
+        self.pause_max_wait = 30.0
+        self.max_depth = 5  # inter-agent message depth (0: unchecked)
+        self.depth_header = "X-Message-Depth"
+        self.triggers = False  # any trigger in the rules (KillWatch observes nothing otherwise)
+        self.fingerprint_requests = False  # an identical_requests trigger needs body hashes
+        self._rules_actions: tuple[Action, ...] = ()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
+        self.core.listeners.append(self._on_change)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def open_state(self, directory: str) -> int:
+        """Switch to the state in ``directory`` ('' keeps it in memory); the number of
+        actions in force it holds. Raises when it cannot be opened (the old state stays)."""
+        core = KillCore(self._open_store(Path(directory) / "killswitch.sqlite"
+                                         if directory else None), self.clock)
+        n = core.load()
+        old, self.core = self.core, core
+        core.listeners.append(self._on_change)
+        core.set_rules_actions(self._rules_actions)  # a policy may have loaded first
+        old.store.close()
+        if n:
+            log.warning("fleetgate: %d kill-switch action(s) in force from %s", n, directory)
+        self.gauges.in_force()
+        return n
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The proxy's event loop is running: paused requests can now wait on it."""
+        self._loop = loop
+        self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        try:
+            self.core.flush()
+        except Exception as exc:  # shutting down: say what is lost, close all the same
+            log.error("fleetgate: kill-switch sessions not saved at shutdown: %s", exc)
+        self.core.store.close()
+
+    def _on_change(self) -> None:
+        """Wake every paused request so it re-reads its verdict (on the event loop)."""
+        self.gauges.in_force()
+        loop = self._loop
+        if loop is None:
+            return
+        if in_loop(loop):
+            self._wake()
+        else:
+            loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        ev, self._changed = self._changed, asyncio.Event()
+        if ev is not None:
+            ev.set()
+
+    def change_signal(self) -> asyncio.Event | None:
+        """Set at the next change of the board; ``None`` before the event loop runs."""
+        return self._changed
+
+    def call[T](self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the event loop (from an admin API thread), or here when on it."""
+        loop = self._loop
+        if loop is None or in_loop(loop):
+            return fn()
+
+        async def run() -> T:
+            return fn()
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout=30)
+
+    # -- what the gate asks -------------------------------------------------------------
+
+    def observe(self, subject: Subject, parent: str | None, exp: float | None,
+                via: str = "token") -> Node | None:
+        """Record a session (and its parent edge); GraphError when the edge is refused."""
+        return self.core.observe(subject, parent, exp, via)
+
+    def verdict(self, subject: Subject) -> Verdict | None:
+        return self.core.verdict(subject)
+
+    def take(self, verdict: Verdict) -> Take:
+        """One request from a throttled scope's bucket."""
+        return self.core.board.take(verdict, self.clock())
+
+    def fire(self, event: Event) -> list[Firing]:
+        """Feed the trigger engine; the firings to apply."""
+        return self.engine.observe(event, self.clock())
+
+    # -- acting ---------------------------------------------------------------------------
+
+    def apply(self, action: Action, issued: float | None = None,
+              spare: object | None = None) -> dict[str, Any]:
+        """Put an action in force and cut what it stops (except ``spare``, the client
+        connection of the request being judged: it gets a 503 instead). On the event loop."""
+        issued = issued if issued is not None else time.perf_counter()
+        persist_error = None
+        try:
+            applied = self.core.apply(action)
+        except Exception as exc:  # in force, but not saved: say so loudly
+            log.error("fleetgate: %s", exc)
+            persist_error = str(exc)
+            applied = Applied(action, True, self.core.board.reach(action))
+        if applied.new:
+            self.metrics.kill_actions.labels(verb=action.verb.value, scope=action.scope.kind.value,
+                                             source=source_of(action), event="apply").inc()
+            log.warning("fleetgate: %s %s by %s (%s): %s; reaches %d session(s) and %d "
+                        "descendant(s)", action.verb.value, action.scope.label, action.by,
+                        action.source, action.reason, len(applied.reach.sessions),
+                        len(applied.reach.descendants))
+        cut = self.sweep(issued, spare) if action.verb is Verb.STOP else []
+        after_this_turn(self.gauges.sessions)  # after the cut: bookkeeping never delays it
+        out: dict[str, Any] = {
+            "action": applied.action.to_json(), "new": applied.new,
+            "sessions": list(applied.reach.sessions),
+            "descendants": list(applied.reach.descendants),
+            "cut": cut, "cut_ms": round((time.perf_counter() - issued) * 1000, 3)}
+        if persist_error:
+            out["error"] = persist_error
+        return out
+
+    def lift(self, verbs: Sequence[Verb], scope: Scope, by: str, reason: str) -> list[Action]:
+        gone = self.core.lift(scope, verbs, by, reason)
+        for a in gone:
+            self.metrics.kill_actions.labels(verb=a.verb.value, scope=a.scope.kind.value,
+                                             source=source_of(a), event="lift").inc()
+            log.warning("fleetgate: %s on %s lifted by %s: %s", a.verb.value, a.scope.label, by,
+                        reason or "no reason given")
+        if gone:
+            self.gauges.sessions()
+        return gone
+
+    def sweep(self, issued: float | None = None, spare: object | None = None
+              ) -> list[dict[str, Any]]:
+        """Cut every live flow and bound tunnel whose identity is now stopped (except the
+        client connection ``spare``); what was cut (see :func:`.kill_sweep.sweep_stopped`)."""
+        return sweep_stopped(self, issued, spare)
+
+    # -- the rules ------------------------------------------------------------------------
+
+    def on_policy(self, old: Policy | None, new: Policy) -> None:
+        """Rules listener: the rules' killswitch actions and triggers, and the old
+        ``revoked`` list, applied to work already running."""
+        self._rules_actions = new.kill_actions
+        applied, lifted = self.core.set_rules_actions(new.kill_actions)
+        for r in applied:
+            self.metrics.kill_actions.labels(verb=r.action.verb.value,
+                                             scope=r.action.scope.kind.value, source="rules",
+                                             event="apply").inc()
+        self.engine.replace(new.kill_triggers)
+        self.triggers = bool(new.kill_triggers)
+        self.fingerprint_requests = any(t.metric is Metric.IDENTICAL_REQUESTS
+                                        for t in new.kill_triggers)
+        if lifted:
+            log.warning("fleetgate: %d kill-switch action(s) removed from the rules lifted",
+                        len(lifted))
+        cut = self.sweep(time.perf_counter()) if applied else []
+        if old is None or old.revoked != new.revoked:
+            cut += sweep_revoked(self, new)
+        if cut:
+            log.warning("fleetgate: rules edit cut %d in-flight flow(s)", len(cut))
+
+    # -- delegation and views -------------------------------------------------------------
+
+    def child_claims(self, claims: dict[str, Any], request: dict[str, Any],
+                     policy: DelegationPolicy) -> dict[str, Any]:
+        """A child token's claims under ``policy`` (DelegationError when refused)."""
+        return child_claims(claims, request, policy, self.core.graph, self.clock())
+
+    def record_delegation(self, parent: Subject, child: dict[str, Any]) -> int:
+        """Log an issued child token (its edge saved first: it outlives a restart before the
+        token is returned); the parent's number of children (for the triggers)."""
+        self.core.flush()
+        self.core.store.append("delegate", {
+            "parent_agent": parent.agent, "parent_session": parent.session,
+            "child_agent": child["sub"], "child_session": child["session_id"],
+            "role": child["agent_role"], "depth": child["delegation_depth"],
+            "exp": child["exp"], "jti": child["jti"]}, at=self.clock())
+        return self.core.graph.fanout(parent.session) if parent.session else 0
+
+    def node(self, session: str | None) -> Node | None:
+        return self.core.graph.get(session)
+
+    def status(self) -> dict[str, Any]:
+        return {**self.core.status(), "live_flows": len(self.live),
+                "bound_tunnels": len(self.identities),
+                "triggers": self.engine.snapshot(self.clock())}
+
+    def sessions(self, root: str | None = None) -> list[dict[str, Any]]:
+        """The session tree (from ``root``), each node marked with what applies to it."""
+        def mark(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            for n in nodes:
+                v = self.core.verdict(Subject.from_identity(n))
+                n["state"] = "live" if v is None else STATE[v.action.verb]
+                n["action"] = v.action.id if v else None
+                mark(n["children"])
+            return nodes
+        return mark(self.core.graph.tree(root))
+
+    def log(self, limit: int = 100, action: str | None = None,
+            since: float | None = None) -> list[dict[str, Any]]:
+        return self.core.store.log(limit, action, since)

@@ -1,0 +1,116 @@
+"""Sweeps: cutting the work already running of identities a new action stops.
+
+A stop in force refuses the next request at the gate; a sweep reaches what is already past
+it: every live flow (streams and websockets included) and every tunnel bound to a stopped
+identity is cut at once, and each cut is written to the kill log. The rules' ``revoked:``
+shorthand sweeps the same way. How a flow is cut is the proxy's business (:class:`FlowEffects`,
+handed to the kill service); what is cut is decided here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fleetgate.kill.model import Action, Subject, Verb
+from fleetgate.policy.model import Policy
+from fleetgate.runtime.kill_tasks import after_this_turn
+
+if TYPE_CHECKING:
+    from fleetgate.runtime.kill import KillService
+
+__all__ = ["FlowEffects", "source_of", "sweep_revoked", "sweep_stopped"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FlowEffects:
+    """What the proxy does to a flow or connection: ``cut(flow, rule, reason, abort)`` and
+    ``close(client, abort)`` (True when something was cut), ``report(flow)`` (what an operator
+    needs to reconcile a cut flow), ``client(flow)`` (the flow's client connection)."""
+
+    cut: Callable[[Any, str, str, bool], bool]
+    close: Callable[[Any, bool], bool]
+    report: Callable[[Any], dict[str, Any]]
+    client: Callable[[Any], object]
+
+
+def source_of(action: Action) -> str:
+    """The metric label of who issued an action (``trigger:<id>`` -> ``trigger``)."""
+    return action.source.split(":", 1)[0]
+
+
+def _opt(value: Any) -> str | None:
+    return str(value) if value is not None and value != "" else None
+
+
+def sweep_stopped(kill: KillService, issued: float | None = None,
+                  spare: object | None = None) -> list[dict[str, Any]]:
+    """Cut every live flow and bound tunnel whose identity is now stopped.
+
+    Sockets first, bookkeeping after: every connection is closed before a single log
+    line, metric or kill-log row is written, so the time to the last cut does not grow
+    with what we record about each."""
+    cut: list[tuple[Action, dict[str, Any]]] = []
+    for live in kill.live.snapshot():
+        v = kill.core.verdict(live.subject)
+        if v is None or v.action.verb is not Verb.STOP:
+            continue
+        info = kill.effects.report(live.flow)
+        kill.live.discard(live.id)
+        if kill.effects.cut(live.flow, "killswitch.stop", v.reason, True):
+            cut.append((v.action, info))
+    for client, bound in kill.identities.tunnels():
+        if spare is not None and client is spare:
+            continue
+        v = kill.core.verdict(Subject(agent=bound.agent, session=bound.session,
+                                      role=bound.role, jti=bound.jti,
+                                      user=_opt(bound.claims.get("user"))))
+        if v is not None and v.action.verb is Verb.STOP:
+            kill.identities.unbind(client)
+            if kill.effects.close(client, True):
+                cut.append((v.action, {"tunnel": getattr(client, "id", ""),
+                                       "agent": bound.agent, "session": bound.session,
+                                       "phase": "tunnel closed"}))
+    if not cut:
+        return []
+    if issued is not None:
+        kill.metrics.kill_cut_seconds.observe(time.perf_counter() - issued)
+    # the sockets close on the event loop's next turn: record after them, not before
+    after_this_turn(_record_cuts, kill, cut)
+    return [info for _, info in cut]
+
+def _record_cuts(kill: KillService, cut: list[tuple[Action, dict[str, Any]]]) -> None:
+    for action, info in cut:
+        if "flow" in info:
+            kill.metrics.flows_cut.labels(rule="killswitch.stop").inc()
+            log.warning("fleetgate: cut %s %s%s of %s (%s): %s", info["method"],
+                        info["host"], info["path"], info["agent"], info["phase"],
+                        action.reason)
+        kill.metrics.kill_flows_cut.labels(scope=action.scope.kind.value,
+                                           source=source_of(action)).inc()
+    kill.core.record_cuts([(a, "killswitch.stop", info) for a, info in cut])
+
+
+def sweep_revoked(kill: KillService, policy: Policy) -> list[dict[str, Any]]:
+    """The ``revoked:`` shorthand (403 at the next request) also cuts what is running."""
+    cut = []
+    for live in kill.live.snapshot():
+        s = live.subject
+        why = policy.revoked.reason(s.agent, s.jti, s.role, s.session)
+        if why:
+            info = kill.effects.report(live.flow)
+            kill.live.discard(live.id)
+            if kill.effects.cut(live.flow, "revoked", why, False):
+                cut.append(info)
+                kill.core.record_cut(None, "revoked", info)
+                kill.metrics.flows_cut.labels(rule="revoked").inc()
+    for client, bound in kill.identities.tunnels():
+        if policy.revoked.reason(bound.agent, bound.jti, bound.role, bound.session):
+            kill.identities.unbind(client)
+            kill.effects.close(client, False)
+    return cut
