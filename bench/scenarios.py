@@ -355,18 +355,18 @@ def _limiter_cost(rules: Path, port: int, n: int, kinds: list[str]) -> dict[str,
     from mitmproxy.test import tflow
 
     from fleetgate.addons.limits import LIMITS, RateLimiter
-    from fleetgate.addons.rules import PolicyStore
     from fleetgate.addons.state import CLAIMS, DECISION, IDENTITY, LLM_REQUEST, LLM_USAGE
     from fleetgate.llm.request import parse_request
     from fleetgate.metrics import GatewayMetrics
     from fleetgate.policy.loader import load_policy
+    from fleetgate.runtime.policy import PolicyService
     from fleetgate.runtime.reservations import ReservationBook
     from fleetgate.stores.spend import SqliteSpendStore
 
     policy = load_policy(rules)
     metrics = GatewayMetrics()
-    store = PolicyStore(metrics)
-    store.policy = policy
+    store = PolicyService(metrics)
+    store.install(policy)
     limiter = RateLimiter(store, metrics, ReservationBook(SqliteSpendStore(None)))
     route = policy.providers.route(UPSTREAM_HOST, port, CHAT_PATH)
     llm = ({"is_llm": True, **parse_request(route, json.loads(CHAT_BODY), CHAT_PATH).to_cel(),

@@ -1,7 +1,7 @@
 """Two real servers that record what they *read* of a request, for the differential test.
 
 The gateway judges a request by its own reading of the bytes (mitmproxy's parser, then
-:mod:`fleetgate.policy.normalize`); the servers behind it read the same bytes with their own
+:mod:`fleetgate.normalize`); the servers behind it read the same bytes with their own
 parsers. The fleet runs two of those, so both are here, unmodified, on 127.0.0.1 over TLS:
 
 * :class:`StarletteServer` — uvicorn (with httptools when installed, as ``uvicorn.run`` picks it,

@@ -10,7 +10,7 @@ real servers the fleet uses (uvicorn + Starlette as the MCP SDK runs them, and b
   as allowed): the server read nothing either; or
 * it was forwarded, and what the gateway judged (its decision-log line: host, port, path and,
   for MCP, the session) equals what the server read, normalised the way the gateway normalises
-  (:func:`~fleetgate.policy.normalize.normalize_path`, :func:`~.normalize_host`); every value
+  (:func:`~fleetgate.normalize.normalize_path`, :func:`~.normalize_host`); every value
   the gateway judges was read once; and the path the server routes on names no word a deny
   rule forbids (the harness policy denies paths containing ``delete``/``destroy``/``drop``),
   and a path the server routes to an MCP endpoint was judged as MCP.

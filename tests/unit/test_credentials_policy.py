@@ -9,19 +9,19 @@ from typing import Any
 
 import pytest
 
-import fleetgate.policy.credentials as credentials_module
+import fleetgate.stores.secrets as secrets_module
 from fleetgate.netaddr import HostPattern
 from fleetgate.policy.credentials import (
     CredentialRoute,
     CredentialUnavailable,
     Secret,
-    SecretSource,
     find_route,
     redacted,
 )
 from fleetgate.policy.loader import PolicyError, load_policy
 from fleetgate.policy.parse_credentials import parse_credentials
 from fleetgate.policy.report import Reporter
+from fleetgate.stores.secrets import SecretSource
 
 SECRET = "sk-live-0123456789abcdef"
 
@@ -417,7 +417,7 @@ def test_unchanged_file_is_not_read_again(tmp_path: Path, monkeypatch: pytest.Mo
         opened.append(str(path))
         return real_open(path, *a, **kw)
 
-    monkeypatch.setattr(credentials_module, "open", counting_open, raising=False)
+    monkeypatch.setattr(secrets_module, "open", counting_open, raising=False)
     source, r = SecretSource(), file_route(key)
     for _ in range(5):
         assert source.read(r).reveal() == SECRET
@@ -479,7 +479,7 @@ def test_file_that_becomes_empty_is_unavailable(tmp_path: Path) -> None:
 def test_directory_huge_and_binary_files_are_unavailable(tmp_path: Path) -> None:
     assert "not a regular file" in unavailable(SecretSource(), file_route(tmp_path)).why
     big = tmp_path / "big"
-    big.write_bytes(b"x" * (credentials_module.MAX_SECRET_BYTES + 1))
+    big.write_bytes(b"x" * (secrets_module.MAX_SECRET_BYTES + 1))
     assert "larger than" in unavailable(SecretSource(), file_route(big)).why
     binary = tmp_path / "bin"
     binary.write_bytes(b"\xff\xfe\x00")

@@ -5,7 +5,7 @@ yet, no identity needed): a value the gateway judges that appears twice, two nam
 destination that disagree, or a path whose percent-decoding does not settle is answered
 ``400`` at once. Judging one reading while the upstream acts on another is how a policy is
 bypassed, so there is no "pick one" here. The rule itself is pure
-(:func:`fleetgate.policy.normalize.ambiguity`, :func:`~fleetgate.policy.normalize.path_ambiguity`).
+(:func:`fleetgate.normalize.ambiguity`, :func:`~fleetgate.normalize.path_ambiguity`).
 
 Framing ambiguities (``Content-Length`` twice, with ``Transfer-Encoding``) never get this far:
 mitmproxy refuses them itself while ``validate_inbound_headers`` is on, and ConnectionGuard

@@ -36,17 +36,17 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 
 from fleetgate.addons.flowtools import deny, fail_closed, settled
-from fleetgate.addons.rules import PolicyStore
-from fleetgate.addons.state import CLAIMS, LLM_REQUEST, record_decision
+from fleetgate.addons.state import llm_request_of, record_decision, verified_claims
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.netaddr import Endpoint, internal_reason, parse_resolve_overrides
 from fleetgate.normalize import normalize_host, request_facts
 from fleetgate.policy.decide import decide, private_destination_reason
 from fleetgate.runtime.listeners import HttpListener
+from fleetgate.runtime.policy import PolicyService
 
 
 class HttpAuthorization:
-    def __init__(self, store: PolicyStore, metrics: GatewayMetrics,
+    def __init__(self, store: PolicyService, metrics: GatewayMetrics,
                  servers: list[HttpListener] | None = None) -> None:
         self.store = store
         self.metrics = metrics
@@ -89,8 +89,8 @@ class HttpAuthorization:
     def request(self, flow: http.HTTPFlow) -> None:
         if settled(flow):
             return
-        claims = flow.metadata.get(CLAIMS)
-        if not isinstance(claims, dict):
+        claims = verified_claims(flow)
+        if claims is None:
             deny(flow, 407, "identity.missing", "request carries no verified identity",
                  headers={"Proxy-Authenticate": 'Basic realm="fleetgate"'})
             return
@@ -107,8 +107,7 @@ class HttpAuthorization:
         started = time.perf_counter()
         facts = request_facts(req.method, req.scheme, req.host, req.port, req.path,
                               list(req.headers.items(multi=True)))
-        llm = flow.metadata.get(LLM_REQUEST)
-        decision = decide(policy, claims, facts, llm if isinstance(llm, dict) else None)
+        decision = decide(policy, claims, facts, llm_request_of(flow))
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         dest = (req.host, req.port)
         if (decision.allow and not decision.named

@@ -23,13 +23,13 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import allowed, deny, fail_closed, metered_tokens
 from fleetgate.addons.limit_facts import limit_activation, llm_facts, reserved_tokens
-from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.state import cut_of, decision_of, identity_of, llm_usage_of
 from fleetgate.limits.budget import Refusal
 from fleetgate.llm.usage import Usage
 from fleetgate.metrics import GatewayMetrics, LabelBudget
 from fleetgate.policy.model import Budget
 from fleetgate.runtime.listeners import HttpListener
+from fleetgate.runtime.policy import PolicyService
 from fleetgate.runtime.reservations import ReservationBook
 from fleetgate.runtime.reservations_spend import Settled, applicable_budgets
 from fleetgate.stores.spend import SqliteSpendStore
@@ -40,7 +40,7 @@ BUDGETS = "fleetgate.budgets"
 
 
 class BudgetGuard:
-    def __init__(self, store: PolicyStore, metrics: GatewayMetrics, book: ReservationBook,
+    def __init__(self, store: PolicyService, metrics: GatewayMetrics, book: ReservationBook,
                  health: HttpListener | None = None) -> None:
         self.store = store
         self.metrics = metrics

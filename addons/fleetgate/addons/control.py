@@ -31,7 +31,6 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import deny, fail_closed, settled
 from fleetgate.addons.kill_flows import DELEGATION, subject_of
-from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.state import HEADER, claims_of, decision_id, record_decision
 from fleetgate.bodies import BodyError, parse_json
 from fleetgate.kill.delegation import DelegationError
@@ -41,6 +40,7 @@ from fleetgate.metrics import GatewayMetrics
 from fleetgate.normalize import normalize_host
 from fleetgate.runtime.identity import IdentityRegistry
 from fleetgate.runtime.kill import KillService
+from fleetgate.runtime.policy import PolicyService
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class ControlEndpoint:
     """Talks to the kill service (session graph, kill log) and the identity registry (the
     HS256 secret child tokens are signed with when no delegation key is set)."""
 
-    def __init__(self, kill: KillService, identities: IdentityRegistry, store: PolicyStore,
+    def __init__(self, kill: KillService, identities: IdentityRegistry, store: PolicyService,
                  metrics: GatewayMetrics) -> None:
         self.kill = kill
         self.identities = identities

@@ -33,11 +33,12 @@ import logging
 from mitmproxy import http
 
 from fleetgate.addons.flowtools import allowed, deny, fail_closed
-from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.state import annotate_decision
 from fleetgate.metrics import GatewayMetrics
-from fleetgate.policy.credentials import CredentialUnavailable, SecretSource, find_route, redacted
+from fleetgate.policy.credentials import CredentialUnavailable, find_route, redacted
 from fleetgate.policy.model import Policy
+from fleetgate.runtime.policy import PolicyService
+from fleetgate.stores.secrets import SecretSource
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,14 @@ CREDENTIAL_HEADER = "fleetgate.credential_header"  # the header to redact once s
 
 
 class CredentialInjector:
-    def __init__(self, store: PolicyStore, metrics: GatewayMetrics,
+    def __init__(self, store: PolicyService, metrics: GatewayMetrics,
                  secrets: SecretSource | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.secrets = secrets or SecretSource()
         self.unavailable: set[str] = set()  # route ids whose outage was logged
         self.in_flight: dict[str, http.HTTPFlow] = {}  # injected, not yet redacted
-        store.listeners.append(self.on_policy)
+        store.subscribe(self.on_policy)
 
     def on_policy(self, old: Policy | None, new: Policy) -> None:
         """Policy listener: say at load time which routes cannot be served yet. A WARNING,

@@ -17,9 +17,17 @@ from mitmproxy import ctx, exceptions, http
 from fleetgate import decisionlog
 from fleetgate.addons.budgets import BUDGETS
 from fleetgate.addons.limits import LIMITS
-from fleetgate.addons.rules import PolicyStore
-from fleetgate.addons.state import CUT, DECISION, HEADER, IDENTITY, LLM_USAGE, MCP, decision_id
+from fleetgate.addons.state import (
+    HEADER,
+    cut_of,
+    decision_id,
+    decision_of,
+    identity_of,
+    llm_usage_of,
+    mcp_of,
+)
 from fleetgate.metrics import GatewayMetrics
+from fleetgate.runtime.policy import PolicyService
 
 log = logging.getLogger("fleetgate.decisions")
 
@@ -27,7 +35,7 @@ LOGGED = "fleetgate.logged"
 
 
 class DecisionLog:
-    def __init__(self, store: PolicyStore, metrics: GatewayMetrics) -> None:
+    def __init__(self, store: PolicyService, metrics: GatewayMetrics) -> None:
         self.store = store
         self.metrics = metrics
         self._outs: list[TextIO] = []
@@ -97,9 +105,9 @@ class DecisionLog:
         if flow.metadata.get(LOGGED):
             return
         flow.metadata[LOGGED] = True
-        decision = flow.metadata.get(DECISION) or {}
-        ident = flow.metadata.get(IDENTITY)
-        cut = flow.metadata.get(CUT)
+        decision = decision_of(flow) or {}
+        ident = identity_of(flow)
+        cut = cut_of(flow)
         allow = bool(decision.get("allow")) and not cut
         rule = str(decision.get("rule") or ("error" if flow.error else "undecided"))
         reason = str(decision.get("reason") or (flow.error.msg if flow.error else ""))
@@ -108,7 +116,7 @@ class DecisionLog:
         req = flow.request
         rec = decisionlog.record(
             decision_id=decision_id(flow), allow=allow, rule=rule, reason=reason,
-            identity=ident if isinstance(ident, dict) else None,
+            identity=ident.as_dict() if ident else None,
             method=req.method, host=req.pretty_host, port=req.port, path=req.path,
             status=flow.response.status_code if flow.response else None,
             latency_ms=(end - req.timestamp_start) * 1000 if req.timestamp_start else None,
@@ -124,12 +132,12 @@ class DecisionLog:
     @staticmethod
     def _extra_fields(flow: http.HTTPFlow) -> dict[str, Any] | None:
         extra: dict[str, Any] = {}
-        usage = flow.metadata.get(LLM_USAGE)
-        if isinstance(usage, dict):
+        usage = llm_usage_of(flow)
+        if usage is not None:
             extra["llm"] = {k: usage.get(k) for k in ("provider", "model", "tokens", "cost_usd",
                                                       "estimated", "priced", "outcome")}
-        mcp = flow.metadata.get(MCP)
-        if isinstance(mcp, dict):
+        mcp = mcp_of(flow)
+        if mcp is not None:
             extra["mcp"] = {"server": mcp.get("server"), "transport": mcp.get("transport"),
                             "session": mcp.get("session"), "calls": mcp.get("calls"),
                             "hidden": mcp.get("hidden"), "hidden_count": mcp.get("hidden_count", 0)}
@@ -140,10 +148,10 @@ class DecisionLog:
         credential = flow.metadata.get("fleetgate.credential")
         if isinstance(credential, str):
             extra["credential"] = credential  # the route id, never the secret
-        decision = flow.metadata.get(DECISION)
-        if isinstance(decision, dict) and decision.get("action"):
+        decision = decision_of(flow)
+        if decision is not None and decision.get("action"):
             extra["killswitch_action"] = decision["action"]
-        if isinstance(decision, dict) and isinstance(decision.get("upstream"), dict):
+        if decision is not None and isinstance(decision.get("upstream"), dict):
             extra["upstream"] = decision["upstream"]  # the rules allowed it; the upstream failed
         return extra or None
 

@@ -22,12 +22,12 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import allowed, deny, fail_closed, metered_tokens
 from fleetgate.addons.limit_facts import limit_activation, llm_facts, reserved_tokens
-from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.state import HEADER, agent_of, decision_id, mcp_of, record_decision
 from fleetgate.limits.bucket import Buckets, LimitKind, Take
 from fleetgate.metrics import GatewayMetrics, LabelBudget
 from fleetgate.policy.model import RateLimit
 from fleetgate.runtime.listeners import HttpListener
+from fleetgate.runtime.policy import PolicyService
 from fleetgate.runtime.reservations import ReservationBook
 from fleetgate.runtime.reservations_rate import applicable_limits, duration_text
 from fleetgate.wire import jsonrpc_error
@@ -37,7 +37,7 @@ RATE_LIMITED = -32005  # JSON-RPC error for an MCP request refused by a rate lim
 
 
 class RateLimiter:
-    def __init__(self, store: PolicyStore, metrics: GatewayMetrics, book: ReservationBook,
+    def __init__(self, store: PolicyService, metrics: GatewayMetrics, book: ReservationBook,
                  health: HttpListener | None = None) -> None:
         self.store = store
         self.metrics = metrics

@@ -15,15 +15,15 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import deny, fail_closed, settled
-from fleetgate.addons.rules import PolicyStore
-from fleetgate.addons.state import LLM_REQUEST
+from fleetgate.addons.state import set_llm_request
 from fleetgate.llm.request import LlmRequestError, decode_body, parse_json, parse_request
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.normalize import normalize_host, normalize_path
+from fleetgate.runtime.policy import PolicyService
 
 
 class LlmInspector:
-    def __init__(self, store: PolicyStore, metrics: GatewayMetrics) -> None:
+    def __init__(self, store: PolicyService, metrics: GatewayMetrics) -> None:
         self.store = store
         self.metrics = metrics
 
@@ -65,4 +65,4 @@ class LlmInspector:
             body["stream_options"] = {**opts, "include_usage": True}
             req.content = json.dumps(body).encode()  # re-encoded per Content-Encoding
             meta["injected_usage"] = True
-        flow.metadata[LLM_REQUEST] = meta
+        set_llm_request(flow, meta)

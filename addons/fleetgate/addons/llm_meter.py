@@ -19,16 +19,16 @@ from mitmproxy import http
 
 from fleetgate.addons.flowtools import fail_closed
 from fleetgate.addons.llm_stream import StreamCounter
-from fleetgate.addons.rules import PolicyStore
-from fleetgate.addons.state import LLM_USAGE, decision_of, identity_of, llm_request_of
+from fleetgate.addons.state import decision_of, identity_of, llm_request_of, set_llm_usage
 from fleetgate.llm.ledger import Ledger
 from fleetgate.llm.usage import Usage
 from fleetgate.metrics import GatewayMetrics, LabelBudget
+from fleetgate.runtime.policy import PolicyService
 from fleetgate.runtime.reservations import Overrun, ReservationBook
 
 
 class LlmMeter:
-    def __init__(self, store: PolicyStore, metrics: GatewayMetrics, ledger: Ledger,
+    def __init__(self, store: PolicyService, metrics: GatewayMetrics, ledger: Ledger,
                  book: ReservationBook) -> None:
         self.store = store
         self.metrics = metrics
@@ -118,7 +118,7 @@ class LlmMeter:
                             usage, cost)
             result.update(tokens=usage.as_dict(), cost_usd=None if cost is None else round(cost, 8),
                           priced=cost is not None, estimated=usage.estimated)
-        flow.metadata[LLM_USAGE] = result
+        set_llm_usage(flow, result)
         if usage is not None and not flow.comment:  # one glance in mitmweb's flow list
             price = "unpriced" if cost is None else f"${cost:.6f}"
             est = " (estimated)" if usage.estimated else ""

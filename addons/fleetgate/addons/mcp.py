@@ -26,14 +26,14 @@ from mitmproxy import ctx, http
 
 from fleetgate.addons.flowtools import allowed, fail_closed
 from fleetgate.addons.mcp_flow import has_body, mcp_scope, mcp_server
-from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.state import (
     HEADER,
-    MCP,
     agent_of,
+    clear_mcp,
     decision_id,
     decision_of,
     record_decision,
+    set_mcp,
 )
 from fleetgate.bodies import BodyError, decode_body, parse_json
 from fleetgate.mcp.engine import RequestPlan, check_headers, judge_request
@@ -41,6 +41,7 @@ from fleetgate.mcp.exchange import JUDGED_HEADERS, method_problem, read_identifi
 from fleetgate.mcp.messages import HEADER_MISMATCH, INVALID_REQUEST, McpError, parse_messages
 from fleetgate.metrics import GatewayMetrics, LabelBudget
 from fleetgate.runtime.mcp import McpService
+from fleetgate.runtime.policy import PolicyService
 from fleetgate.wire import jsonrpc_error_body
 
 __all__ = ["McpGuard"]
@@ -49,7 +50,7 @@ PARSE_ERROR = -32700
 
 
 class McpGuard:
-    def __init__(self, store: PolicyStore, metrics: GatewayMetrics, mcp: McpService) -> None:
+    def __init__(self, store: PolicyService, metrics: GatewayMetrics, mcp: McpService) -> None:
         self.store = store
         self.metrics = metrics
         self.mcp = mcp
@@ -68,7 +69,7 @@ class McpGuard:
         agent = agent_of(flow)
         meta: dict[str, Any] = {"server": server.name, "declared": server.declared,
                                 "session": None, "calls": [], "hidden": []}
-        flow.metadata[MCP] = meta
+        set_mcp(flow, meta)
         try:
             ref = read_identifiers(req.headers.items(multi=True), req.path)
         except McpError as exc:
@@ -120,7 +121,7 @@ class McpGuard:
             check_headers({k.lower(): v for k, v in req.headers.items()}, messages, batch)
         except (BodyError, McpError) as exc:
             if guessed:
-                flow.metadata.pop(MCP, None)
+                clear_mcp(flow)
                 return
             self._refuse_unreadable(flow, exc, body, meta)
             return

@@ -17,15 +17,14 @@ from mitmproxy import ctx, http
 from fleetgate.addons.flowtools import cut_flow, fail_closed
 from fleetgate.addons.mcp_flow import content_type, mcp_scope, mcp_server
 from fleetgate.addons.mcp_stream import AnswerFilter, StreamRewriter
-from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.state import (
     HEADER,
-    MCP,
-    NEEDS_BODY,
     agent_of,
+    clear_mcp,
     decision_id,
     decision_of,
     mcp_of,
+    need_body,
     record_decision,
 )
 from fleetgate.bodies import BodyError, decode_body
@@ -33,13 +32,14 @@ from fleetgate.mcp.messages import INVALID_REQUEST
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.policy.model import McpServer
 from fleetgate.runtime.mcp import McpService
+from fleetgate.runtime.policy import PolicyService
 from fleetgate.wire import jsonrpc_error_body
 
 __all__ = ["McpAnswers"]
 
 
 class McpAnswers:
-    def __init__(self, store: PolicyStore, metrics: GatewayMetrics, mcp: McpService) -> None:
+    def __init__(self, store: PolicyService, metrics: GatewayMetrics, mcp: McpService) -> None:
         self.store = store
         self.metrics = metrics
         self.mcp = mcp
@@ -73,7 +73,7 @@ class McpAnswers:
         limit = ctx.options.fleetgate_mcp_max_body
         encoding = resp.headers.get("content-encoding", "")
         if meta.get("sniff") and ctype != "text/event-stream":
-            flow.metadata.pop(MCP, None)  # a GET of something else: not the older MCP transport
+            clear_mcp(flow)  # a GET of something else: not the older MCP transport
             return
         if ctype == "text/event-stream":
             resp.headers.pop("content-encoding", None)
@@ -85,7 +85,7 @@ class McpAnswers:
         length = resp.headers.get("content-length")
         if length is not None and length.strip().isdigit() and int(length) <= limit:
             meta["buffered"] = True  # read whole by mitmproxy; rewritten in response()
-            flow.metadata[NEEDS_BODY] = True
+            need_body(flow)
             return
         resp.headers.pop("content-encoding", None)
         resp.headers.pop("content-length", None)

@@ -19,7 +19,7 @@ from typing import Any
 from mitmproxy import http
 
 from fleetgate.addons.flowtools import cut_flow
-from fleetgate.addons.state import MCP, agent_of
+from fleetgate.addons.state import agent_of, clear_mcp
 from fleetgate.bodies import BodyError, parse_json
 from fleetgate.llm.decoding import StreamDecoder
 from fleetgate.mcp.engine import McpScope, id_key, rewrite_message
@@ -69,7 +69,7 @@ class AnswerFilter:
                 return None
             if event.type != "endpoint":
                 meta["not_mcp"] = True  # some other event stream: passed through untouched
-                self.flow.metadata.pop(MCP, None)
+                clear_mcp(self.flow)
                 return None
             meta["sniff"] = False
         if event.type == "endpoint":  # older transport: where this session's POSTs go

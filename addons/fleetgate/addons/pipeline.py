@@ -44,55 +44,56 @@ from fleetgate.metrics import GatewayMetrics
 from fleetgate.runtime.identity import IdentityRegistry
 from fleetgate.runtime.listeners import HttpListener
 from fleetgate.runtime.mcp import McpService
+from fleetgate.runtime.policy import PolicyService
 from fleetgate.runtime.reservations import ReservationBook
 from fleetgate.stores.spend import SqliteSpendStore
 
 
 def pipeline() -> list[Any]:
     metrics = GatewayMetrics()
-    store = PolicyStore(metrics)
-    health = HttpListener(metrics, store.status)
-    admin = HttpListener(metrics, store.status, admin=True)
+    policies = PolicyService(metrics)  # the running policy; PolicyStore loads and reloads it
+    health = HttpListener(metrics, policies.status)
+    admin = HttpListener(metrics, policies.status, admin=True)
     ledger = Ledger()
     health.routes.get("/usage", ledger.snapshot)
     identities = IdentityRegistry()  # the token verifier, tunnels bound to identities
     kill = kill_service(metrics, identities)  # kill decisions, live flows, sweeps
-    store.listeners.append(kill.on_policy)
+    policies.subscribe(kill.on_policy)
     # rate limits and budgets: reserved by the limiter and the budget guard, checked by the
     # meter while an answer streams, settled from the meter's usage
     book = ReservationBook(SqliteSpendStore(None))  # in memory until fleetgate_state_dir
-    meter = LlmMeter(store, metrics, ledger, book)
-    budgets = BudgetGuard(store, metrics, book, health)
-    limiter = RateLimiter(store, metrics, book, health)
+    meter = LlmMeter(policies, metrics, ledger, book)
+    budgets = BudgetGuard(policies, metrics, book, health)
+    limiter = RateLimiter(policies, metrics, book, health)
     mcp = McpService(metrics, admin.routes)  # sessions, pins; /mcp/pins, /mcp/approve
     return [
         ConnectionGuard(metrics),
         HeaderBounds(),  # 431 before anything reads the headers
         AmbiguityGuard(),  # before identity: a doubled Host or path trick needs no token to refuse
-        store,
+        PolicyStore(metrics, policies),
         AgentIdentity(metrics, identities),
         KillSwitch(kill, metrics),  # the gate
         KillCommands(kill, admin.routes),  # mitmweb commands, /v1/... admin API
-        ControlEndpoint(kill, identities, store, metrics),
+        ControlEndpoint(kill, identities, policies, metrics),
         # requestheaders: bound the body, stream it when nothing reads it (runs the request
         # hook before the body then), refuse it early when a reader could not read it
-        RequestBodies(store, mcp, kill),
-        LlmInspector(store, metrics),
-        HttpAuthorization(store, metrics, [health, admin]),
+        RequestBodies(policies, mcp, kill),
+        LlmInspector(policies, metrics),
+        HttpAuthorization(policies, metrics, [health, admin]),
         McpOperator(mcp),  # the MCP options and commands
-        McpGuard(store, metrics, mcp),  # requests
-        McpAnswers(store, metrics, mcp),  # answers
+        McpGuard(policies, metrics, mcp),  # requests
+        McpAnswers(policies, metrics, mcp),  # answers
         meter,
         # after the meter: they settle their reservations from the usage the meter recorded.
         # Budgets first: a call a budget refuses takes nothing from the rate limits.
         budgets,
         limiter,
-        CredentialInjector(store, metrics),
+        CredentialInjector(policies, metrics),
         StreamPassthrough(),
         KillWatch(kill, metrics),  # live-flow registry, trigger observations
         Timeouts(metrics),  # after every check and stream wrapper: times only what goes upstream
         HealthEndpoint(health, admin),
         # answers an allowed request whose upstream failed, before the log records its status
         UpstreamErrors(metrics),
-        DecisionLog(store, metrics),
+        DecisionLog(policies, metrics),
     ]

@@ -36,12 +36,12 @@ from mitmproxy.proxy.layers.http._hooks import HttpRequestHook
 from fleetgate.addons.flowtools import cut_flow, deny, fail_closed, settled
 from fleetgate.addons.layerpatch import relay
 from fleetgate.addons.mcp_flow import mcp_server
-from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.state import HEADER, decision_id, record_decision
 from fleetgate.body_plan import BodyFacts, BodyPlan, parse_content_length, plan_body
 from fleetgate.normalize import normalize_host, normalize_path
 from fleetgate.runtime.kill import KillService
 from fleetgate.runtime.mcp import McpService
+from fleetgate.runtime.policy import PolicyService
 from fleetgate.wire import jsonrpc_error_body
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ _MARK = "_fleetgate_bodies"
 
 
 class RequestBodies:
-    def __init__(self, store: PolicyStore, mcp: McpService, kill: KillService) -> None:
+    def __init__(self, store: PolicyService, mcp: McpService, kill: KillService) -> None:
         self.store = store
         self.mcp = mcp
         self.kill = kill

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +19,24 @@ from mitmproxy import command, ctx, exceptions
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.policy.loader import PolicyError, fingerprint, iter_problems, load_policy
 from fleetgate.policy.model import Policy
+from fleetgate.runtime.policy import PolicyService
 
 log = logging.getLogger(__name__)
 
-Listener = Callable[[Policy | None, Policy], None]
-
-
 class PolicyStore:
-    """Holds the running :class:`Policy` and swaps it atomically on a good reload."""
+    """Loads the rules into the :class:`PolicyService` and reloads them when they change."""
 
-    def __init__(self, metrics: GatewayMetrics) -> None:
-        self.metrics = metrics
-        self.policy: Policy | None = None
-        self.loaded_at: float | None = None
-        self.last_error: list[str] | None = None
-        self.last_error_at: float | None = None
-        self.listeners: list[Listener] = []
+    def __init__(self, metrics: GatewayMetrics, service: PolicyService | None = None) -> None:
+        self.service = service or PolicyService(metrics)
         self._fingerprint: tuple[Any, ...] = ()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def policy(self) -> Policy | None:
+        return self.service.policy
+
+    def status(self) -> dict[str, Any]:
+        return self.service.status()
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -67,14 +65,14 @@ class PolicyStore:
         try:
             policy = load_policy(path)
         except PolicyError as exc:
-            self._failed(exc)
+            self.service.reject(iter_problems(exc))
             if self.policy is None:
                 raise exceptions.OptionsError(
                     "fleetgate: rules are invalid, refusing to start:\n  "
                     + "\n  ".join(iter_problems(exc))) from None
             return
         self._fingerprint = fingerprint(Path(path))
-        self._swap(policy)
+        self.service.install(policy)
 
     def running(self) -> None:
         # Everything loaded so far (mitmproxy, our modules, the policy) lives for the whole
@@ -113,56 +111,15 @@ class PolicyStore:
         try:
             policy = await asyncio.to_thread(load_policy, ctx.options.fleetgate_rules)
         except PolicyError as exc:
-            self._failed(exc)
+            self.service.reject(iter_problems(exc))
             return False
         if self.policy is not None and policy.revision == self.policy.revision:
-            self._ok()
+            self.service.unchanged()
             return False
-        self._swap(policy)
+        self.service.install(policy)
         return True
 
     @command.command("fleetgate.reload")
     def reload_command(self) -> None:
         """Re-read the rules now (the watcher does this on change by itself)."""
         asyncio.get_running_loop().create_task(self.reload())
-
-    def _ok(self) -> None:
-        self.last_error = None
-        self.metrics.policy_valid.set(1)
-
-    def _failed(self, exc: PolicyError) -> None:
-        self.last_error = list(iter_problems(exc))
-        self.last_error_at = time.time()
-        self.metrics.reloads.labels(result="error").inc()
-        self.metrics.policy_valid.set(0)
-        running = self.policy.revision if self.policy else "none"
-        log.error("fleetgate: rules rejected, still running revision %s:\n  %s",
-                  running, "\n  ".join(self.last_error))
-
-    def _swap(self, policy: Policy) -> None:
-        old, self.policy = self.policy, policy
-        self.loaded_at = time.time()
-        self._ok()
-        self.metrics.reloads.labels(result="ok").inc()
-        self.metrics.policy_loaded.set(1)
-        self.metrics.set_revision(policy.revision)
-        log.info("fleetgate: policy revision %s loaded from %d file(s): %d agent profiles, "
-                 "%d global rules", policy.revision, len(policy.files), len(policy.agents),
-                 len(policy.rules))
-        for listener in self.listeners:
-            try:
-                listener(old, policy)
-            except Exception:
-                log.exception("fleetgate: policy listener failed")
-
-    def status(self) -> dict[str, Any]:
-        p = self.policy
-        return {
-            "ready": p is not None,
-            "revision": p.revision if p else None,
-            "files": list(p.files) if p else [],
-            "loaded_at": self.loaded_at,
-            "last_reload_ok": self.last_error is None,
-            "last_error": self.last_error,
-            "last_error_at": self.last_error_at,
-        }

@@ -18,10 +18,36 @@ from fleetgate.decisionlog import new_decision_id
 from fleetgate.identity.tokens import Identity
 
 __all__ = [
-    "CLAIMS", "CUT", "DECISION", "DECISION_ID", "HEADER", "IDENTITY", "LLM_REQUEST", "LLM_USAGE",
-    "MCP", "NEEDS_BODY", "FlowIdentity", "agent_of", "annotate_decision", "claims_of",
-    "cut_of", "decision_id", "decision_of", "identity_of", "llm_request_of", "llm_usage_of",
-    "mcp_of", "record_decision", "set_identity",
+    "CLAIMS",
+    "CUT",
+    "DECISION",
+    "DECISION_ID",
+    "HEADER",
+    "IDENTITY",
+    "LLM_REQUEST",
+    "LLM_USAGE",
+    "MCP",
+    "NEEDS_BODY",
+    "FlowIdentity",
+    "agent_of",
+    "annotate_decision",
+    "body_needed",
+    "claims_of",
+    "clear_mcp",
+    "cut_of",
+    "decision_id",
+    "decision_of",
+    "identity_of",
+    "llm_request_of",
+    "llm_usage_of",
+    "mcp_of",
+    "need_body",
+    "record_decision",
+    "set_identity",
+    "set_llm_request",
+    "set_llm_usage",
+    "set_mcp",
+    "verified_claims",
 ]
 
 DECISION_ID = "fleetgate.decision_id"
@@ -78,6 +104,12 @@ def agent_of(flow: http.HTTPFlow) -> str:
     return (raw.get("agent") or "") if raw.__class__ is dict else ""
 
 
+def verified_claims(flow: http.HTTPFlow) -> dict[str, Any] | None:
+    """The verified token's claims, ``None`` when the flow has no verified identity."""
+    claims = flow.metadata.get(CLAIMS)
+    return claims if isinstance(claims, dict) else None
+
+
 def claims_of(flow: http.HTTPFlow) -> dict[str, Any]:
     """The verified token's claims (a copy's worth of trust: never edit them)."""
     claims = flow.metadata.get(CLAIMS)
@@ -126,10 +158,36 @@ def llm_request_of(flow: http.HTTPFlow) -> dict[str, Any] | None:
     return llm if isinstance(llm, dict) else None
 
 
+def set_llm_request(flow: http.HTTPFlow, facts: dict[str, Any]) -> None:
+    flow.metadata[LLM_REQUEST] = facts
+
+
+def set_llm_usage(flow: http.HTTPFlow, usage: dict[str, Any]) -> None:
+    flow.metadata[LLM_USAGE] = usage
+
+
 def llm_usage_of(flow: http.HTTPFlow) -> dict[str, Any] | None:
     """What the meter recorded from the answer (tokens, cost)."""
     usage = flow.metadata.get(LLM_USAGE)
     return usage if isinstance(usage, dict) else None
+
+
+def set_mcp(flow: http.HTTPFlow, facts: dict[str, Any]) -> None:
+    flow.metadata[MCP] = facts
+
+
+def clear_mcp(flow: http.HTTPFlow) -> None:
+    """The flow turned out not to be MCP after all (e.g. a GET of something else)."""
+    flow.metadata.pop(MCP, None)
+
+
+def need_body(flow: http.HTTPFlow) -> None:
+    """An addon must read this response whole (bounded by its own limit): don't stream it."""
+    flow.metadata[NEEDS_BODY] = True
+
+
+def body_needed(flow: http.HTTPFlow) -> bool:
+    return bool(flow.metadata.get(NEEDS_BODY))
 
 
 def mcp_of(flow: http.HTTPFlow) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import fail_closed
-from fleetgate.addons.state import NEEDS_BODY
+from fleetgate.addons.state import body_needed
 
 STREAMED = "fleetgate.streamed"
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
@@ -50,7 +50,7 @@ class StreamPassthrough:
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if (flow.error or not flow.live or flow.response is None or flow.response.stream
-                or flow.metadata.get(NEEDS_BODY)):
+                or body_needed(flow)):
             return
         headers = flow.response.headers
         if should_stream(headers.get("content-type", ""), headers.get("content-length"),

@@ -10,7 +10,7 @@ client in place of mitmproxy's page. Everything else (client aborts, kills, fail
 response started) goes through mitmproxy's own path unchanged.
 
 The answer is JSON the client parses (the OpenAI/Anthropic error envelope of
-:mod:`fleetgate.denial`, a JSON-RPC error for MCP flows) with ``X-Fleetgate-Decision-Id``;
+:mod:`fleetgate.wire`, a JSON-RPC error for MCP flows) with ``X-Fleetgate-Decision-Id``;
 what it says comes from :func:`fleetgate.upstream_failure.classify`.
 """
 
@@ -33,7 +33,15 @@ from mitmproxy.proxy.layers.http._events import (
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
 
 from fleetgate.addons.layerpatch import relay
-from fleetgate.addons.state import CUT, DECISION, HEADER, MCP, decision_id, record_decision
+from fleetgate.addons.state import (
+    HEADER,
+    annotate_decision,
+    cut_of,
+    decision_id,
+    decision_of,
+    mcp_of,
+    record_decision,
+)
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.upstream_failure import UpstreamFailure, classify, timed_out
 from fleetgate.wire import denial_body, jsonrpc_error_body
@@ -103,7 +111,7 @@ class UpstreamErrors:
         install()
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if (flow.response is not None or not flow.metadata.get(FAILED) or flow.metadata.get(CUT)
+        if (flow.response is not None or not flow.metadata.get(FAILED) or cut_of(flow)
                 or flow.error is None):
             return
         req = flow.request
@@ -113,14 +121,14 @@ class UpstreamErrors:
                    else classify(flow.error.msg, destination))
         flow.response = self._answer(flow, failure)
         self.metrics.upstream_failures.labels(rule=failure.rule).inc()
-        decision = flow.metadata.get(DECISION)
+        decision = decision_of(flow)
         if failure.rule == "destinations.connect":
             return  # a denial, recorded and marked by HttpAuthorization.error
-        if not isinstance(decision, dict):
+        if decision is None:
             record_decision(flow, False, failure.rule, failure.reason, failure.status)
         else:  # the rules allowed it: keep their verdict, say what happened upstream
-            decision["status"] = failure.status
-            decision["upstream"] = {"rule": failure.rule, "reason": failure.reason}
+            annotate_decision(flow, status=failure.status,
+                              upstream={"rule": failure.rule, "reason": failure.reason})
         flow.marked = ":warning:"
         flow.comment = f"upstream failed ({failure.rule}): {failure.reason}"
 
@@ -132,7 +140,7 @@ class UpstreamErrors:
             headers["x-should-retry"] = "false"  # the OpenAI and Anthropic SDKs honour it
         lead = ("fleetgate refused to dial the upstream" if failure.rule == "destinations.connect"
                 else "fleetgate could not reach the upstream")
-        if isinstance(flow.metadata.get(MCP), dict):
+        if mcp_of(flow) is not None:
             message = f"{lead} ({failure.rule}): {failure.reason}. {failure.hint}"
             body = jsonrpc_error_body(_rpc_id(flow.request.raw_content), -32603, message,
                                       decision_id=did, rule=failure.rule)
