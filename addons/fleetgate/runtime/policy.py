@@ -35,11 +35,19 @@ class PolicyService:
         self.last_error: list[str] | None = None
         self.last_error_at: float | None = None
         self._listeners: list[Listener] = []
+        self._checks: dict[str, Callable[[], dict[str, Any]]] = {}
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(old, new)`` after every swap (a failing listener is logged, and
         neither stops the swap nor the other listeners)."""
         self._listeners.append(listener)
+
+    def add_status(self, name: str, check: Callable[[], dict[str, Any]]) -> None:
+        """Report another part's health in :meth:`status` (``/healthz/ready``) under
+        ``state[name]``. A check answering ``"ok": False`` marks the gateway ``degraded`` but
+        leaves it ready: what depends on that part is refused by its own addon, and taking
+        the only replica out of service would refuse every other agent too."""
+        self._checks[name] = check
 
     def install(self, policy: Policy) -> None:
         """Make ``policy`` the running one (compiled and validated whole by the loader)."""
@@ -75,7 +83,13 @@ class PolicyService:
 
     def status(self) -> dict[str, Any]:
         p = self.policy
-        return {
+        state: dict[str, Any] = {}
+        for name, check in self._checks.items():
+            try:
+                state[name] = check()
+            except Exception as exc:  # a check that fails says so; it never hides the rest
+                state[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        out: dict[str, Any] = {
             "ready": p is not None,
             "revision": p.revision if p else None,
             "files": list(p.files) if p else [],
@@ -84,3 +98,7 @@ class PolicyService:
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
         }
+        if state:
+            out["state"] = state
+            out["degraded"] = not all(s.get("ok", True) for s in state.values())
+        return out
