@@ -17,17 +17,29 @@ Two properties matter for a gateway and are enforced here, not left to the engin
   what an error means (for a gateway: deny). It is raised as :class:`MissingField`, the one
   error a caller may tell apart: a profile selector that reads a claim the token lacks does
   not select, where a rule that cannot be evaluated denies.
+* **Evaluation cost is bounded.** The engine cannot be interrupted and holds the GIL while it
+  evaluates, so one expensive rule stalls every request. :func:`compile_expr` refuses an
+  expression whose worst-case cost (:mod:`fleetgate.celcost`) is over the limit or whose one
+  trial evaluation against synthetic facts takes longer than ``TRIAL_BUDGET``; at runtime an
+  evaluation that took longer than ``RUNTIME_BUDGET`` raises :class:`TooSlow` (the caller
+  denies) and is counted (:func:`over_budget_count`). That cannot pre-empt the evaluation
+  already running: the load-time checks are what prevent the freeze.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import sys
+import threading
+import time
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleetgate import celcost
 from fleetgate.errors import FleetgateError
 
 
@@ -58,8 +70,10 @@ def _import_engine() -> types.ModuleType:
 cel = _import_engine()
 from cel import stdlib as _cel_stdlib  # noqa: E402  (after the engine, on purpose)
 
-__all__ = ["Activation", "CelError", "Expr", "MissingField", "compile_expr", "has_unguarded_access",
-           "rename_fields"]
+__all__ = ["Activation", "CelError", "Expr", "MissingField", "TooSlow", "compile_expr",
+           "has_unguarded_access", "over_budget_count", "rename_fields"]
+
+log = logging.getLogger("fleetgate.rules")
 
 # Functions the Rust engine implements natively (core spec + macros + operators).
 _NATIVE_FUNCTIONS = frozenset(
@@ -95,6 +109,31 @@ class MissingField(CelError):
     ``request.headers["x"]``); every other engine failure (a type mismatch, a bad
     conversion, an index out of range) stays a plain :class:`CelError`.
     """
+
+
+class TooSlow(CelError):
+    """An evaluation took longer than :data:`fleetgate.celcost.RUNTIME_BUDGET`: its result
+    is discarded and the caller treats it as any evaluation error (deny)."""
+
+
+class _OverBudget:
+    """How many evaluations went over the runtime budget, process-wide (a metric reads it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+_OVER_BUDGET = _OverBudget()
+
+
+def over_budget_count() -> int:
+    """Evaluations that took longer than the runtime budget since the process started."""
+    return _OVER_BUDGET.count
 
 
 class Activation:
@@ -142,12 +181,30 @@ class Expr:
         Raises :class:`CelError` for any engine failure."""
         if not isinstance(activation, Activation):
             activation = Activation(activation)
+        start = time.perf_counter()
         try:
-            return self._program.execute(activation._ctx)
+            result = self._program.execute(activation._ctx)
         except KeyError as exc:
+            self._check_time(start)
             raise MissingField(f"no such field {exc}") from None
         except Exception as exc:  # the engine raises ValueError/TypeError/RuntimeError
+            self._check_time(start)
             raise CelError(_first_line(str(exc)) or type(exc).__name__) from None
+        self._check_time(start)
+        return result
+
+    def _check_time(self, start: float) -> None:
+        """Raise :class:`TooSlow` when the evaluation that began at ``start`` overran the
+        budget. It has already run to completion (the engine cannot be interrupted): this
+        denies the request and says so, it does not give the time back."""
+        took = time.perf_counter() - start
+        if took <= celcost.RUNTIME_BUDGET:
+            return
+        _OVER_BUDGET.add()
+        log.error("rule expression took %.1f ms, over the %g ms budget: request denied; "
+                  "expression: %s", took * 1000, celcost.RUNTIME_BUDGET * 1000, self.source)
+        raise TooSlow(f"evaluation took {took * 1000:.0f} ms, over the "
+                      f"{celcost.RUNTIME_BUDGET * 1000:g} ms budget; denied")
 
 
 def compile_expr(source: str, roots: Iterable[str]) -> Expr:
@@ -180,7 +237,37 @@ def compile_expr(source: str, roots: Iterable[str]) -> Expr:
     )
     if unknown_fns:
         raise CelError(f"unknown function {', '.join(unknown_fns)}")
+    try:
+        celcost.check(source)
+    except celcost.CostError as exc:
+        raise CelError(str(exc)) from None
+    _trial(program, tuple(sorted(allowed)))
     return Expr(source=source, _program=program, variables=frozenset(refs["variables"]))
+
+
+_TRIAL_CONTEXTS: dict[tuple[str, ...], Any] = {}
+
+
+def _trial(program: Any, roots: tuple[str, ...]) -> None:
+    """Evaluate ``program`` against synthetic facts and refuse it when that takes longer than
+    the trial budget. Its result and errors do not matter, only its time. A slow first run is
+    retried twice and the fastest counts, so a scheduling hiccup on a busy machine does not
+    refuse a good rules file. The loader runs in a thread, but the engine holds the GIL: the
+    static bound (checked first) is what keeps a trial itself short."""
+    ctx = _TRIAL_CONTEXTS.get(roots)
+    if ctx is None:
+        ctx = _TRIAL_CONTEXTS[roots] = cel.Context(celcost.synthetic_activation(roots),
+                                                   _EXTRA_FUNCTIONS)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        with contextlib.suppress(Exception):  # only the time of the trial matters
+            program.execute(ctx)
+        best = min(best, time.perf_counter() - start)
+        if best <= celcost.TRIAL_BUDGET:
+            return
+    raise CelError(f"a trial evaluation against synthetic facts took {best * 1000:.0f} ms "
+                   f"(at most {celcost.TRIAL_BUDGET * 1000:g} ms): it would stall the gateway")
 
 
 # CEL type denotations (``type(x) == string``): the engine reports them as variables.

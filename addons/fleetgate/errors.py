@@ -7,7 +7,8 @@ defined beside the code that raises them and hang from the branches here::
 
     FleetgateError
     ├── ConfigError                  the configuration cannot be used as it is
-    │   └── PolicyError              policy/loader.py: the rules cannot be loaded (``problems``)
+    │   ├── PolicyError              policy/loader.py: the rules cannot be loaded (``problems``)
+    │   └── CostError                celcost.py: a CEL expression's worst-case cost is over a limit
     ├── RequestError                 a message in transit cannot be judged: answered, never relayed
     │   ├── BodyError                bodies.py: the body cannot be inspected (``status`` 400/413)
     │   ├── PathError                normalize.py: the path does not settle (also a ValueError)
@@ -16,11 +17,13 @@ defined beside the code that raises them and hang from the branches here::
     ├── IdentityError                identity/tokens.py: credentials missing or invalid (``code``)
     ├── CredentialUnavailable        policy/credentials.py: a route's secret cannot be used now
     ├── CelError                     celexpr.py: a CEL expression failed to compile or evaluate
-    │   └── MissingField             celexpr.py: evaluation read a key that is not there
+    │   ├── MissingField             celexpr.py: evaluation read a key that is not there
+    │   └── TooSlow                  celexpr.py: an evaluation overran the runtime budget
     ├── DelegationError              kill/delegation.py: a delegation the kill switch refuses
     ├── GraphError                   kill/graph.py: an edge the lineage graph refuses (also a ValueError)
     ├── StateError                   durable state cannot be read or written
-    │   └── PersistError             kill/core.py: in force, but not written (also a RuntimeError)
+    │   ├── PersistError             kill/core.py: in force, but not written (also a RuntimeError)
+    │   └── AuditUnavailable         runtime/audit.py: a decision line could not be written
     └── StepFailed                   demo.py: an outcome ``fleetgate demo --check`` asserts did not happen
 
 Where a class also derives from a builtin (``ValueError``, ``RuntimeError``) it is because callers

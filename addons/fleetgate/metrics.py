@@ -11,6 +11,8 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fleetgate.celexpr import over_budget_count
+
 __all__ = ["GatewayMetrics", "LabelBudget"]
 
 
@@ -182,6 +184,34 @@ class GatewayMetrics:
         self.credentials_unavailable = Counter(
             "fleetgate_credentials_unavailable", "Requests refused (503) because their "
             "credentials route's secret could not be read, by route id.", ["route"], registry=r)
+
+        self.audit_write_errors = Counter(
+            "fleetgate_audit_write_errors", "Decision log lines that could not be written (a "
+            "target failed, or the writer's queue was full).", registry=r)
+        self.audit_log_ok = Gauge(
+            "fleetgate_audit_log_ok", "1 while the last decision log line was written, 0 "
+            "after a failed one (with fleetgate_audit_required calls are refused then).",
+            registry=r)
+
+        self.state_errors = Counter(
+            "fleetgate_state_errors", "State store operations that failed (disk full, read-only, "
+            "I/O error, locked past the wait, writer queue full), by store and operation.",
+            ["store", "op"], registry=r)
+        self.state_ok = Gauge(
+            "fleetgate_state_ok", "1 while the state store's writes work, 0 while they fail "
+            "(calls that depend on it are refused then).", ["store"], registry=r)
+
+        # rule cost (celexpr): evaluations over the runtime budget, denied; read at scrape
+        self.rule_over_budget = Gauge(
+            "fleetgate_rule_evaluations_over_budget", "Rule evaluations that took longer than "
+            "the runtime budget since start (each denied its request; see the rules reference).",
+            registry=r)
+        self.rule_over_budget.set_function(lambda: float(over_budget_count()))
+
+        self.budget_lost_in_crash = Counter(
+            "fleetgate_budget_lost_in_crash", "Reservations found open at startup (calls in "
+            "flight when the gateway died), charged their reserved amount, by budget.",
+            ["budget"], registry=r)
 
     def set_revision(self, revision: str) -> None:
         self.policy_revision.clear()

@@ -125,6 +125,8 @@ ENFORCING: dict[tuple[str, str], Case] = {
     ("ConnectionGuard", "udp_start"): Case("udp"),  # raw UDP likewise
     # interception may not be turned off for a connection (ignore_hosts would, via this hook)
     ("ConnectionGuard", "tls_clienthello"): Case("clienthello", at_line=True),
+    # fleetgate_audit_required: the request's decision line is written before it is forwarded
+    ("DecisionLog", "request"): Case("plain", at_line=True),
 }
 
 NOT_ENFORCING: dict[tuple[str, str], str] = {

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -152,3 +155,89 @@ def test_housekeeping_lifts_what_ran_out_and_saves_new_sessions(tmp_path: Path) 
 
 def _exposition(metrics: GatewayMetrics) -> str:
     return generate_latest(metrics.registry).decode()
+
+
+def _refusal(f: Any) -> tuple[int, str, str] | None:
+    if f.response is None:
+        return None
+    body = json.loads(f.response.content)["fleetgate"]
+    return f.response.status_code, body["rule"], body["reason"]
+
+
+def test_a_new_session_the_store_cannot_record_is_refused_until_it_recovers(
+        chain: tuple[Any, list[Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: fail closed on the kill-switch store; recorded sessions are unaffected."""
+    _, addons = chain
+    ks = switch_of(addons)
+    store = ks.core.store
+    old = request_flow(auth=basic(tok("a-1", "s-old")))
+    run_request(addons, old)
+    assert old.response is None and ks.recorded("s-old")
+
+    def locked(node: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+    monkeypatch.setattr(store.inner, "save_node", locked)
+    f = request_flow(auth=basic(tok("a-2", "s-new")))
+    run_request(addons, f)
+    code, rule, reason = _refusal(f) or (0, "", "")
+    assert (code, rule) == (503, "killswitch.state") and "database is locked" in reason
+    assert f.response.headers["Retry-After"] == "1"
+    assert ks.store_status()["ok"] is False
+    assert ('fleetgate_state_errors_total{op="session",store="killswitch"} 1.0'
+            in _exposition(ks.metrics))
+    assert 'fleetgate_state_ok{store="killswitch"} 0.0' in _exposition(ks.metrics)
+    # known failing: the next new session is refused without waiting; recorded ones pass
+    f = request_flow(auth=basic(tok("a-3", "s-new2")))
+    run_request(addons, f)
+    assert (_refusal(f) or (0, "", ""))[1] == "killswitch.state" and "failing" in _refusal(f)[2]
+    again = request_flow(auth=basic(tok("a-1", "s-old")))
+    run_request(addons, again)
+    assert again.response is None
+    # the store works again: the next housekeeping tick writes what was refused
+    monkeypatch.undo()
+    KillHousekeeping(ks).tick()
+    store.sync()
+    assert ks.store_status()["ok"] is True
+    assert 'fleetgate_state_ok{store="killswitch"} 1.0' in _exposition(ks.metrics)
+    assert {"s-new", "s-new2"} <= {n.session for n in store.nodes()}
+    for agent, session in (("a-2", "s-new"), ("a-3", "s-new2"), ("a-4", "s-new3")):
+        f = request_flow(auth=basic(tok(agent, session)))
+        run_request(addons, f)
+        assert f.response is None, _refusal(f)
+
+
+def test_a_stalled_store_bounds_the_wait_and_never_the_stop(
+        chain: tuple[Any, list[Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that hangs (another process holds the lock): a new session waits at most
+    ``state_wait``, an action is in force at once and the admin answer says it is unsaved."""
+    _, addons = chain
+    ks = switch_of(addons)
+    ks.state_wait = 0.3
+    store = ks.core.store
+    run_request(addons, request_flow(auth=basic(tok("a-1", "s-old"))))
+    release = threading.Event()
+    real = store.inner.save_node
+
+    def stalled(node: Any) -> None:
+        release.wait(10)
+        real(node)
+    monkeypatch.setattr(store.inner, "save_node", stalled)
+    try:
+        f = request_flow(auth=basic(tok("a-2", "s-slow")))
+        t0 = time.perf_counter()
+        run_request(addons, f)
+        took = time.perf_counter() - t0
+        assert (_refusal(f) or (0, "", ""))[1] == "killswitch.state" and 0.3 <= took < 1.0
+        assert "not written within 0.3s" in _refusal(f)[2]
+        t0 = time.perf_counter()
+        out = ks.act(Action(Verb.STOP, parse_scope("agent:a-1"), "stop while stalled"))
+        assert "will not survive a restart" in out["error"]  # waited 0.3 s for the write
+        v = ks.verdict(Subject("a-1", session="s-old"))
+        assert v is not None and v.action.verb is Verb.STOP
+    finally:
+        release.set()
+    store.sync()
+    assert ks.recorded("s-slow") and ks.store_status()["ok"] is True
+    # the stop (and the cut of a-1's flow in flight) was written after all
+    assert [r["event"] for r in ks.log()] == ["action", "cut"]
+    assert [a.reason for a in store.actions()] == ["stop while stalled"]

@@ -56,7 +56,7 @@ def test_budget_state_that_cannot_be_opened_is_an_error(tmp_path: Path) -> None:
     blocker.write_text("a file where the state directory should be")
     metrics = GatewayMetrics()
     store = PolicyStore(metrics)  # declares fleetgate_state_dir
-    guard = BudgetGuard(store, metrics, ReservationBook(SqliteSpendStore(None)))
+    guard = BudgetGuard(store.service, metrics, ReservationBook(SqliteSpendStore(None)))
     with (taddons.context(store, guard) as tctx,
           pytest.raises(exceptions.OptionsError, match="fleetgate_state_dir")):
         tctx.options.update(fleetgate_state_dir=str(blocker))

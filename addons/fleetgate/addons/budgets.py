@@ -10,20 +10,30 @@ soft limit logs a WARNING and counts ``fleetgate_budget_soft_exceeded_total``. R
 and spend live in the :class:`fleetgate.runtime.reservations.ReservationBook` (shared with
 the rate limiter and the meter); this addon opens the spend store the options name, turns
 flows into facts and outcomes into answers and metrics.
+
+A reservation is written to the store (off the event loop) before the call is forwarded; the
+hook waits for it at most ``fleetgate_state_wait_ms``. A store that cannot record it (disk
+full, read-only, I/O error, locked past the wait) refuses the calls a budget governs with
+``503 budget.state`` naming the budget and the cause: a budget that cannot count is not
+enforced by letting calls through. Reservations a crash left open are charged at startup,
+logged (WARNING, ``outcome=lost-in-crash``) and counted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import allowed, deny, fail_closed, metered_tokens
 from fleetgate.addons.limit_facts import limit_activation, llm_facts, reserved_tokens
 from fleetgate.addons.state import cut_of, decision_of, identity_of, llm_usage_of
+from fleetgate.errors import StateError
 from fleetgate.limits.budget import Refusal
 from fleetgate.llm.usage import Usage
 from fleetgate.metrics import GatewayMetrics, LabelBudget
@@ -49,22 +59,55 @@ class BudgetGuard:
         self.key_labels = LabelBudget(1000)
         if health is not None:
             health.routes.get("/budgets", lambda: self.spend.report(self.store.policy))
+        store.add_status("budgets", lambda: self.spend.journal.status())
+        self.spend.journal.on_error, self.spend.journal.on_ok = self._state_error, self._state_ok
+        metrics.state_ok.labels(store="spend").set(1)
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "fleetgate_state_wait_ms", int, 2000,
+            "Milliseconds a budgeted call waits for its reservation to be written to the spend "
+            "store (locked by another process, slow disk) before it is refused with 503 "
+            "budget.state. Calls no budget governs never wait.")
 
     def configure(self, updated: set[str]) -> None:
+        if "fleetgate_state_wait_ms" in updated and ctx.options.fleetgate_state_wait_ms < 1:
+            raise exceptions.OptionsError("fleetgate_state_wait_ms must be >= 1")
         if "fleetgate_state_dir" in updated:
             d = ctx.options.fleetgate_state_dir
             try:
                 spend = SqliteSpendStore(Path(d) / "budgets.sqlite" if d else None)
+                old = self.spend.use_store(spend)
             except Exception as exc:
                 raise exceptions.OptionsError(f"fleetgate_state_dir: cannot open budget state "
                                               f"in {d!r}: {exc}") from None
-            self.spend.use_store(spend).close()
+            old.close()
+            self.metrics.state_ok.labels(store="spend").set(1)
+            for r in self.spend.journal.recovered:
+                self.metrics.budget_lost_in_crash.labels(budget=r.budget).inc()
+                # WARNING, not ERROR: mitmdump exits on an ERROR logged during startup
+                log.warning("fleetgate: budget %s: a call in flight when the gateway stopped (flow "
+                          "%s, key %r, reserved $%.6f and %d tokens at %s) was never settled; "
+                          "charged its reservation, outcome=lost-in-crash", r.budget, r.flow,
+                          r.key, r.amount.usd, r.amount.tokens,
+                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.created)))
+
+    def _state_error(self, op: str, message: str) -> None:
+        """The spend store failed (writer thread or event loop): metrics and an ERROR line."""
+        self.metrics.state_errors.labels(store="spend", op=op).inc()
+        self.metrics.state_ok.labels(store="spend").set(0)
+        log.error("fleetgate: budget spend store: %s failed: %s; calls a budget governs are "
+                  "refused (503 budget.state) until it works again", op, message)
+
+    def _state_ok(self) -> None:
+        self.metrics.state_ok.labels(store="spend").set(1)
+        log.warning("fleetgate: budget spend store works again; budgeted calls are admitted")
 
     def done(self) -> None:
         self.book.close()
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         policy = self.store.policy
         decision = allowed(flow)
         llm = llm_facts(flow)
@@ -91,6 +134,29 @@ class BudgetGuard:
             self._refuse(flow, b, outcome.key, outcome.refusal, outcome.now)
         elif outcome.held:
             flow.metadata[BUDGETS] = [h.as_dict() for h in outcome.held]
+            await self._write_ahead(flow, outcome.held[0].budget, outcome.now)
+
+    async def _write_ahead(self, flow: http.HTTPFlow, b: Budget, now: float) -> None:
+        """Make the reservation durable before the call is forwarded, or refuse it."""
+        wait = ctx.options.fleetgate_state_wait_ms / 1000
+        cause = None
+        try:
+            fut = self.spend.write_ahead(flow.id, now)
+            if fut is not None:
+                await asyncio.wait_for(asyncio.wrap_future(fut), wait)
+        except TimeoutError:
+            cause = f"the budget store did not answer within {wait * 1000:g} ms"
+            self.spend.journal.failed("reserve", cause)
+        except StateError as exc:
+            cause = f"the budget store could not record it ({exc})"
+        if cause is None:
+            return
+        self.spend.abandon(flow.id)
+        flow.metadata.pop(BUDGETS, None)
+        deny(flow, 503, "budget.state", f"budget {b.id} cannot be enforced: this call's "
+             f"reservation was not saved: {cause}; refused rather than unlimited",
+             hint="retry later; the gateway operator sees this in /healthz/ready (state)",
+             headers={"Retry-After": "5"})
 
     def _refuse(self, flow: http.HTTPFlow, b: Budget, key: str, r: Refusal, now: float) -> None:
         self.metrics.budget_rejections.labels(budget=b.id).inc()

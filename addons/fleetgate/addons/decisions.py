@@ -2,20 +2,29 @@
 
 Runs last in the chain so it sees every flow, denied ones included. Allowed flows are
 logged when they end (after a stream's last byte), denied ones when they are answered.
+Lines go through :class:`~fleetgate.runtime.audit.AuditSink` (a writer thread: a slow disk
+never stalls the event loop; files rotate by size and reopen on ``SIGHUP`` or when moved).
+
+With ``fleetgate_audit_required`` no call reaches the upstream unaudited: a flow about to be
+forwarded first has a ``"phase": "request"`` line written (handed to the kernel) and is
+refused (503 ``audit.unavailable``, in the client's format) when that line cannot be written
+within ``fleetgate_audit_wait_ms``. Its final line follows as usual. Recovery is automatic:
+the next flow's line is tried again, on a reopened file.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import sys
-import threading
+import signal
 import time
-from typing import Any, TextIO
+from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
 from fleetgate import decisionlog
 from fleetgate.addons.budgets import BUDGETS
+from fleetgate.addons.flowtools import deny, fail_closed, settled
 from fleetgate.addons.limits import LIMITS
 from fleetgate.addons.state import (
     HEADER,
@@ -25,48 +34,125 @@ from fleetgate.addons.state import (
     identity_of,
     llm_usage_of,
     mcp_of,
+    record_decision,
 )
 from fleetgate.metrics import GatewayMetrics
+from fleetgate.runtime.audit import AuditSink, AuditUnavailable, FileTarget, StreamTarget, Target
 from fleetgate.runtime.policy import PolicyService
+from fleetgate.wire import jsonrpc_error_body
 
 log = logging.getLogger("fleetgate.decisions")
 
 LOGGED = "fleetgate.logged"
+_SINK_OPTIONS = {"fleetgate_decision_log", "fleetgate_decision_log_max_bytes",
+                 "fleetgate_decision_log_backups"}
 
 
 class DecisionLog:
     def __init__(self, store: PolicyService, metrics: GatewayMetrics) -> None:
         self.store = store
         self.metrics = metrics
-        self._outs: list[TextIO] = []
-        self._lock = threading.Lock()
+        self.sink: AuditSink | None = None
+        self.required = False
+        store.add_status("decision_log", self._status)
 
     def load(self, loader: Any) -> None:
         loader.add_option("fleetgate_decision_log", str, "-",
                           "Where decision lines go: '-' for stdout, a file path to append "
                           "to, both comma-separated ('-,/var/log/fleetgate.jsonl'), or '' "
                           "to disable.")
+        loader.add_option("fleetgate_decision_log_max_bytes", int, 100 << 20,
+                          "Rotate a decision log file before it passes this size (0: never; "
+                          "rotate externally and send SIGHUP, or let the gateway notice the "
+                          "move).")
+        loader.add_option("fleetgate_decision_log_backups", int, 5,
+                          "Rotated decision log files kept (path.1 newest); older ones are "
+                          "deleted.")
+        loader.add_option("fleetgate_audit_required", bool, False,
+                          "Refuse (503 audit.unavailable) a call whose decision line cannot be "
+                          "written: a 'request' line is written before it is forwarded.")
+        loader.add_option("fleetgate_audit_wait_ms", int, 1000,
+                          "With fleetgate_audit_required: how long a call waits for its "
+                          "request line to be written before it is refused.")
 
     def configure(self, updated: set[str]) -> None:
-        if "fleetgate_decision_log" in updated:
-            self.done()
-            for target in filter(None, (t.strip() for t in
-                                        ctx.options.fleetgate_decision_log.split(","))):
+        opts = ctx.options
+        if opts.fleetgate_decision_log_max_bytes < 0 or opts.fleetgate_decision_log_backups < 0:
+            raise exceptions.OptionsError(
+                "fleetgate_decision_log_max_bytes and fleetgate_decision_log_backups must be >= 0")
+        if opts.fleetgate_audit_wait_ms <= 0:
+            raise exceptions.OptionsError("fleetgate_audit_wait_ms must be > 0")
+        targets = [t for t in (t.strip() for t in opts.fleetgate_decision_log.split(",")) if t]
+        if opts.fleetgate_audit_required and not targets:
+            raise exceptions.OptionsError(
+                "fleetgate_audit_required needs a decision log (fleetgate_decision_log is '')")
+        self.required = opts.fleetgate_audit_required
+        if self.sink is None or updated & _SINK_OPTIONS:
+            opened: list[Target] = []
+            for target in targets:
                 if target == "-":
-                    self._outs.append(sys.stdout)
+                    opened.append(StreamTarget())
                     continue
+                f = FileTarget(target, opts.fleetgate_decision_log_max_bytes,
+                               opts.fleetgate_decision_log_backups)
                 try:
-                    self._outs.append(open(target, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115
+                    f.open()
                 except OSError as exc:
-                    self.done()
+                    for t in opened:
+                        t.close()
                     raise exceptions.OptionsError(
                         f"fleetgate_decision_log: cannot open {target}: {exc}") from None
+                opened.append(f)
+            self.done()
+            self.sink = AuditSink(opened, on_write_error=self.metrics.audit_write_errors.inc,
+                                  on_state=self._on_state)
+            self.metrics.audit_log_ok.set(1)
+
+    def running(self) -> None:
+        try:  # logrotate's postrotate: kill -HUP
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reopen)
+        except (RuntimeError, NotImplementedError, ValueError):
+            log.warning("fleetgate: no SIGHUP handler; moved decision log files are still "
+                        "reopened on their next line")
 
     def done(self) -> None:
-        for out in self._outs:
-            if out is not sys.stdout:
-                out.close()
-        self._outs = []
+        if self.sink is not None:
+            sink, self.sink = self.sink, None
+            sink.close()
+
+    def _reopen(self) -> None:
+        if self.sink is not None:
+            log.info("fleetgate: SIGHUP: decision log files reopen on their next line")
+            self.sink.reopen()
+
+    def _status(self) -> dict[str, Any]:
+        if self.sink is None:
+            return {"ok": True, "targets": [], "required": self.required}
+        return {**self.sink.status(), "required": self.required}
+
+    def _on_state(self, ok: bool, cause: str | None) -> None:
+        """Writer thread: one log line per change of state, not one per line."""
+        self.metrics.audit_log_ok.set(1 if ok else 0)
+        if ok:
+            log.warning("fleetgate: the decision log is written again")
+        else:
+            log.error("fleetgate: the decision log cannot be written (%s); %s", cause,
+                      "calls are refused (fleetgate_audit_required)" if self.required
+                      else "calls are still forwarded, their lines lost")
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """Last hook before the upstream: write the request line first when audit is
+        required (denied and answered flows are not forwarded: their one line suffices)."""
+        if not self.required or settled(flow) or self.sink is None:
+            return
+        rec = self._record(flow, phase="request")
+        try:
+            await self.sink.write(decisionlog.render(rec),
+                                  ctx.options.fleetgate_audit_wait_ms / 1000)
+        except AuditUnavailable as exc:
+            if not settled(flow):
+                _refuse(flow, str(exc))
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:  # a refused CONNECT is a decision; an accepted one is not
@@ -105,6 +191,13 @@ class DecisionLog:
         if flow.metadata.get(LOGGED):
             return
         flow.metadata[LOGGED] = True
+        rec = self._record(flow)
+        agent = rec["agent"] or "anonymous"
+        self.metrics.requests.labels(agent=agent, role=rec["role"] or "",
+                                     decision=rec["result"], rule=rec["rule"]).inc()
+        self._write(rec)
+
+    def _record(self, flow: http.HTTPFlow, phase: str | None = None) -> dict[str, Any]:
         decision = decision_of(flow) or {}
         ident = identity_of(flow)
         cut = cut_of(flow)
@@ -114,20 +207,20 @@ class DecisionLog:
         end = (flow.response.timestamp_end if flow.response and flow.response.timestamp_end
                else time.time())
         req = flow.request
-        rec = decisionlog.record(
+        extra = self._extra_fields(flow) or {}
+        if phase:
+            extra["phase"] = phase
+        return decisionlog.record(
             decision_id=decision_id(flow), allow=allow, rule=rule, reason=reason,
             identity=ident.as_dict() if ident else None,
             method=req.method, host=req.pretty_host, port=req.port, path=req.path,
             status=flow.response.status_code if flow.response else None,
-            latency_ms=(end - req.timestamp_start) * 1000 if req.timestamp_start else None,
+            latency_ms=(end - req.timestamp_start) * 1000
+            if req.timestamp_start and not phase else None,
             revision=self.store.policy.revision if self.store.policy else None,
             error=flow.error.msg if flow.error else None,
-            extra=self._extra_fields(flow),
+            extra=extra or None,
         )
-        agent = rec["agent"] or "anonymous"
-        self.metrics.requests.labels(agent=agent, role=rec["role"] or "",
-                                     decision=rec["result"], rule=rule).inc()
-        self._write(rec)
 
     @staticmethod
     def _extra_fields(flow: http.HTTPFlow) -> dict[str, Any] | None:
@@ -156,11 +249,23 @@ class DecisionLog:
         return extra or None
 
     def _write(self, rec: dict[str, Any]) -> None:
-        line = decisionlog.render(rec)
-        with self._lock:
-            for out in self._outs:
-                try:
-                    out.write(line + "\n")
-                    out.flush()
-                except (OSError, ValueError):
-                    log.error("fleetgate: cannot write decision log line: %s", line)
+        if self.sink is not None:
+            self.sink.submit(decisionlog.render(rec))  # a failure is counted and logged there
+
+
+def _refuse(flow: http.HTTPFlow, cause: str) -> None:
+    """503 in the client's format: JSON-RPC on an MCP endpoint, else the LLM-API JSON."""
+    rule = "audit.unavailable"
+    reason = (f"the decision log cannot be written ({cause}) and this gateway forwards no "
+              "call it cannot audit")
+    hint = "retry later; a gateway operator must make the decision log writable"
+    if mcp_of(flow) is not None:
+        did = decision_id(flow)
+        body = jsonrpc_error_body(None, -32603, f"fleetgate refused this MCP request: {reason}. "
+                                  f"{hint}", decision_id=did, rule=rule)
+        flow.response = http.Response.make(503, body, {"Content-Type": "application/json",
+                                                       HEADER: did})
+        record_decision(flow, False, rule, reason, 503)
+        flow.marked = ":no_entry:"
+    else:
+        deny(flow, 503, rule, reason, hint=hint)

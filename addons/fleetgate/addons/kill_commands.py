@@ -4,7 +4,10 @@ Commands (``fleetgate.stop`` ... in mitmweb's command bar) run on the event loop
 routes (``/v1/status``, ``/v1/sessions``, ``/v1/log`` to read; ``/v1/actions``, ``/v1/lift``
 to act) are registered on the admin listener's :class:`~fleetgate.runtime.listeners.Routes`
 and run on its threads: they hand their work to the event loop (``KillService.call``). The
-``fleetgate`` CLI speaks to the admin API. Everything ends in the kill service.
+``fleetgate`` CLI speaks to the admin API. Everything ends in the kill service. An action is
+in force at once; the admin API's thread then waits (boundedly) for its write and the answer's
+``error`` says when it was not saved; a command, on the event loop, cannot wait and says so
+only when the store is already known failing (a later failure is an ERROR log line).
 """
 
 from __future__ import annotations
@@ -48,20 +51,20 @@ class KillCommands:
     def cmd_stop(self, scope: str, reason: str) -> str:
         """Stop a scope (agent:X, session:S+ for a family, role:R, user:U, token:JTI, all)."""
         out = self._act(Verb.STOP, parse_scope(scope), reason)
-        return f"stop {out['action']['id']}: cut {len(out['cut'])} flow(s)"
+        return f"stop {out['action']['id']}: cut {len(out['cut'])} flow(s)" + _unsaved(out)
 
     @command.command("fleetgate.pause")
     def cmd_pause(self, scope: str, reason: str) -> str:
         """Pause a scope: its requests wait until 'fleetgate.resume'."""
         out = self._act(Verb.PAUSE, parse_scope(scope), reason)
-        return f"pause {out['action']['id']}"
+        return f"pause {out['action']['id']}" + _unsaved(out)
 
     @command.command("fleetgate.throttle")
     def cmd_throttle(self, scope: str, requests: int, per_seconds: int) -> str:
         """Throttle a scope to ``requests`` per ``per_seconds`` (shared by the whole scope)."""
         out = self._act(Verb.THROTTLE, parse_scope(scope), "throttled from mitmweb",
                         Throttle(requests, float(per_seconds)))
-        return f"throttle {out['action']['id']}"
+        return f"throttle {out['action']['id']}" + _unsaved(out)
 
     @command.command("fleetgate.resume")
     def cmd_resume(self, scope: str) -> str:
@@ -110,7 +113,7 @@ class KillCommands:
     def _api_act(self, args: dict[str, Any]) -> dict[str, Any]:
         issued = time.perf_counter()
         action = action_from_request(args, self.kill.clock())
-        return self.kill.call(lambda: self.kill.apply(action, issued))
+        return self.kill.act(action, issued)  # its write awaited here, off the event loop
 
     def _api_lift(self, args: dict[str, Any]) -> dict[str, Any]:
         what = str(args.get("action") or "")
@@ -120,6 +123,12 @@ class KillCommands:
         by, reason = str(args.get("by") or "admin-api"), str(args.get("reason") or "")
         gone = self.kill.call(lambda: self.kill.lift(LIFT_VERBS[what], scope, by, reason))
         return {"lifted": [a.to_json() for a in gone]}
+
+
+def _unsaved(out: dict[str, Any]) -> str:
+    """A command runs on the event loop and cannot wait for the write: it says what is known
+    now (queue full, store failing); a later failure is logged at ERROR."""
+    return f"; NOT SAVED: {out['error']}" if out.get("error") else ""
 
 
 def scope_from_request(args: dict[str, Any]) -> Scope:

@@ -6,7 +6,10 @@ the rules are wrong. For every request it records the requester's session in the
 graph (linking a ``parent_session`` claim on first sight) and asks the kill service for a
 verdict: ``stop`` answers 503, ``pause`` holds the request until it is resumed or
 ``fleetgate_pause_max_wait`` passes (then 503 with ``Retry-After``), ``throttle`` takes from
-the action's bucket (429 with ``Retry-After`` when empty).
+the action's bucket (429 with ``Retry-After`` when empty). A session seen for the first time
+is written to the kill-switch store before its first request goes on (the write runs off the
+event loop, awaited at most ``fleetgate_state_wait_ms``): a session the store cannot record
+is refused 503 ``killswitch.state`` (fail closed), while sessions already recorded never wait.
 
 The state (decisions, live flows, sweeping) is the :class:`~fleetgate.runtime.kill.KillService`'s;
 its housekeeping runs as a periodic task started in :meth:`KillSwitch.running`. The other
@@ -67,6 +70,8 @@ class KillSwitch:
             if o.fleetgate_max_message_depth < 0:
                 raise exceptions.OptionsError("fleetgate_max_message_depth must be >= 0")
             self.kill.max_depth = o.fleetgate_max_message_depth
+        if "fleetgate_state_wait_ms" in updated:  # declared by the budget guard (shared)
+            self.kill.state_wait = max(1, int(o.fleetgate_state_wait_ms)) / 1000
         if "fleetgate_message_depth_header" in updated:
             self.kill.depth_header = o.fleetgate_message_depth_header
         if "fleetgate_state_dir" in updated:
@@ -103,6 +108,8 @@ class KillSwitch:
         if settled(flow) or subject is None:
             return
         if self._lineage(flow, subject):
+            return
+        if subject.session and await self._unrecorded(flow, subject.session):
             return
         v = self.kill.verdict(subject)
         if v is None:
@@ -154,6 +161,22 @@ class KillSwitch:
                  hint="a session's parent is fixed when it is first seen; mint a new session")
             return True
         return False
+
+    async def _unrecorded(self, flow: http.HTTPFlow, session: str) -> bool:
+        """Fail closed: a new session the store cannot record is refused."""
+        why = await self.kill.record(session)
+        if why is None:
+            return False
+        if settled(flow):  # the client went away while it waited
+            return True
+        self.metrics.kill_refused.labels(verb="state").inc()
+        deny(flow, 503, "killswitch.state",
+             f"session {session} could not be recorded in the kill-switch store: {why}; a "
+             "session the kill switch cannot record is refused",
+             hint="retry shortly; sessions already recorded are not affected, and the store "
+                  "recovers on its own", headers={"Retry-After": "1"})
+        log.warning("fleetgate: refused new session %s: not recorded (%s)", session, why)
+        return True
 
     async def _wait_paused(self, flow: http.HTTPFlow, subject: Subject,
                            v: Verdict | None) -> Verdict | None:

@@ -59,6 +59,7 @@ def pipeline() -> list[Any]:
     identities = IdentityRegistry()  # the token verifier, tunnels bound to identities
     kill = kill_service(metrics, identities)  # kill decisions, live flows, sweeps
     policies.subscribe(kill.on_policy)
+    policies.add_status("killswitch", kill.store_status)  # /healthz/ready state.killswitch
     # rate limits and budgets: reserved by the limiter and the budget guard, checked by the
     # meter while an answer streams, settled from the meter's usage
     book = ReservationBook(SqliteSpendStore(None))  # in memory until fleetgate_state_dir

@@ -10,10 +10,16 @@ If the store cannot be written, the action still takes effect in memory (a kill 
 fail because a disk is full); the error is raised to the caller after the board changed, so
 the operator sees that it will not survive a restart.
 
-Sessions are written behind: a request records a session first seen in memory only (no disk
-write on the request path), and :meth:`KillCore.flush` writes them: before an action is saved
-(an action in the store always has the sessions it reached beside it), when a delegation is
-recorded, and from the kill service's housekeeping and shutdown.
+Sessions are written behind: :meth:`KillCore.observe` records a session first seen in memory
+only, and :meth:`KillCore.flush` writes them: before an action is saved (an action in the store
+always has the sessions it reached beside it), when the gate asks for a new session to be
+recorded, when a delegation is recorded, and from the kill service's housekeeping and shutdown.
+
+A store may do its writes later (the kill service's store queues them to a writer thread,
+off the event loop): each write method then returns a handle (a future) instead of ``None``.
+The core does not look inside it; it hands the handles back (``Applied.writes``,
+``on_saving``) to the service, which awaits them off the loop. A session whose write failed
+is put back with :meth:`KillCore.requeue` and written again by the next flush.
 """
 
 from __future__ import annotations
@@ -37,18 +43,19 @@ class KillStore(Protocol):
     the session graph, and the append-only kill log. The core is the only writer; the
     implementations (SQLite: :mod:`fleetgate.stores.kill`) live outside this pure package."""
 
-    def save_action(self, action: Action) -> None: ...
-    def remove_action(self, action_id: str) -> None: ...
+    # Writes return None when done, or a handle when the store does them later (queued).
+    def save_action(self, action: Action) -> object: ...
+    def remove_action(self, action_id: str) -> object: ...
     def actions(self) -> list[Action]: ...
-    def save_node(self, node: Node) -> None: ...
-    def forget_nodes(self, sessions: list[str]) -> None: ...
+    def save_node(self, node: Node) -> object: ...
+    def forget_nodes(self, sessions: list[str]) -> object: ...
     def nodes(self) -> list[Node]: ...
 
     def append(self, event: str, body: dict[str, Any], action: str | None = None,
-               at: float | None = None) -> int: ...
+               at: float | None = None) -> object: ...
 
     def append_many(self, rows: list[tuple[str, dict[str, Any], str | None]],
-                    at: float | None = None) -> None: ...
+                    at: float | None = None) -> object: ...
 
     def log(self, limit: int = 100, action: str | None = None,
             since: float | None = None) -> list[dict[str, Any]]: ...
@@ -65,6 +72,7 @@ class Applied:
     action: Action
     new: bool
     reach: Reach
+    writes: tuple[object, ...] = ()  # what the store returned for this action's writes
 
 
 class KillCore:
@@ -75,6 +83,7 @@ class KillCore:
         self.board = KillBoard(self.graph)
         self.listeners: list[Callable[[], None]] = []  # called after every board change
         self._unsaved: dict[str, Node] = {}  # sessions first seen since the last flush
+        self.on_saving: Callable[[Node, object], None] | None = None  # a session handed over
 
     def load(self) -> int:
         """Read actions in force and the session graph from the store (startup)."""
@@ -104,20 +113,22 @@ class KillCore:
     def apply(self, action: Action) -> Applied:
         in_force, new = self.board.apply(action)
         reach = self.board.reach(in_force)
+        writes: list[object] = []
         if new:
             self._changed()
             body = {**in_force.to_json(), "sessions": list(reach.sessions),
                     "descendants": list(reach.descendants)}
             try:
-                self.flush()
+                writes += self.flush().values()
                 if in_force.source != RULES:
-                    self.store.save_action(in_force)
-                self.store.append("action", body, action=in_force.id, at=in_force.at)
+                    writes.append(self.store.save_action(in_force))
+                writes.append(self.store.append("action", body, action=in_force.id,
+                                                at=in_force.at))
             except Exception as exc:
                 raise PersistError(f"{in_force.verb.value} on {in_force.scope.label} is in force "
                                    f"but was not saved ({exc}); it will not survive a restart"
                                    ) from exc
-        return Applied(in_force, new, reach)
+        return Applied(in_force, new, reach, tuple(w for w in writes if w is not None))
 
     def lift(self, scope: Scope, verbs: Iterable[Verb], by: str, reason: str = "") -> list[Action]:
         gone = self.board.lift(scope, verbs)
@@ -167,12 +178,27 @@ class KillCore:
                     self._unsaved[pnode.session] = pnode
         return node
 
-    def flush(self) -> None:
-        """Write the sessions first seen since the last flush. On a write error the ones not
-        written stay queued (the next flush retries) and the error is raised."""
+    def flush(self) -> dict[str, object]:
+        """Write the sessions first seen since the last flush; what the store returned for
+        each (see ``on_saving``). On a write error the ones not written stay queued (the next
+        flush retries) and the error is raised."""
+        handles: dict[str, object] = {}
         for node in list(self._unsaved.values()):
-            self.store.save_node(node)
+            handle = handles[node.session] = self.store.save_node(node)
             self._unsaved.pop(node.session, None)
+            if self.on_saving is not None:
+                self.on_saving(node, handle)
+        return handles
+
+    def unsaved(self, session: str) -> bool:
+        """The session is known but not yet handed to the store."""
+        return session in self._unsaved
+
+    def requeue(self, node: Node) -> None:
+        """A session's write failed: write it again at the next flush (unless it was
+        pruned meanwhile)."""
+        if self.graph.nodes.get(node.session) is node:
+            self._unsaved[node.session] = node
 
     def verdict(self, subject: Subject) -> Verdict | None:
         return self.board.verdict(subject, self.clock())

@@ -13,18 +13,27 @@ handed in. Housekeeping (expiry, pruning, gauges, writing new sessions) is
 path never does it.
 
 All state changes happen on the proxy's event loop; the admin API's threads go through
-:meth:`KillService.call`.
+:meth:`KillService.call`. No store call runs on the loop: the store is a
+:class:`~fleetgate.stores.kill.QueuedKillStore` (one writer thread behind a bounded queue).
+An action is in force in memory at once; its write is awaited by the admin API's thread (the
+answer says when it was not saved). A new session is recorded before its first request goes
+on (:meth:`KillService.record`, awaited with a bound): a session the store cannot record is
+refused, while sessions already recorded never wait for the store. The store's state is in
+``/healthz/ready`` (:meth:`KillService.store_status`), ``fleetgate_state_errors_total`` and an
+ERROR log when it starts failing; recovery is automatic (housekeeping retries).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fleetgate.errors import StateError
 from fleetgate.kill.board import Verdict
 from fleetgate.kill.core import Applied, KillCore, KillStore
 from fleetgate.kill.delegation import DelegationPolicy, child_claims
@@ -38,7 +47,7 @@ from fleetgate.runtime.identity import IdentityRegistry
 from fleetgate.runtime.kill_sweep import FlowEffects, source_of, sweep_revoked, sweep_stopped
 from fleetgate.runtime.kill_tasks import STATE, KillGauges, after_this_turn, in_loop
 from fleetgate.runtime.liveflows import LiveFlows
-from fleetgate.stores.kill import SqliteKillStore
+from fleetgate.stores.kill import QueuedKillStore, SqliteKillStore
 
 __all__ = ["FlowEffects", "KillService", "source_of"]
 
@@ -54,7 +63,10 @@ class KillService:
         self.effects = effects
         self.clock = clock
         self._open_store = open_store
-        self.core = KillCore(open_store(None), clock)
+        self.state_wait = 2.0  # seconds a new session's first request waits for its write
+        self._writing: dict[str, concurrent.futures.Future[Any]] = {}  # session writes queued
+        self.core = self._new_core(None)
+        metrics.state_ok.labels(store="killswitch").set(1)
         self.gauges = KillGauges(self, metrics)
         self.engine = TriggerEngine([])
         self.live: LiveFlows[Any] = LiveFlows()
@@ -70,13 +82,24 @@ class KillService:
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    def _new_core(self, path: Path | None) -> KillCore:
+        store = QueuedKillStore(self._open_store(path), on_state=self._store_state,
+                                clock=self.clock)
+        core = KillCore(store, self.clock)
+        core.on_saving = self._saving
+        return core
+
     def open_state(self, directory: str) -> int:
         """Switch to the state in ``directory`` ('' keeps it in memory); the number of
         actions in force it holds. Raises when it cannot be opened (the old state stays)."""
-        core = KillCore(self._open_store(Path(directory) / "killswitch.sqlite"
-                                         if directory else None), self.clock)
-        n = core.load()
+        core = self._new_core(Path(directory) / "killswitch.sqlite" if directory else None)
+        try:
+            n = core.load()
+        except BaseException:
+            core.store.close()
+            raise
         old, self.core = self.core, core
+        self._writing.clear()
         core.listeners.append(self._on_change)
         core.set_rules_actions(self._rules_actions)  # a policy may have loaded first
         old.store.close()
@@ -96,6 +119,95 @@ class KillService:
         except Exception as exc:  # shutting down: say what is lost, close all the same
             log.error("fleetgate: kill-switch sessions not saved at shutdown: %s", exc)
         self.core.store.close()
+
+    # -- the store ------------------------------------------------------------------------
+
+    def _store_state(self, op: str, exc: BaseException | None, changed: bool) -> None:
+        """The writer thread's report after each write: metric, gauge, one ERROR log when
+        the store starts failing and one when it works again."""
+        if exc is not None:
+            self.metrics.state_errors.labels(store="killswitch", op=op).inc()
+        if not changed:
+            return
+        self.metrics.state_ok.labels(store="killswitch").set(0 if exc else 1)
+        if exc is not None:
+            log.error("fleetgate: the kill-switch store cannot be written (%s: %s): new "
+                      "sessions are refused until it works again; actions stay in force but "
+                      "may not survive a restart", type(exc).__name__, exc)
+        else:
+            log.warning("fleetgate: the kill-switch store works again; new sessions are "
+                        "accepted")
+
+    def store_status(self) -> dict[str, Any]:
+        """For ``/healthz/ready`` (``state.killswitch``)."""
+        store = self.core.store
+        if isinstance(store, QueuedKillStore):
+            return store.status()
+        return {"ok": True}
+
+    def store_failing(self) -> str | None:
+        store = self.core.store
+        if isinstance(store, QueuedKillStore) and not store.ok:
+            return store.error or "failing"
+        return None
+
+    def probe_store(self) -> None:
+        """Housekeeping: a failing store with nothing queued is tried again."""
+        store = self.core.store
+        if isinstance(store, QueuedKillStore):
+            store.probe()
+
+    def _saving(self, node: Node, handle: object) -> None:
+        """The core handed a session to the store: track it until written."""
+        if not isinstance(handle, concurrent.futures.Future):
+            return
+        self._writing[node.session] = handle
+        core = self.core
+        handle.add_done_callback(lambda f: self._soon(self._saved, core, node, f))
+
+    def _saved(self, core: KillCore, node: Node, fut: concurrent.futures.Future[Any]) -> None:
+        if self._writing.get(node.session) is fut:
+            del self._writing[node.session]
+        if (fut.cancelled() or fut.exception() is not None) and core is self.core:
+            core.requeue(node)  # written again by the next flush (housekeeping, a request)
+
+    def _soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` on the event loop (called from the writer thread); here without one."""
+        loop = self._loop
+        if loop is None or in_loop(loop):
+            fn(*args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
+
+    def recorded(self, session: str) -> bool:
+        return not self.core.unsaved(session) and session not in self._writing
+
+    async def record(self, session: str) -> str | None:
+        """Make sure ``session`` is in the store before its request goes on: ``None`` when it
+        is (at once for a session already recorded), else why it cannot be. Waits at most
+        ``state_wait`` seconds, off the event loop."""
+        if self.recorded(session):
+            return None
+        failing = self.store_failing()
+        if failing is not None:
+            return f"the store is failing ({failing})"
+        if session not in self._writing:
+            try:
+                self.core.flush()
+            except StateError as exc:
+                return str(exc)
+        fut = self._writing.get(session)
+        if fut is None:
+            if self.recorded(session):
+                return None  # written already (a fast store)
+            return f"the store is failing ({self.store_failing() or 'the write failed'})"
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), self.state_wait)
+        except TimeoutError:
+            return f"not written within {self.state_wait:g}s (the store is locked or slow)"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     def _on_change(self) -> None:
         """Wake every paused request so it re-reads its verdict (on the event loop)."""
@@ -150,7 +262,30 @@ class KillService:
     def apply(self, action: Action, issued: float | None = None,
               spare: object | None = None) -> dict[str, Any]:
         """Put an action in force and cut what it stops (except ``spare``, the client
-        connection of the request being judged: it gets a 503 instead). On the event loop."""
+        connection of the request being judged: it gets a 503 instead). On the event loop;
+        its writes are queued (a failure is logged; :meth:`act` waits for them)."""
+        return self._apply(action, issued, spare)[0]
+
+    def act(self, action: Action, issued: float | None = None) -> dict[str, Any]:
+        """:meth:`apply` from an admin API thread: in force at once (on the event loop),
+        then its write awaited here, off the loop, at most ``state_wait`` seconds; the
+        answer's ``error`` says when it was not saved."""
+        out, writes = self.call(lambda: self._apply(action, issued))
+        if writes and "error" not in out:
+            done, waiting = concurrent.futures.wait(writes, timeout=self.state_wait)
+            failed = [f.exception() for f in done if f.exception() is not None]
+            what = f"{action.verb.value} on {action.scope.label} is in force but"
+            if failed:
+                out["error"] = (f"{what} was not saved ({failed[0]}); it will not survive a "
+                                "restart")
+            elif waiting:
+                out["error"] = (f"{what} was not saved within {self.state_wait:g}s (the store "
+                                "is locked or slow); it will not survive a restart unless the "
+                                "queued write completes")
+        return out
+
+    def _apply(self, action: Action, issued: float | None = None, spare: object | None = None
+               ) -> tuple[dict[str, Any], list[concurrent.futures.Future[Any]]]:
         issued = issued if issued is not None else time.perf_counter()
         persist_error = None
         try:
@@ -159,6 +294,15 @@ class KillService:
             log.error("fleetgate: %s", exc)
             persist_error = str(exc)
             applied = Applied(action, True, self.core.board.reach(action))
+        writes = [w for w in applied.writes if isinstance(w, concurrent.futures.Future)]
+        if writes:
+            label = f"{action.verb.value} on {action.scope.label}"
+            for w in writes:
+                w.add_done_callback(lambda f: self._unsaved_action(label, f))
+            failing = self.store_failing()
+            if failing is not None and persist_error is None:
+                persist_error = (f"{label} is in force, but the kill-switch store is failing "
+                                 f"({failing}); it may not survive a restart")
         if applied.new:
             self.metrics.kill_actions.labels(verb=action.verb.value, scope=action.scope.kind.value,
                                              source=source_of(action), event="apply").inc()
@@ -175,7 +319,14 @@ class KillService:
             "cut": cut, "cut_ms": round((time.perf_counter() - issued) * 1000, 3)}
         if persist_error:
             out["error"] = persist_error
-        return out
+        return out, writes
+
+    @staticmethod
+    def _unsaved_action(label: str, fut: concurrent.futures.Future[Any]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
+            log.error("fleetgate: %s is in force but was not saved (%s); it will not survive "
+                      "a restart", label, exc)
 
     def lift(self, verbs: Sequence[Verb], scope: Scope, by: str, reason: str) -> list[Action]:
         gone = self.core.lift(scope, verbs, by, reason)
@@ -227,7 +378,13 @@ class KillService:
 
     def record_delegation(self, parent: Subject, child: dict[str, Any]) -> int:
         """Log an issued child token (its edge saved first: it outlives a restart before the
-        token is returned); the parent's number of children (for the triggers)."""
+        token is returned); the parent's number of children (for the triggers). The writes
+        are queued; a store known to be failing refuses the delegation (StateError): a child
+        session the kill switch cannot record must not be issued."""
+        failing = self.store_failing()
+        if failing is not None:
+            raise StateError(f"the kill-switch store is failing ({failing}): the child "
+                             "session cannot be recorded")
         self.core.flush()
         self.core.store.append("delegate", {
             "parent_agent": parent.agent, "parent_session": parent.session,

@@ -5,7 +5,10 @@ mostly), write the sessions first seen since the last tick (requests only record
 memory), refresh the sessions-by-state gauge (at once after an expiry, else every five
 seconds), and every ten minutes forget sessions whose tokens expired a day ago. It runs on the
 proxy's event loop, started from the kill-switch addon's ``running()``; a request never waits
-for it. A verdict never depends on it: the board ignores an expired action on its own.
+for it. A verdict never depends on it: the board ignores an expired action on its own. Its
+writes are queued to the store's writer thread (never waited for here); sessions whose write
+failed are retried each tick, and a failing store with nothing queued is probed, so recovery
+needs no restart.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from fleetgate.errors import StateError
 from fleetgate.kill.model import Verb
 from fleetgate.metrics import GatewayMetrics
 
@@ -84,7 +88,11 @@ class KillHousekeeping:
         if now - self._last_prune > self.prune_every:  # sessions whose tokens expired a day ago
             self._last_prune = now
             kill.core.prune()
-        kill.core.flush()
+        try:
+            kill.core.flush()
+        except StateError as exc:  # the queue is full: the store is already known failing
+            log.debug("fleetgate: kill-switch sessions not queued: %s", exc)
+        kill.probe_store()
 
     def start(self) -> None:
         """Start the task on the running loop (once)."""

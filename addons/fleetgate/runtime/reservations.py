@@ -42,4 +42,4 @@ class ReservationBook:
                 or self.rates.overrun(flow_id, est_in, out))
 
     def close(self) -> None:
-        self.spend.store.close()
+        self.spend.journal.close()

@@ -4,23 +4,28 @@ A call reserves its estimated cost against every budget that applies (spend in t
 what other calls in flight promised, see :class:`fleetgate.limits.budget.Ledger`); while its
 answer streams, it must end where a hard limit is reached; when it ends, the reservation is
 replaced by the metered cost, or released when the call never reached the provider. Spend
-lives in a :class:`fleetgate.stores.spend.SpendStore`; this class keeps the per-flow holds,
-so the budget addon and the meter share them without reading each other.
+lives in a :class:`fleetgate.stores.spend.SpendStore` behind a
+:class:`fleetgate.runtime.reservations_journal.SpendJournal` (checks read its in-memory
+mirror; reservations are written ahead, settles queued, all off the event loop); this class
+keeps the per-flow holds, so the budget addon and the meter share them without reading each
+other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from fleetgate.celexpr import Activation, CelError
-from fleetgate.limits.budget import Amount, Ledger, Refusal, counted_since
+from fleetgate.limits.budget import Amount, Ledger, Refusal, counted_since, window
 from fleetgate.llm.pricing import PricingTable
 from fleetgate.llm.usage import Usage
 from fleetgate.policy.model import Budget, Policy
+from fleetgate.runtime.reservations_journal import SpendJournal
 from fleetgate.runtime.reservations_rate import Overrun
-from fleetgate.stores.spend import SpendStore
+from fleetgate.stores.spend import Charge, Reservation, SpendStore
 
 __all__ = ["Settled", "SpendHold", "SpendOutcome", "SpendReservations", "applicable_budgets"]
 
@@ -86,16 +91,39 @@ class SpendReservations:
     """The ledger over the spend store, and the holds of the calls in flight."""
 
     def __init__(self, store: SpendStore, clock: Callable[[], float]) -> None:
-        self.store = store
-        self.ledger = Ledger(store)
         self.clock = clock
+        self.journal = SpendJournal(store, clock=clock)
+        self.ledger = Ledger(self.journal.mirror)
         self._held: dict[str, list[SpendHold]] = {}
 
-    def use_store(self, store: SpendStore) -> SpendStore:
+    def use_store(self, store: SpendStore) -> SpendJournal:
         """Keep spend in ``store`` from now on (``fleetgate_state_dir`` changed); returns the
-        previous store for the caller to close. Reservations start afresh with it."""
-        old, self.store, self.ledger = self.store, store, Ledger(store)
+        previous journal for the caller to close. Reservations start afresh with it; the new
+        journal's :attr:`~SpendJournal.recovered` are the reservations a crash left open."""
+        journal = SpendJournal(store, clock=self.clock)
+        journal.on_error, journal.on_ok = self.journal.on_error, self.journal.on_ok
+        old, self.journal, self.ledger = self.journal, journal, Ledger(journal.mirror)
+        self._held.clear()
         return old
+
+    def write_ahead(self, flow_id: str, now: float) -> Future[None] | None:
+        """Write ``flow_id``'s reservations to the store before the call is forwarded (off
+        the event loop: the caller awaits the future with its bound). ``None``: it holds
+        nothing. Raises :class:`fleetgate.errors.StateError` when the writer is backed up."""
+        held = self._held.get(flow_id)
+        if not held:
+            return None
+        return self.journal.hold([
+            Reservation(flow_id, h.budget.id, h.key, window(h.budget.spec, now)[0], h.amount, now)
+            for h in held])
+
+    def abandon(self, flow_id: str) -> None:
+        """The call is refused after all (its reservation could not be written): give back
+        what it holds, and remove any row the writer may still write."""
+        held = self._held.pop(flow_id, None)
+        if held:
+            self._release(held)
+            self.journal.settle(flow_id, [], op="release")
 
     def reserve(self, flow_id: str, budgets: Sequence[Budget], *, who: Mapping[str, str | None],
                 usd: float | None, tokens: int, act: Activation | None) -> SpendOutcome:
@@ -164,9 +192,11 @@ class SpendReservations:
             return None
         if used is None and not charge:
             self._release(held)  # refused by a later limit, or never reached the provider
+            self.journal.settle(flow_id, [], op="release")
             return []
         now = self.clock()
         out = []
+        charges = []
         for h in held:
             if used is not None:
                 actual = Amount(cost if cost is not None else h.amount.usd, used)
@@ -174,7 +204,9 @@ class SpendReservations:
                 actual = h.amount  # sent but nothing metered: charge what was reserved (strict)
             before, after = self.ledger.settle(h.budget.id, h.key, h.budget.spec, h.amount,
                                                actual, now)
+            charges.append(Charge(h.budget.id, h.key, window(h.budget.spec, now)[0], actual))
             out.append(Settled(h, before, after))
+        self.journal.settle(flow_id, charges)  # the rows' removal and the spend: one transaction
         return out
 
     def report(self, policy: Policy | None) -> dict[str, Any]:
@@ -184,7 +216,7 @@ class SpendReservations:
         now = self.clock()
         out = []
         for b in [*policy.budgets, *(b for p in policy.agents for b in p.budgets)]:
-            rows = self.store.keys(b.id, counted_since(b.spec, now))
+            rows = self.journal.mirror.keys(b.id, counted_since(b.spec, now))
             out.append({"budget": b.id, "limit": b.spec.describe(),
                         "hard_usd": b.spec.hard_usd, "soft_usd": b.spec.soft_usd,
                         "hard_tokens": b.spec.hard_tokens, "soft_tokens": b.spec.soft_tokens,

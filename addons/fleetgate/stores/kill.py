@@ -13,20 +13,34 @@ reconcile what was running and what was cut.
 With ``path=None`` everything is in memory (tests, ``fleetgate_state_dir=''``). The interface
 is declared beside the core that uses it (:class:`fleetgate.kill.core.KillStore`: the pure
 package states what it needs, this layer provides it) and re-exported here.
+
+:class:`QueuedKillStore` is what the kill service actually uses: the same interface, but
+every write goes through a bounded queue to one writer thread, so a store that is locked by
+another process or on a slow disk never holds the proxy's event loop (SQLite's busy timeout
+is waited out in that thread). A write returns a :class:`concurrent.futures.Future` its
+caller may await off the loop; the wrapper knows whether the store currently works (the last
+write failed or not) and says so to ``on_state``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+from fleetgate.errors import StateError
 from fleetgate.kill.core import KillStore
 from fleetgate.kill.graph import Node
 from fleetgate.kill.model import Action
 from fleetgate.sqlite import SqliteStore
 
-__all__ = ["KillStore", "SqliteKillStore"]
+__all__ = ["KillStore", "QueuedKillStore", "SqliteKillStore", "StateListener"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS actions (id TEXT PRIMARY KEY, body TEXT NOT NULL);
@@ -46,6 +60,13 @@ class SqliteKillStore(SqliteStore):
     """:class:`KillStore` on one SQLite connection (see :mod:`fleetgate.sqlite`)."""
 
     SCHEMA = _SCHEMA
+
+    def probe(self) -> None:
+        """Take the write lock and give it back: raises while another process holds it (or
+        the file cannot be written), so a failing store notices when it works again."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ROLLBACK")
 
     # -- actions in force ------------------------------------------------------------
 
@@ -124,3 +145,143 @@ class SqliteKillStore(SqliteStore):
             rows = self._db.execute(q, args).fetchall()
         return [{"seq": s, "at": a, "event": e, "action": act, **json.loads(b)}
                 for s, a, e, act, b in reversed(rows)]
+
+
+StateListener = Callable[[str, BaseException | None, bool], None]
+"""``(op, error or None, changed)``: after each write; ``changed`` when the store went from
+working to failing or back. Called in the writer thread."""
+
+
+class QueuedKillStore:
+    """A :class:`KillStore` whose writes run in order on one writer thread.
+
+    The queue is bounded (``size``): when it is full a write raises :class:`StateError` at
+    once instead of queueing without end (the store stopped keeping up). Reads
+    (:meth:`actions`, :meth:`nodes`, :meth:`log`: startup and the admin API's threads) first
+    wait, boundedly, for the writes already queued, so they see them.
+    """
+
+    def __init__(self, inner: KillStore, size: int = 1000,
+                 on_state: StateListener | None = None, clock: Callable[[], float] = time.time
+                 ) -> None:
+        self.inner = inner
+        self.on_state = on_state
+        self.clock = clock
+        self.ok = True
+        self.error: str | None = None
+        self.failing_since: float | None = None
+        self._queue: queue.Queue[tuple[str, Callable[[], Any], Future[Any]] | None] = \
+            queue.Queue(size)
+        self._thread = threading.Thread(target=self._run, name="fleetgate-kill-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- the writer --------------------------------------------------------------------
+
+    def _submit(self, op: str, job: Callable[[], Any]) -> Future[Any]:
+        fut: Future[Any] = Future()
+        try:
+            self._queue.put_nowait((op, job, fut))
+        except queue.Full:
+            exc = StateError(f"{self._queue.maxsize} kill-switch store writes are waiting "
+                             "(the store is locked or slow)")
+            self._report(op, exc)
+            raise exc from None
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            op, job, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                result = job()
+            except BaseException as exc:  # the caller (and on_state) decide what it means
+                self._report(op, exc)
+                fut.set_exception(exc)
+            else:
+                if op != "sync":
+                    self._report(op, None)
+                fut.set_result(result)
+
+    def _report(self, op: str, exc: BaseException | None) -> None:
+        was = self.ok
+        if exc is None:
+            self.ok, self.error, self.failing_since = True, None, None
+        else:
+            self.ok, self.error = False, f"{type(exc).__name__}: {exc}"
+            if was:
+                self.failing_since = self.clock()
+        if self.on_state is not None:
+            self.on_state(op, exc, was != self.ok)
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def sync(self, timeout: float = 10.0) -> None:
+        """Wait (at most ``timeout``) until the writes queued so far have run."""
+        with contextlib.suppress(StateError, FutureTimeout):
+            self._submit("sync", lambda: None).result(timeout)
+
+    def status(self) -> dict[str, Any]:
+        return {"ok": self.ok, "error": self.error, "failing_since": self.failing_since,
+                "pending_writes": self.pending()}
+
+    # -- KillStore: writes (queued) ----------------------------------------------------
+
+    def save_action(self, action: Action) -> Future[Any]:
+        return self._submit("action", lambda: self.inner.save_action(action))
+
+    def remove_action(self, action_id: str) -> Future[Any]:
+        return self._submit("action", lambda: self.inner.remove_action(action_id))
+
+    def save_node(self, node: Node) -> Future[Any]:
+        return self._submit("session", lambda: self.inner.save_node(node))
+
+    def forget_nodes(self, sessions: list[str]) -> Future[Any]:
+        return self._submit("session", lambda: self.inner.forget_nodes(sessions))
+
+    def append(self, event: str, body: dict[str, Any], action: str | None = None,
+               at: float | None = None) -> Future[Any]:
+        at = at if at is not None else self.clock()
+        return self._submit("log", lambda: self.inner.append(event, body, action, at))
+
+    def append_many(self, rows: list[tuple[str, dict[str, Any], str | None]],
+                    at: float | None = None) -> Future[Any]:
+        at = at if at is not None else self.clock()
+        return self._submit("log", lambda: self.inner.append_many(rows, at))
+
+    def probe(self) -> Future[Any] | None:
+        """While failing and idle, try the store once (a cheap write lock round trip), so
+        recovery is noticed without waiting for real work."""
+        probe = getattr(self.inner, "probe", None)
+        if self.ok or probe is None or self.pending():
+            return None
+        with contextlib.suppress(StateError):
+            return self._submit("probe", probe)
+        return None
+
+    # -- KillStore: reads --------------------------------------------------------------
+
+    def actions(self) -> list[Action]:
+        self.sync()
+        return self.inner.actions()
+
+    def nodes(self) -> list[Node]:
+        self.sync()
+        return self.inner.nodes()
+
+    def log(self, limit: int = 100, action: str | None = None,
+            since: float | None = None) -> list[dict[str, Any]]:
+        self.sync()
+        return self.inner.log(limit, action, since)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish the queued writes (at most ``timeout``), then close the store."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(timeout)
+        self.inner.close()
