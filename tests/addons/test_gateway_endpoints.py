@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,33 @@ def test_revoking_the_parent_session_refuses_the_child_and_its_minting(
     back = control(coord, "/v1/whoami")
     run_request(addons, back)
     assert back.response is not None and back.response.status_code == 200
+
+
+def test_no_child_token_while_the_kill_switch_cannot_record_it(
+        chain: tuple[Any, list[Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child session the kill switch could not record could never be stopped by family:
+    while its store is failing, delegation answers 503 and issues nothing."""
+    _, addons = chain
+    coord = token()
+    first = control(coord, "/v1/whoami")
+    run_request(addons, first)  # the coordinator's session is recorded while the store works
+    assert first.response is not None and first.response.status_code == 200
+    kill = next(a.kill for a in addons if type(a).__name__ == "KillSwitch")
+    store = kill.core.store
+
+    def full(*_: Any, **__: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+    monkeypatch.setattr(store.inner, "save_node", full)
+    newcomer = request_flow(path="/v1/models", auth=basic(token("other-1", "security", "s-new")))
+    run_request(addons, newcomer)  # a new session cannot be written: the store is now failing
+    assert newcomer.response is not None and newcomer.response.status_code == 503
+    f = control(coord, "/v1/delegate", "POST", b'{"role": "security"}')
+    run_request(addons, f)
+    assert f.response is not None and f.response.status_code == 503, f.response.text
+    body = json.loads(f.response.content)
+    assert body["fleetgate"]["rule"] == "killswitch.state" and "token" not in body
+    assert "database or disk is full" in body["fleetgate"]["reason"]
+    assert f.response.headers["Retry-After"] == "1"
 
 
 # -- health listener --------------------------------------------------------------------

@@ -33,6 +33,7 @@ from fleetgate.addons.flowtools import deny, fail_closed, settled
 from fleetgate.addons.kill_flows import DELEGATION, subject_of
 from fleetgate.addons.state import HEADER, claims_of, decision_id, record_decision
 from fleetgate.bodies import BodyError, parse_json
+from fleetgate.errors import StateError
 from fleetgate.kill.delegation import DelegationError
 from fleetgate.kill.graph import GraphError
 from fleetgate.kill.model import Subject
@@ -160,8 +161,15 @@ class ControlEndpoint:
             self.metrics.delegations.labels(result=f"delegation.{exc.code}").inc()
             deny(flow, 409, f"delegation.{exc.code}", str(exc))
             return
+        try:
+            fanout = self.kill.record_delegation(parent, child)
+        except StateError as exc:  # a child the kill switch cannot record is not issued
+            self.metrics.delegations.labels(result="killswitch.state").inc()
+            deny(flow, 503, "killswitch.state", str(exc),
+                 hint="retry shortly; an operator should check the gateway's state directory",
+                 headers={"Retry-After": "1"})
+            return
         self.metrics.delegations.labels(result="issued").inc()
-        fanout = self.kill.record_delegation(parent, child)
         log.info("fleetgate: %s (session %s) delegated to %s (%s, session %s)", parent.agent,
                  parent.session, child["sub"], child["agent_role"], child["session_id"])
         flow.comment = f"delegated {child['agent_role']} child {child['sub']}"
