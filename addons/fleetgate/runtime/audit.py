@@ -24,11 +24,11 @@ that can be written again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
 import os
-import queue
 import stat
 import sys
 import threading
@@ -43,6 +43,8 @@ __all__ = ["QUEUE_MAX", "AuditSink", "AuditUnavailable", "FileTarget", "StreamTa
 log = logging.getLogger("fleetgate.decisions")
 
 QUEUE_MAX = 10_000  # lines waiting for the writer; past it a line is refused, never blocked on
+FLUSH_SECONDS = 0.05  # a line nobody waits for is written at most this late
+BATCH_MAX = 256  # lines per write(2): rotation and a failure are judged per batch
 
 
 class AuditUnavailable(StateError):
@@ -158,7 +160,6 @@ class FileTarget:
         self.open()
 
 
-_STOP = object()
 
 
 class AuditSink:
@@ -182,33 +183,45 @@ class AuditSink:
         self.failed_at: float | None = None
         self.errors = 0
         self.written = 0
-        self._queue: queue.Queue[Any] = queue.Queue(queue_max)
+        self.queue_max = queue_max
+        # Lines in submission order (deque appends and pops are thread-safe). A line nobody
+        # waits for does not wake the writer: it is written with the next urgent one or
+        # within FLUSH_SECONDS, so under load a batch is one wake-up of the writer thread,
+        # not one per line (a wake-up per line cost the event loop ~0.3 ms per request in
+        # GIL hand-offs). A line someone awaits (audit required) wakes it at once.
+        self._lines: collections.deque[tuple[bytes, concurrent.futures.Future[None]]] = (
+            collections.deque())
+        self._wake = threading.Event()
+        self._stop = False
         self._thread = threading.Thread(target=self._run, name="fleetgate-decision-log",
                                         daemon=True)
         self._thread.start()
 
     # -- callers (event loop) ------------------------------------------------------------
 
-    def submit(self, line: str) -> concurrent.futures.Future[None]:
-        """Queue a line; never blocks. The future fails when the line was not written."""
+    def submit(self, line: str, urgent: bool = False) -> concurrent.futures.Future[None]:
+        """Queue a line; never blocks. The future fails when the line was not written.
+        ``urgent``: someone waits for it, so the writer is woken now."""
         fut: concurrent.futures.Future[None] = concurrent.futures.Future()
-        try:
-            self._queue.put_nowait((line.encode() + b"\n", fut))
-        except queue.Full:
-            self._failed(f"{self._queue.maxsize} lines wait for the writer (disk too slow)")
+        if len(self._lines) >= self.queue_max:
+            self._failed(f"{self.queue_max} lines wait for the writer (disk too slow)")
             fut.set_exception(AuditUnavailable(str(self.cause)))
+            return fut
+        self._lines.append((line.encode() + b"\n", fut))
+        if urgent:
+            self._wake.set()
         return fut
 
     async def write(self, line: str, timeout: float) -> None:
         """Return once ``line`` is written; :class:`AuditUnavailable` when it was not, or not
         within ``timeout`` seconds (the line may still be written later)."""
-        fut = self.submit(line)
+        fut = self.submit(line, urgent=True)
         try:
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), timeout)
         except TimeoutError:
             raise AuditUnavailable(
                 f"the decision log did not take the line within {timeout:g} s "
-                f"({self._queue.qsize()} lines queued)") from None
+                f"({len(self._lines)} lines queued)") from None
 
     def reopen(self) -> None:
         """Reopen every file before its next line (external rotation, ``SIGHUP``)."""
@@ -217,7 +230,7 @@ class AuditSink:
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ok": self.ok, "targets": [t.name for t in self.targets],
-                               "queued": self._queue.qsize(), "written": self.written,
+                               "queued": len(self._lines), "written": self.written,
                                "write_errors": self.errors}
         if not self.ok:
             out.update(error=self.cause, since=self.failed_at)
@@ -225,8 +238,8 @@ class AuditSink:
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (up to ``timeout``), then close the files."""
-        with contextlib.suppress(queue.Full):
-            self._queue.put(_STOP, timeout=timeout)
+        self._stop = True
+        self._wake.set()
         self._thread.join(timeout)
         for t in self.targets:
             t.close()
@@ -235,27 +248,37 @@ class AuditSink:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is _STOP:
+            self._wake.wait(FLUSH_SECONDS)
+            self._wake.clear()
+            while self._lines:  # everything queued so far, in order, as one batch
+                batch: list[tuple[bytes, concurrent.futures.Future[None]]] = []
+                while self._lines and len(batch) < BATCH_MAX:
+                    batch.append(self._lines.popleft())
+                self._write(batch)
+            if self._stop:
                 return
-            data, fut = item
-            failure: str | None = None
-            for t in self.targets:
-                try:
-                    t.write(data)
-                except Exception as exc:  # never let one line end the writer
-                    failure = f"{t.name}: {exc}"
-            if failure is None:
-                self.written += 1
-                if not self.ok:
-                    self.ok, self.cause = True, None
-                    self.on_state(True, None)
+
+    def _write(self, batch: list[tuple[bytes, concurrent.futures.Future[None]]]) -> None:
+        data = b"".join(d for d, _ in batch)
+        failure: str | None = None
+        for t in self.targets:
+            try:
+                t.write(data)
+            except Exception as exc:  # never let one batch end the writer
+                failure = f"{t.name}: {exc}"
+        if failure is None:
+            self.written += len(batch)
+            if not self.ok:
+                self.ok, self.cause = True, None
+                self.on_state(True, None)
+            for _, fut in batch:
                 fut.set_result(None)
-            else:
-                self._failed(failure)
-                log.error("fleetgate: decision log line not written (%s): %s", failure,
-                          data.decode(errors="replace").rstrip("\n"))
-                fut.set_exception(AuditUnavailable(failure))
+            return
+        for data_line, fut in batch:
+            self._failed(failure)
+            log.error("fleetgate: decision log line not written (%s): %s", failure,
+                      data_line.decode(errors="replace").rstrip("\n"))
+            fut.set_exception(AuditUnavailable(failure))
 
     def _failed(self, cause: str) -> None:
         self.errors += 1
