@@ -65,6 +65,8 @@ class KillService:
         self._open_store = open_store
         self.state_wait = 2.0  # seconds a new session's first request waits for its write
         self._writing: dict[str, concurrent.futures.Future[Any]] = {}  # session writes queued
+        self.actions_unsaved = False  # an action write failed: reconcile when the store works
+        self._resaving = False
         self.core = self._new_core(None)
         metrics.state_ok.labels(store="killswitch").set(1)
         self.gauges = KillGauges(self, metrics)
@@ -152,10 +154,32 @@ class KillService:
         return None
 
     def probe_store(self) -> None:
-        """Housekeeping: a failing store with nothing queued is tried again."""
+        """Housekeeping: a failing store with nothing queued is tried again; once it works,
+        the actions in force are written whole (a stop, a lift or an expiry whose write was
+        lost while it failed would otherwise be wrong after a restart)."""
         store = self.core.store
-        if isinstance(store, QueuedKillStore):
+        if not isinstance(store, QueuedKillStore):
+            return
+        if self.store_failing() is not None:
+            self.actions_unsaved = True
             store.probe()
+        if self.actions_unsaved and not self._resaving:
+            # queued behind the probe: written as soon as the store takes writes again, the
+            # actions as they are now (a later lift's removal is queued after it)
+            self._resaving = True
+            try:
+                fut = store.replace_actions(self.core.stored_actions())
+            except StateError:  # the queue is full: the next tick tries again
+                self._resaving = False
+                return
+            fut.add_done_callback(self._resaved)
+
+    def _resaved(self, fut: concurrent.futures.Future[Any]) -> None:
+        """Writer thread: a reconcile finished (plain attribute writes only)."""
+        self._resaving = False
+        if not fut.cancelled() and fut.exception() is None:
+            self.actions_unsaved = False
+            log.warning("fleetgate: kill-switch actions in force written to the store again")
 
     def _saving(self, node: Node, handle: object) -> None:
         """The core handed a session to the store: track it until written."""
@@ -321,10 +345,10 @@ class KillService:
             out["error"] = persist_error
         return out, writes
 
-    @staticmethod
-    def _unsaved_action(label: str, fut: concurrent.futures.Future[Any]) -> None:
+    def _unsaved_action(self, label: str, fut: concurrent.futures.Future[Any]) -> None:
         exc = None if fut.cancelled() else fut.exception()
         if exc is not None:
+            self.actions_unsaved = True  # housekeeping writes them whole once the store works
             log.error("fleetgate: %s is in force but was not saved (%s); it will not survive "
                       "a restart", label, exc)
 

@@ -75,6 +75,14 @@ class SqliteKillStore(SqliteStore):
             self._db.execute("INSERT OR REPLACE INTO actions (id, body) VALUES (?, ?)",
                              (action.id, json.dumps(action.to_json())))
 
+    def replace_actions(self, actions: list[Action]) -> None:
+        """Make the stored actions exactly ``actions``, in one transaction (after writes
+        were lost while the store failed: a stop kept, a lift not forgotten)."""
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM actions")
+            self._db.executemany("INSERT INTO actions (id, body) VALUES (?, ?)",
+                                 [(a.id, json.dumps(a.to_json())) for a in actions])
+
     def remove_action(self, action_id: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM actions WHERE id = ?", (action_id,))
@@ -237,6 +245,9 @@ class QueuedKillStore:
 
     def remove_action(self, action_id: str) -> Future[Any]:
         return self._submit("action", lambda: self.inner.remove_action(action_id))
+
+    def replace_actions(self, actions: list[Action]) -> Future[Any]:
+        return self._submit("action", lambda: self.inner.replace_actions(actions))
 
     def save_node(self, node: Node) -> Future[Any]:
         return self._submit("session", lambda: self.inner.save_node(node))
