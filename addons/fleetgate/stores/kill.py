@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import queue
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -38,7 +36,7 @@ from fleetgate.errors import StateError
 from fleetgate.kill.core import KillStore
 from fleetgate.kill.graph import Node
 from fleetgate.kill.model import Action
-from fleetgate.sqlite import SqliteStore
+from fleetgate.sqlite import SqliteStore, WriterThread
 
 __all__ = ["KillStore", "QueuedKillStore", "SqliteKillStore", "StateListener"]
 
@@ -178,42 +176,28 @@ class QueuedKillStore:
         self.ok = True
         self.error: str | None = None
         self.failing_since: float | None = None
-        self._queue: queue.Queue[tuple[str, Callable[[], Any], Future[Any]] | None] = \
-            queue.Queue(size)
-        self._thread = threading.Thread(target=self._run, name="fleetgate-kill-writer",
-                                        daemon=True)
-        self._thread.start()
+        self._size = size
+        self._writer = WriterThread("fleetgate-kill-writer", size)
 
     # -- the writer --------------------------------------------------------------------
 
     def _submit(self, op: str, job: Callable[[], Any]) -> Future[Any]:
-        fut: Future[Any] = Future()
-        try:
-            self._queue.put_nowait((op, job, fut))
-        except queue.Full:
-            exc = StateError(f"{self._queue.maxsize} kill-switch store writes are waiting "
-                             "(the store is locked or slow)")
-            self._report(op, exc)
-            raise exc from None
-        return fut
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            op, job, fut = item
-            if not fut.set_running_or_notify_cancel():
-                continue
+        def run() -> Any:
             try:
                 result = job()
             except BaseException as exc:  # the caller (and on_state) decide what it means
                 self._report(op, exc)
-                fut.set_exception(exc)
-            else:
-                if op != "sync":
-                    self._report(op, None)
-                fut.set_result(result)
+                raise
+            if op != "sync":
+                self._report(op, None)
+            return result
+        try:
+            return self._writer.submit(run)
+        except StateError:
+            exc = StateError(f"{self._size} kill-switch store writes are waiting "
+                             "(the store is locked or slow)")
+            self._report(op, exc)
+            raise exc from None
 
     def _report(self, op: str, exc: BaseException | None) -> None:
         was = self.ok
@@ -227,7 +211,7 @@ class QueuedKillStore:
             self.on_state(op, exc, was != self.ok)
 
     def pending(self) -> int:
-        return self._queue.qsize()
+        return self._writer.pending()
 
     def sync(self, timeout: float = 10.0) -> None:
         """Wait (at most ``timeout``) until the writes queued so far have run."""
@@ -292,7 +276,5 @@ class QueuedKillStore:
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish the queued writes (at most ``timeout``), then close the store."""
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
-        self._thread.join(timeout)
+        self._writer.close(timeout)
         self.inner.close()
