@@ -20,6 +20,7 @@ demo:
 test:
 	@./scripts/bootstrap.sh test lint deploy
 	@./scripts/bootstrap.sh --env .venv-mcp1 mcp1
+	@./scripts/need-redis.sh
 	.venv/bin/ruff check addons tests scripts
 	.venv/bin/mypy
 	.venv/bin/lint-imports --no-cache

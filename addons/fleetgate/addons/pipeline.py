@@ -36,6 +36,7 @@ from fleetgate.addons.mcp_answers import McpAnswers
 from fleetgate.addons.mcp_operator import McpOperator
 from fleetgate.addons.request_bodies import RequestBodies
 from fleetgate.addons.rules import PolicyStore
+from fleetgate.addons.state_backend import StateBackend
 from fleetgate.addons.streaming import StreamPassthrough
 from fleetgate.addons.timeouts import Timeouts
 from fleetgate.addons.upstream_errors import UpstreamErrors
@@ -46,12 +47,14 @@ from fleetgate.runtime.listeners import HttpListener
 from fleetgate.runtime.mcp import McpService
 from fleetgate.runtime.policy import PolicyService
 from fleetgate.runtime.reservations import ReservationBook
+from fleetgate.runtime.shared import SharedState
 from fleetgate.stores.spend import SqliteSpendStore
 
 
 def pipeline() -> list[Any]:
     metrics = GatewayMetrics()
     policies = PolicyService(metrics)  # the running policy; PolicyStore loads and reloads it
+    shared = SharedState(metrics)  # Redis, when fleetgate_state names one (StateBackend)
     health = HttpListener(metrics, policies.status)
     admin = HttpListener(metrics, policies.status, admin=True)
     ledger = Ledger()
@@ -71,6 +74,7 @@ def pipeline() -> list[Any]:
         ConnectionGuard(metrics),
         HeaderBounds(),  # 431 before anything reads the headers
         AmbiguityGuard(),  # before identity: a doubled Host or path trick needs no token to refuse
+        StateBackend(shared, policies),  # before every addon that opens a store
         PolicyStore(metrics, policies),
         AgentIdentity(metrics, identities),
         KillSwitch(kill, metrics),  # the gate

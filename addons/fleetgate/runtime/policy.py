@@ -36,18 +36,26 @@ class PolicyService:
         self.last_error_at: float | None = None
         self._listeners: list[Listener] = []
         self._checks: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._required: set[str] = set()
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(old, new)`` after every swap (a failing listener is logged, and
         neither stops the swap nor the other listeners)."""
         self._listeners.append(listener)
 
-    def add_status(self, name: str, check: Callable[[], dict[str, Any]]) -> None:
+    def add_status(self, name: str, check: Callable[[], dict[str, Any]],
+                   required: bool = False) -> None:
         """Report another part's health in :meth:`status` (``/healthz/ready``) under
         ``state[name]``. A check answering ``"ok": False`` marks the gateway ``degraded`` but
         leaves it ready: what depends on that part is refused by its own addon, and taking
-        the only replica out of service would refuse every other agent too."""
+        the only replica out of service would refuse every other agent too. A ``required``
+        check (the shared Redis state: other replicas may still have it) also makes the
+        gateway unready while it fails."""
         self._checks[name] = check
+        if required:
+            self._required.add(name)
+        else:
+            self._required.discard(name)
 
     def install(self, policy: Policy) -> None:
         """Make ``policy`` the running one (compiled and validated whole by the loader)."""
@@ -101,4 +109,6 @@ class PolicyService:
         if state:
             out["state"] = state
             out["degraded"] = not all(s.get("ok", True) for s in state.values())
+            if any(not state[n].get("ok", True) for n in self._required if n in state):
+                out["ready"] = False
         return out
