@@ -110,6 +110,9 @@ ENFORCING: dict[tuple[str, str], Case] = {
     ("McpGuard", "request"): Case("mcp"),
     ("McpAnswers", "responseheaders"): Case("mcp"),
     ("McpAnswers", "response"): Case("mcp"),
+    # shared state: the session's owner across gateways (embedded: returns at once)
+    ("McpSharedState", "request"): Case("mcp", at_line=True),
+    ("McpSharedState", "responseheaders"): Case("mcp", at_line=True),
     ("LlmMeter", "responseheaders"): Case("llm"),  # wraps the stream its guards end
     ("BudgetGuard", "request"): Case("llm"),
     ("RateLimiter", "request"): Case("llm"),

@@ -1,7 +1,8 @@
 """McpOperator: the MCP options and the operator commands, over the MCP service.
 
 Options: ``fleetgate_mcp_pins`` (the pin file, read at start and written when a tool is pinned
-or approved), ``fleetgate_mcp_trust_first_use``, ``fleetgate_mcp_max_body``; a bad value
+or approved; with shared state, ``fleetgate_state``, pins live in Redis instead),
+``fleetgate_mcp_trust_first_use``, ``fleetgate_mcp_max_body``; a bad value
 stops the gateway at startup (``OptionsError``). Commands (mitmweb's command bar):
 ``fleetgate.mcp.pending``, ``fleetgate.mcp.approve``, ``fleetgate.mcp.pins``, the same as
 ``/mcp/pins`` and ``/mcp/approve`` on the admin port (registered by
@@ -10,6 +11,7 @@ stops the gateway at startup (``OptionsError``). Commands (mitmweb's command bar
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from fleetgate.runtime.mcp import McpService
 from fleetgate.stores.pins import FilePinStore
 
 __all__ = ["McpOperator"]
+
+log = logging.getLogger("fleetgate.mcp")
 
 
 class McpOperator:
@@ -43,11 +47,18 @@ class McpOperator:
     def configure(self, updated: set[str]) -> None:
         if "fleetgate_mcp_max_body" in updated and ctx.options.fleetgate_mcp_max_body <= 0:
             raise exceptions.OptionsError("fleetgate_mcp_max_body must be > 0")
-        if {"fleetgate_mcp_pins", "fleetgate_mcp_trust_first_use"} & updated:
+        if {"fleetgate_mcp_pins", "fleetgate_mcp_trust_first_use", "fleetgate_state"} & updated:
             path = ctx.options.fleetgate_mcp_pins
+            shared = self.mcp.shared
             try:
-                self.mcp.use_pins(FilePinStore(Path(path)) if path else None,
-                                  ctx.options.fleetgate_mcp_trust_first_use)
+                if shared is not None and shared.enabled:
+                    if path:
+                        log.warning("fleetgate: fleetgate_mcp_pins=%s is not read: with shared "
+                                    "state (fleetgate_state) MCP pins live in Redis", path)
+                    self.mcp.use_shared(ctx.options.fleetgate_mcp_trust_first_use)
+                else:
+                    self.mcp.use_pins(FilePinStore(Path(path)) if path else None,
+                                      ctx.options.fleetgate_mcp_trust_first_use)
             except (OSError, ValueError) as exc:
                 raise exceptions.OptionsError(f"fleetgate_mcp_pins: {exc}") from None
 

@@ -34,6 +34,7 @@ from fleetgate.addons.llm_meter import LlmMeter
 from fleetgate.addons.mcp import McpGuard
 from fleetgate.addons.mcp_answers import McpAnswers
 from fleetgate.addons.mcp_operator import McpOperator
+from fleetgate.addons.mcp_owners import McpSharedState
 from fleetgate.addons.request_bodies import RequestBodies
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.state_backend import StateBackend
@@ -69,7 +70,7 @@ def pipeline() -> list[Any]:
     meter = LlmMeter(policies, metrics, ledger, book)
     budgets = BudgetGuard(policies, metrics, book, health)
     limiter = RateLimiter(policies, metrics, book, health)
-    mcp = McpService(metrics, admin.routes)  # sessions, pins; /mcp/pins, /mcp/approve
+    mcp = McpService(metrics, admin.routes, shared)  # sessions, pins; /mcp/pins, /mcp/approve
     return [
         ConnectionGuard(metrics),
         HeaderBounds(),  # 431 before anything reads the headers
@@ -88,6 +89,7 @@ def pipeline() -> list[Any]:
         McpOperator(mcp),  # the MCP options and commands
         McpGuard(policies, metrics, mcp),  # requests
         McpAnswers(policies, metrics, mcp),  # answers
+        McpSharedState(mcp),  # shared state: session owners and pins across gateways
         meter,
         # after the meter: they settle their reservations from the usage the meter recorded.
         # Budgets first: a call a budget refuses takes nothing from the rate limits.

@@ -55,9 +55,11 @@ class Pins:
 
     def __init__(self, approved: Mapping[str, Mapping[str, str]] | None = None,
                  trust_on_first_use: bool = True,
-                 on_change: Callable[[PinMap], None] | None = None) -> None:
+                 on_change: Callable[[PinMap], None] | None = None,
+                 on_pending: Callable[[Pending], None] | None = None) -> None:
         self.trust_on_first_use = trust_on_first_use
         self._on_change = on_change
+        self._on_pending = on_pending  # a definition starts waiting (shared state: others see it)
         self._lock = threading.Lock()
         self._pins: PinMap = {s: dict(t) for s, t in (approved or {}).items()}
         self._pending: dict[tuple[str, str], Pending] = {}
@@ -96,7 +98,11 @@ class Pins:
                 else:
                     state = PinState.NEW if pinned is None else PinState.CHANGED
                     states[name] = state
-                    self._pending[(server, name)] = Pending(server, name, state, fp)
+                    p = Pending(server, name, state, fp)
+                    if self._pending.get((server, name)) != p:
+                        self._pending[(server, name)] = p
+                        if self._on_pending is not None:
+                            self._on_pending(p)
             if last_page:
                 self._learning.discard(server)
             if changed:
@@ -128,6 +134,29 @@ class Pins:
             self._pins.setdefault(server, {})[tool] = p.fingerprint
             self._changed()
             return True
+
+    def pin(self, server: str, tool: str, fp: str) -> None:
+        """Approve definition ``fp`` of ``tool`` (an approval of a definition another gateway
+        saw: the shared pending list)."""
+        with self._lock:
+            self._pins.setdefault(server, {})[tool] = fp
+            p = self._pending.get((server, tool))
+            if p is not None and p.fingerprint == fp:
+                del self._pending[(server, tool)]
+            self._changed()
+
+    def adopt(self, shared: Mapping[str, Mapping[str, str]]) -> None:
+        """Take the pins other gateways saved (the shared store's view wins for every tool it
+        names; a pending definition it approved stops waiting). ``on_change`` is not called:
+        this is what the store already holds."""
+        with self._lock:
+            for server, tools in shared.items():
+                known = self._pins.setdefault(server, {})
+                for tool, fp in tools.items():
+                    known[tool] = fp
+                    p = self._pending.get((server, tool))
+                    if p is not None and p.fingerprint == fp:
+                        del self._pending[(server, tool)]
 
     def pins(self) -> PinMap:
         with self._lock:
