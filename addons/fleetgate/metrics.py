@@ -213,6 +213,11 @@ class GatewayMetrics:
             "flight when the gateway died), charged their reserved amount, by budget.",
             ["budget"], registry=r)
 
+        self.ratelimit_state_refusals = Counter(
+            "fleetgate_ratelimit_state_refusals", "Requests refused (503 ratelimit.state) "
+            "because the shared state (Redis) could not check their rate limits, by the first "
+            "limit.", ["limit"], registry=r)
+
     def set_revision(self, revision: str) -> None:
         self.policy_revision.clear()
         self.policy_revision.labels(revision=revision).set(1)

@@ -115,7 +115,7 @@ ENFORCING: dict[tuple[str, str], Case] = {
     ("McpSharedState", "responseheaders"): Case("mcp", at_line=True),
     ("LlmMeter", "responseheaders"): Case("llm"),  # wraps the stream its guards end
     ("BudgetGuard", "request"): Case("llm"),
-    ("RateLimiter", "request"): Case("llm"),
+    ("RateLimiter", "request"): Case("llm"),  # async: awaits Redis when shared
     ("CredentialInjector", "request"): Case("credential"),
     # the injected key is replaced in the flow once sent; a crash must not leave it
     ("CredentialInjector", "responseheaders"): Case("credential"),

@@ -22,6 +22,7 @@ from fleetgate.kill.model import Subject
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.runtime.identity import IdentityRegistry
 from fleetgate.runtime.kill import FlowEffects, KillService
+from fleetgate.runtime.shared import SharedState
 
 __all__ = ["DELEGATION", "DEPTH", "RX", "flow_report", "kill_service", "message_depth",
            "refuse_stop", "subject_of"]
@@ -40,9 +41,11 @@ def subject_of(flow: http.HTTPFlow) -> Subject | None:
                                   "user": claims_of(flow).get("user", ident.user)})
 
 
-def kill_service(metrics: GatewayMetrics, identities: IdentityRegistry) -> KillService:
-    """The kill service, cutting flows and closing tunnels the mitmproxy way."""
-    return KillService(metrics, identities, FlowEffects(
+def kill_service(metrics: GatewayMetrics, identities: IdentityRegistry,
+                 shared: SharedState | None = None) -> KillService:
+    """The kill service, cutting flows and closing tunnels the mitmproxy way; ``shared``:
+    the Redis state, used when ``fleetgate_state`` names one."""
+    return KillService(metrics, identities, shared=shared, effects=FlowEffects(
         cut=lambda flow, rule, reason, abort: cut_flow(flow, rule, reason, abort=abort),
         close=lambda client, abort: close_client(client, abort=abort),
         report=flow_report,

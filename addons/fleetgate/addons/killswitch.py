@@ -10,6 +10,8 @@ the action's bucket (429 with ``Retry-After`` when empty). A session seen for th
 is written to the kill-switch store before its first request goes on (the write runs off the
 event loop, awaited at most ``fleetgate_state_wait_ms``): a session the store cannot record
 is refused 503 ``killswitch.state`` (fail closed), while sessions already recorded never wait.
+With ``fleetgate_state`` a Redis URL the kill state is the replicas' shared one (Redis store,
+and :class:`~fleetgate.runtime.kill_bus.KillBus` so a stop on one replica cuts on all).
 
 The state (decisions, live flows, sweeping) is the :class:`~fleetgate.runtime.kill.KillService`'s;
 its housekeeping runs as a periodic task started in :meth:`KillSwitch.running`. The other
@@ -39,6 +41,10 @@ from fleetgate.runtime.kill import KillService
 from fleetgate.runtime.kill_tasks import KillHousekeeping
 
 log = logging.getLogger(__name__)
+
+# the options that choose where the kill state lives (fleetgate_state*: the StateBackend's)
+STATE_OPTIONS = {"fleetgate_state", "fleetgate_state_password_file", "fleetgate_state_prefix",
+                 "fleetgate_state_dir"}
 
 
 class KillSwitch:
@@ -74,7 +80,17 @@ class KillSwitch:
             self.kill.state_wait = max(1, int(o.fleetgate_state_wait_ms)) / 1000
         if "fleetgate_message_depth_header" in updated:
             self.kill.depth_header = o.fleetgate_message_depth_header
-        if "fleetgate_state_dir" in updated:
+        shared = self.kill.shared
+        if shared is not None and shared.enabled and (STATE_OPTIONS & updated):
+            # Redis (fleetgate_state): every replica's store; fleetgate_state_dir is not used
+            assert shared.settings is not None
+            try:
+                self.kill.open_shared(shared)
+            except Exception as exc:
+                raise exceptions.OptionsError(
+                    f"fleetgate_state: cannot read the kill-switch state in Redis at "
+                    f"{shared.settings.redacted()}: {exc}") from None
+        elif {"fleetgate_state_dir", "fleetgate_state"} & updated:
             d = o.fleetgate_state_dir
             try:
                 self.kill.open_state(d)

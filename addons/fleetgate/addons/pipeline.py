@@ -36,6 +36,7 @@ from fleetgate.addons.mcp_answers import McpAnswers
 from fleetgate.addons.mcp_operator import McpOperator
 from fleetgate.addons.mcp_owners import McpSharedState
 from fleetgate.addons.request_bodies import RequestBodies
+from fleetgate.addons.reuse_port import ReusePort
 from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.state_backend import StateBackend
 from fleetgate.addons.streaming import StreamPassthrough
@@ -49,6 +50,7 @@ from fleetgate.runtime.mcp import McpService
 from fleetgate.runtime.policy import PolicyService
 from fleetgate.runtime.reservations import ReservationBook
 from fleetgate.runtime.shared import SharedState
+from fleetgate.runtime.usage import SharedUsage
 from fleetgate.stores.spend import SqliteSpendStore
 
 
@@ -59,20 +61,22 @@ def pipeline() -> list[Any]:
     health = HttpListener(metrics, policies.status)
     admin = HttpListener(metrics, policies.status, admin=True)
     ledger = Ledger()
-    health.routes.get("/usage", ledger.snapshot)
+    health.routes.get("/usage", SharedUsage(ledger, shared).snapshot)  # Redis: the fleet's
     identities = IdentityRegistry()  # the token verifier, tunnels bound to identities
-    kill = kill_service(metrics, identities)  # kill decisions, live flows, sweeps
+    kill = kill_service(metrics, identities, shared)  # kill decisions, live flows, sweeps
     policies.subscribe(kill.on_policy)
     policies.add_status("killswitch", kill.store_status)  # /healthz/ready state.killswitch
     # rate limits and budgets: reserved by the limiter and the budget guard, checked by the
     # meter while an answer streams, settled from the meter's usage
-    book = ReservationBook(SqliteSpendStore(None))  # in memory until fleetgate_state_dir
+    # spend in memory until fleetgate_state_dir; rate buckets in Redis when shared
+    book = ReservationBook(SqliteSpendStore(None), shared=shared)
     meter = LlmMeter(policies, metrics, ledger, book)
-    budgets = BudgetGuard(policies, metrics, book, health)
+    budgets = BudgetGuard(policies, metrics, book, health, shared)
     limiter = RateLimiter(policies, metrics, book, health)
     mcp = McpService(metrics, admin.routes, shared)  # sessions, pins; /mcp/pins, /mcp/approve
     return [
         ConnectionGuard(metrics),
+        ReusePort(),  # fleetgate_reuse_port: set before the proxy listeners bind
         HeaderBounds(),  # 431 before anything reads the headers
         AmbiguityGuard(),  # before identity: a doubled Host or path trick needs no token to refuse
         StateBackend(shared, policies),  # before every addon that opens a store

@@ -113,6 +113,18 @@ class KillBoard:
             self._drop(a)
         return gone
 
+    def discard(self, action_id: str, key: tuple[str, str, str | None, bool] | None = None
+                ) -> Action | None:
+        """Remove the action ``action_id`` (another replica lifted it or it expired there);
+        with ``key``, whatever action is in force on that verb and scope when the id is not
+        (a lift lifts the scope, whichever replica's copy of the action is in force here)."""
+        found = next((a for a in self.actions.values() if a.id == action_id), None)
+        if found is None and key is not None:
+            found = self.actions.get(key)
+        if found is not None:
+            self._drop(found)
+        return found
+
     def _drop(self, action: Action) -> None:
         self.actions.pop(action.key, None)
         self._buckets.pop(action.id, None)

@@ -20,6 +20,13 @@ off the event loop): each write method then returns a handle (a future) instead 
 The core does not look inside it; it hands the handles back (``Applied.writes``,
 ``on_saving``) to the service, which awaits them off the loop. A session whose write failed
 is put back with :meth:`KillCore.requeue` and written again by the next flush.
+
+Several gateways sharing one store (Redis) tell each other what changed: every new action,
+every lift or expiry and every new session goes to :attr:`KillCore.outbox` (the service
+publishes it) the moment the board or graph changes, and what another replica published comes
+in through :meth:`KillCore.adopt`, :meth:`KillCore.discard` and :meth:`KillCore.adopt_node`,
+which change the board and graph only: the other replica already wrote it, and nothing adopted
+is published again.
 """
 
 from __future__ import annotations
@@ -85,6 +92,9 @@ class KillCore:
         self.listeners: list[Callable[[], None]] = []  # called after every board change
         self._unsaved: dict[str, Node] = {}  # sessions first seen since the last flush
         self.on_saving: Callable[[Node, object], None] | None = None  # a session handed over
+        # ``(op, payload)`` for the other replicas: "apply" {action}, "drop" {id, action,
+        # event}, "node" {node}; called on every local change, never for an adopted one
+        self.outbox: Callable[[str, dict[str, Any]], None] | None = None
 
     def load(self) -> int:
         """Read actions in force and the session graph from the store (startup)."""
@@ -109,6 +119,46 @@ class KillCore:
         for fn in list(self.listeners):
             fn()
 
+    def _out(self, op: str, payload: dict[str, Any]) -> None:
+        if self.outbox is not None:
+            self.outbox(op, payload)
+
+    # -- what other replicas did (no store writes, nothing published) ------------------
+
+    def adopt(self, action: Action) -> bool:
+        """Put in force an action another replica applied (and stored); True when new here."""
+        if not action.active(self.clock()):
+            return False
+        _, new = self.board.apply(action)
+        if new:
+            self._changed()
+        return new
+
+    def discard(self, action_id: str, key: tuple[str, str, str | None, bool] | None = None
+                ) -> Action | None:
+        """Remove an action another replica lifted (``key``: by scope when the id is not
+        here) or that expired there; what was removed."""
+        gone = self.board.discard(action_id, key)
+        if gone is not None:
+            self._changed()
+        return gone
+
+    def adopt_node(self, node: Node) -> bool:
+        """Add a session another replica recorded (linked under its parent) unless known;
+        True when added. An edge this graph refuses (it knows another parent) is ignored:
+        the first parent recorded here stays, as on the replica that saw both."""
+        known = self.graph.get(node.session)
+        if known is not None and known.via != "placeholder":
+            return False
+        try:
+            added, created = self.graph.observe(node.subject(), node.parent, node.created,
+                                                node.exp, node.via)
+        except GraphError:
+            return False
+        if added is not None and created:
+            added.created = node.created
+        return created
+
     # -- actions -----------------------------------------------------------------------
 
     def apply(self, action: Action) -> Applied:
@@ -117,6 +167,7 @@ class KillCore:
         writes: list[object] = []
         if new:
             self._changed()
+            self._out("apply", {"action": in_force.to_json()})  # before any write: latency
             body = {**in_force.to_json(), "sessions": list(reach.sessions),
                     "descendants": list(reach.descendants)}
             try:
@@ -152,6 +203,7 @@ class KillCore:
         return gone
 
     def _forget(self, action: Action, event: str, by: str, reason: str) -> None:
+        self._out("drop", {"id": action.id, "action": action.to_json(), "event": event})
         if action.source != RULES:
             self.store.remove_action(action.id)
         self.store.append(event, {"verb": action.verb.value, "scope": action.scope.to_json(),
@@ -177,6 +229,7 @@ class KillCore:
         node, created = self.graph.observe(subject, parent, self.clock(), exp, via)
         if created and node is not None:
             self._unsaved[node.session] = node
+            self._out("node", {"node": node.to_json()})
             if node.parent:
                 pnode = self.graph.get(node.parent)
                 if pnode is not None and pnode.via == "placeholder":

@@ -44,10 +44,13 @@ from fleetgate.limits.bucket import Take
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.policy.model import Policy
 from fleetgate.runtime.identity import IdentityRegistry
+from fleetgate.runtime.kill_bus import KillBus
 from fleetgate.runtime.kill_sweep import FlowEffects, source_of, sweep_revoked, sweep_stopped
 from fleetgate.runtime.kill_tasks import STATE, KillGauges, after_this_turn, in_loop
 from fleetgate.runtime.liveflows import LiveFlows
+from fleetgate.runtime.shared import SharedState
 from fleetgate.stores.kill import QueuedKillStore, SqliteKillStore
+from fleetgate.stores.redis_kill import RedisKillStore
 
 __all__ = ["FlowEffects", "KillService", "source_of"]
 
@@ -57,8 +60,11 @@ log = logging.getLogger(__name__)
 class KillService:
     def __init__(self, metrics: GatewayMetrics, identities: IdentityRegistry,
                  effects: FlowEffects, clock: Callable[[], float] = time.time,
-                 open_store: Callable[[Path | None], KillStore] = SqliteKillStore) -> None:
+                 open_store: Callable[[Path | None], KillStore] = SqliteKillStore,
+                 shared: SharedState | None = None) -> None:
         self.metrics = metrics
+        self.shared = shared  # Redis, when fleetgate_state names one (open_shared)
+        self.bus: KillBus | None = None  # the other replicas (Redis pub/sub)
         self.identities = identities
         self.effects = effects
         self.clock = clock
@@ -84,17 +90,23 @@ class KillService:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def _new_core(self, path: Path | None) -> KillCore:
-        store = QueuedKillStore(self._open_store(path), on_state=self._store_state,
-                                clock=self.clock)
+    def _new_core(self, path: Path | None,
+                  factory: Callable[[], KillStore] | None = None) -> KillCore:
+        inner = factory() if factory is not None else self._open_store(path)
+        store = QueuedKillStore(inner, on_state=self._store_state, clock=self.clock)
         core = KillCore(store, self.clock)
         core.on_saving = self._saving
+        core.outbox = self._publish
         return core
 
-    def open_state(self, directory: str) -> int:
-        """Switch to the state in ``directory`` ('' keeps it in memory); the number of
-        actions in force it holds. Raises when it cannot be opened (the old state stays)."""
-        core = self._new_core(Path(directory) / "killswitch.sqlite" if directory else None)
+    def open_state(self, directory: str, factory: Callable[[], KillStore] | None = None,
+                   where: str | None = None) -> int:
+        """Switch to the state in ``directory`` ('' keeps it in memory), or to the store
+        ``factory`` opens (``where`` names it in the log); the number of actions in force it
+        holds. Raises when it cannot be opened (the old state stays). Without a factory the
+        replicas' bus, if any, is stopped (the state is this process's own again)."""
+        core = self._new_core(Path(directory) / "killswitch.sqlite" if directory else None,
+                              factory)
         try:
             n = core.load()
         except BaseException:
@@ -106,16 +118,54 @@ class KillService:
         core.set_rules_actions(self._rules_actions)  # a policy may have loaded first
         old.store.close()
         if n:
-            log.warning("fleetgate: %d kill-switch action(s) in force from %s", n, directory)
+            log.warning("fleetgate: %d kill-switch action(s) in force from %s", n,
+                        where or directory)
         self.gauges.in_force()
+        if factory is None:
+            self._use_bus(None)
         return n
+
+    def open_shared(self, shared: SharedState) -> int:
+        """Keep the kill state in Redis (``fleetgate_state``), shared with every replica, and
+        tell them what changes here (:class:`KillBus`). Raises when Redis cannot be read:
+        a gateway must not serve before it knows the stops in force."""
+        settings = shared.settings
+        assert settings is not None
+
+        def report(op: str, exc: BaseException | None) -> None:
+            if exc is None:
+                shared.worked()
+            else:
+                shared.failed(op, exc)
+        n = self.open_state("", factory=lambda: RedisKillStore(
+            shared.sync_client(), shared.key, settings.replica, report=report),
+            where=f"Redis at {settings.redacted()}")
+        self.shared = shared
+        self._use_bus(KillBus(self, shared))
+        return n
+
+    def _use_bus(self, bus: KillBus | None) -> None:
+        if self.bus is not None:
+            self.bus.stop()
+        self.bus = bus
+        if bus is not None and self._loop is not None:
+            bus.start(self._loop)
+
+    def _publish(self, op: str, payload: dict[str, Any]) -> None:
+        """The core's outbox: a change made here, for the other replicas."""
+        if self.bus is not None:
+            self.bus.publish(op, payload)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """The proxy's event loop is running: paused requests can now wait on it."""
         self._loop = loop
         self._changed = asyncio.Event()
+        if self.bus is not None:
+            self.bus.start(loop)
 
     def close(self) -> None:
+        if self.bus is not None:
+            self.bus.stop()
         try:
             self.core.flush()
         except Exception as exc:  # shutting down: say what is lost, close all the same
@@ -143,9 +193,11 @@ class KillService:
     def store_status(self) -> dict[str, Any]:
         """For ``/healthz/ready`` (``state.killswitch``)."""
         store = self.core.store
-        if isinstance(store, QueuedKillStore):
-            return store.status()
-        return {"ok": True}
+        out: dict[str, Any] = store.status() if isinstance(store, QueuedKillStore) \
+            else {"ok": True}
+        if self.bus is not None:  # the replicas' event channel (Redis pub/sub)
+            out["bus"] = self.bus.status()
+        return out
 
     def store_failing(self) -> str | None:
         store = self.core.store
@@ -344,6 +396,34 @@ class KillService:
         if persist_error:
             out["error"] = persist_error
         return out, writes
+
+    def adopt(self, action: Action, reconcile: bool = False) -> bool:
+        """Another replica applied ``action`` (it is stored already): in force here too, and
+        what it stops is cut here at once (this replica's own flows and tunnels; the cut
+        rows name this replica in the shared log). True when it was new here."""
+        issued = time.perf_counter()
+        if not self.core.adopt(action):
+            return False
+        log.warning("fleetgate: %s %s by %s (%s) on another replica%s: %s", action.verb.value,
+                    action.scope.label, action.by, action.source,
+                    " (reconcile)" if reconcile else "", action.reason)
+        cut = self.sweep(issued) if action.verb is Verb.STOP else []
+        if cut:
+            log.warning("fleetgate: cut %d in-flight flow(s) for a stop from another replica",
+                        len(cut))
+        after_this_turn(self.gauges.sessions)
+        return True
+
+    def discard(self, action_id: str, key: tuple[str, str, str | None, bool] | None,
+                reconcile: bool = False) -> Action | None:
+        """Another replica lifted an action (``key``: the scope it lifted) or it expired
+        there, or it is no longer stored (``reconcile``): out of force here too."""
+        gone = self.core.discard(action_id, key)
+        if gone is not None:
+            log.warning("fleetgate: %s on %s lifted on another replica%s", gone.verb.value,
+                        gone.scope.label, " (reconcile)" if reconcile else "")
+            after_this_turn(self.gauges.sessions)
+        return gone
 
     def _unsaved_action(self, label: str, fut: concurrent.futures.Future[Any]) -> None:
         exc = None if fut.cancelled() else fut.exception()
