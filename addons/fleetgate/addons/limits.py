@@ -9,6 +9,11 @@ took is given back and the agent gets a 429 its SDK understands. When the call e
 reservations are settled to the usage the LLM meter recorded. The buckets and the holds live
 in the :class:`fleetgate.runtime.reservations.ReservationBook` (shared with budgets and the
 meter); this addon turns flows into facts and outcomes into answers.
+
+With ``fleetgate_state=redis://…`` the buckets are the fleet's, in Redis: ``request`` awaits
+one script (bounded by ``fleetgate_state_wait_ms``) and a Redis that fails or is slower refuses
+the rate-limited call with 503 ``ratelimit.state``; settlements run as tasks. The embedded
+default never awaits anything here.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from fleetgate.wire import jsonrpc_error
 
 LIMITS = "fleetgate.limits"
 RATE_LIMITED = -32005  # JSON-RPC error for an MCP request refused by a rate limit
+STATE_UNAVAILABLE = -32006  # JSON-RPC error: the shared state could not check the limit
+STATE_RULE = "ratelimit.state"  # the rule id of a refusal because Redis could not answer
 
 
 class RateLimiter:
@@ -42,6 +49,7 @@ class RateLimiter:
         self.store = store
         self.metrics = metrics
         self.rates = book.rates
+        self.rates.on_level = self._gauge  # a settlement on Redis reports its level later
         self.key_labels = LabelBudget(1000)
         if health is not None:
             health.routes.get("/limits", self.rates.snapshot)
@@ -70,7 +78,7 @@ class RateLimiter:
             raise exceptions.OptionsError("fleetgate_limits_default_max_tokens must be > 0")
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         policy = self.store.policy
         decision = allowed(flow)
         if policy is None or decision is None:
@@ -79,13 +87,21 @@ class RateLimiter:
         if not limits:
             return
         llm = llm_facts(flow)
-        outcome = self.rates.reserve(flow.id, limits, agent=agent_of(flow),
-                                     llm_tokens=None if llm is None else sum(reserved_tokens(llm)),
-                                     act=limit_activation(flow, limits))
+        tokens = None if llm is None else sum(reserved_tokens(llm))
+        if self.rates.on_redis:
+            outcome = await self.rates.reserve_shared(
+                flow.id, limits, agent=agent_of(flow), llm_tokens=tokens,
+                act=limit_activation(flow, limits),
+                wait=ctx.options.fleetgate_state_wait_ms / 1000)
+        else:  # the embedded default: nothing to wait for
+            outcome = self.rates.reserve(flow.id, limits, agent=agent_of(flow), llm_tokens=tokens,
+                                         act=limit_activation(flow, limits))
         for h in outcome.held:
             self._gauge(h.limit.id, h.key, h.take.remaining)
         lim = outcome.failed
-        if lim is not None and outcome.error is not None:
+        if lim is not None and outcome.state_error is not None:
+            self._unavailable(flow, lim, outcome.state_error)
+        elif lim is not None and outcome.error is not None:
             deny(flow, 500, lim.id, f"rate limit {lim.id} could not be evaluated "
                  f"({outcome.error}); denied rather than unlimited",
                  hint="report this to the gateway operator")
@@ -93,6 +109,20 @@ class RateLimiter:
             self._refuse(flow, lim, outcome.key, outcome.needed, outcome.take)
         elif outcome.held:
             flow.metadata[LIMITS] = [h.as_dict() for h in outcome.held]
+
+    def _unavailable(self, flow: http.HTTPFlow, lim: RateLimit, cause: str) -> None:
+        """Redis could not answer: the call is refused, never let through uncounted."""
+        self.metrics.ratelimit_state_refusals.labels(limit=lim.id).inc()
+        reason = (f"rate limit {lim.id} cannot be enforced: the shared state (Redis) failed "
+                  f"({cause}); refused rather than unlimited")
+        hint = "retry later; the gateway operator sees this in /healthz/ready (state)"
+        headers = {"Retry-After": "5"}
+        meta = mcp_of(flow)
+        if meta is not None and meta.get("methods"):
+            self._refuse_mcp(flow, STATE_RULE, reason, hint, headers, meta, 5, status=503,
+                             code=STATE_UNAVAILABLE)
+            return
+        deny(flow, 503, STATE_RULE, reason, hint=hint, headers=headers)
 
     def _gauge(self, limit: str, key: str, level: float) -> None:
         self.metrics.ratelimit_level.labels(limit=limit, key=self.key_labels(key)).set(level)
@@ -122,25 +152,26 @@ class RateLimiter:
             headers["x-should-retry"] = "false"
         meta = mcp_of(flow)
         if meta is not None and meta.get("methods"):
-            self._refuse_mcp(flow, lim, reason, hint, headers, meta, retry)
+            self._refuse_mcp(flow, lim.id, reason, hint, headers, meta, retry)
             return
         deny(flow, 429, lim.id, reason, hint=hint, headers=headers)
 
     @staticmethod
-    def _refuse_mcp(flow: http.HTTPFlow, lim: RateLimit, reason: str, hint: str,
-                    headers: dict[str, str], meta: dict[str, Any], retry: int) -> None:
+    def _refuse_mcp(flow: http.HTTPFlow, rule: str, reason: str, hint: str,
+                    headers: dict[str, str], meta: dict[str, Any], retry: int,
+                    status: int = 429, code: int = RATE_LIMITED) -> None:
         """MCP: a JSON-RPC error per request id, which the agent's MCP client surfaces."""
         did = decision_id(flow)
-        errors = [jsonrpc_error(json.loads(k), RATE_LIMITED, f"fleetgate: {reason}. {hint}",
-                                rule=lim.id, retry_after=retry, decision_id=did)
+        errors = [jsonrpc_error(json.loads(k), code, f"fleetgate: {reason}. {hint}",
+                                rule=rule, retry_after=retry, decision_id=did)
                   for k in meta["methods"]]
         body = errors[0] if len(errors) == 1 else errors
         flow.response = http.Response.make(
-            429, json.dumps(body).encode(),
+            status, json.dumps(body).encode(),
             {"Content-Type": "application/json", HEADER: did, **headers})
-        record_decision(flow, False, lim.id, reason, 429)
+        record_decision(flow, False, rule, reason, status)
         flow.marked = ":no_entry:"
-        flow.comment = f"denied by {lim.id}: {reason}"
+        flow.comment = f"denied by {rule}: {reason}"
 
     # -- settlement ---------------------------------------------------------------------
 
@@ -156,7 +187,8 @@ class RateLimiter:
         if settled is None:
             return  # nothing held, or no usage known: the reservation stands
         for h, level in settled:
-            self._gauge(h.limit.id, h.key, level)
+            if level is not None:  # on Redis the settlement's task reports it (on_level)
+                self._gauge(h.limit.id, h.key, level)
         for rec in flow.metadata.get(LIMITS) or []:
             if rec.get("type") == "tokens":
                 rec["used"] = used
