@@ -17,6 +17,12 @@ full, read-only, I/O error, locked past the wait) refuses the calls a budget gov
 ``503 budget.state`` naming the budget and the cause: a budget that cannot count is not
 enforced by letting calls through. Reservations a crash left open are charged at startup,
 logged (WARNING, ``outcome=lost-in-crash``) and counted.
+
+With ``fleetgate_state`` naming Redis, every replica reserves against the fleet's spend and
+reservations in one atomic script (awaited with the same bound; Redis failing or slow is the
+same 503 ``budget.state``), settles from a task, and every few seconds renews its calls'
+reservations and sweeps those whose gateway died: each is charged its reserved amount once,
+by whichever replica finds it first, logged and counted as ``lost-in-crash`` there.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +48,25 @@ from fleetgate.policy.model import Budget
 from fleetgate.runtime.listeners import HttpListener
 from fleetgate.runtime.policy import PolicyService
 from fleetgate.runtime.reservations import ReservationBook
-from fleetgate.runtime.reservations_spend import Settled, applicable_budgets
+from fleetgate.runtime.reservations_spend import Settled, SpendOutcome, applicable_budgets
+from fleetgate.runtime.shared import SharedState
+from fleetgate.stores.redis_spend import Swept
 from fleetgate.stores.spend import SqliteSpendStore
 
 log = logging.getLogger("fleetgate.budgets")
 
 BUDGETS = "fleetgate.budgets"
 
+SWEEP_EVERY = 2.0  # seconds between renewals of live reservations and sweeps (Redis)
+EXPIRY_MARGIN = 5.0  # seconds past the response bound a reservation outlives its last renewal
+
 
 class BudgetGuard:
     def __init__(self, store: PolicyService, metrics: GatewayMetrics, book: ReservationBook,
-                 health: HttpListener | None = None) -> None:
+                 health: HttpListener | None = None, shared: SharedState | None = None) -> None:
+        self.shared = shared
+        self._task: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Task[None]] = set()
         self.store = store
         self.metrics = metrics
         self.book = book
@@ -73,6 +88,9 @@ class BudgetGuard:
     def configure(self, updated: set[str]) -> None:
         if "fleetgate_state_wait_ms" in updated and ctx.options.fleetgate_state_wait_ms < 1:
             raise exceptions.OptionsError("fleetgate_state_wait_ms must be >= 1")
+        if self.shared is not None and {"fleetgate_state", "fleetgate_state_password_file",
+                                        "fleetgate_state_prefix"} & updated:
+            self.spend.use_shared(self.shared if self.shared.enabled else None)
         if "fleetgate_state_dir" in updated:
             d = ctx.options.fleetgate_state_dir
             try:
@@ -103,8 +121,38 @@ class BudgetGuard:
         self.metrics.state_ok.labels(store="spend").set(1)
         log.warning("fleetgate: budget spend store works again; budgeted calls are admitted")
 
+    def running(self) -> None:
+        if self._task is None and self.shared is not None:
+            self._task = asyncio.get_running_loop().create_task(self._sweeper())
+
     def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
         self.book.close()
+
+    @staticmethod
+    def _ttl() -> float:
+        """How long a reservation outlives its last renewal: the gateway's bound on an
+        answer's headers, plus a margin for clock skew between replicas."""
+        return float(getattr(ctx.options, "fleetgate_upstream_response_timeout", 300)) + EXPIRY_MARGIN
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            try:
+                for r in await self.spend.tick(self._ttl()):
+                    self._lost(r)
+            except Exception:  # the loop must outlive any one failure; tick reports Redis's
+                log.exception("fleetgate: budget sweep failed")
+
+    def _lost(self, r: Swept) -> None:
+        self.metrics.budget_lost_in_crash.labels(budget=r.budget).inc()
+        log.warning("fleetgate: budget %s: a call in flight on replica %s (flow %s, key %r, "
+                    "reserved $%.6f and %d tokens at %s) was never settled and its reservation "
+                    "expired; charged its reservation, outcome=lost-in-crash", r.budget,
+                    r.replica, r.flow, r.key, r.amount.usd, r.amount.tokens,
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.created)))
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -119,11 +167,21 @@ class BudgetGuard:
         ident = identity_of(flow)
         est_in, max_out = reserved_tokens(llm)
         usd = policy.pricing.cost(str(llm.get("model") or ""), Usage(input=est_in, output=max_out))
-        outcome = self.spend.reserve(flow.id, budgets, who=ident.as_dict() if ident else {},
-                                     usd=usd, tokens=est_in + max_out,
-                                     act=limit_activation(flow, budgets))
+        who = ident.as_dict() if ident else {}
+        act = limit_activation(flow, budgets)
+        outcome: SpendOutcome
+        if self.spend.redis is not None:
+            outcome = await self.spend.reserve_shared(
+                flow.id, budgets, who=who, usd=usd, tokens=est_in + max_out, act=act,
+                ttl=self._ttl(), wait=ctx.options.fleetgate_state_wait_ms / 1000)
+        else:
+            outcome = self.spend.reserve(flow.id, budgets, who=who, usd=usd,
+                                         tokens=est_in + max_out, act=act)
         b = outcome.failed
-        if b is not None and outcome.error is not None:
+        if b is not None and outcome.state is not None:
+            self._state_refuse(flow, b, f"the shared budget state could not record it "
+                                        f"({outcome.state})")
+        elif b is not None and outcome.error is not None:
             deny(flow, 500, b.id, f"budget {b.id} could not be evaluated ({outcome.error}); "
                  "denied rather than unlimited", hint="report this to the gateway operator")
         elif b is not None and outcome.unpriced:
@@ -134,7 +192,8 @@ class BudgetGuard:
             self._refuse(flow, b, outcome.key, outcome.refusal, outcome.now)
         elif outcome.held:
             flow.metadata[BUDGETS] = [h.as_dict() for h in outcome.held]
-            await self._write_ahead(flow, outcome.held[0].budget, outcome.now)
+            if self.spend.redis is None:  # Redis: the script already made it durable
+                await self._write_ahead(flow, outcome.held[0].budget, outcome.now)
 
     async def _write_ahead(self, flow: http.HTTPFlow, b: Budget, now: float) -> None:
         """Make the reservation durable before the call is forwarded, or refuse it."""
@@ -153,6 +212,10 @@ class BudgetGuard:
             return
         self.spend.abandon(flow.id)
         flow.metadata.pop(BUDGETS, None)
+        self._state_refuse(flow, b, cause)
+
+    @staticmethod
+    def _state_refuse(flow: http.HTTPFlow, b: Budget, cause: str) -> None:
         deny(flow, 503, "budget.state", f"budget {b.id} cannot be enforced: this call's "
              f"reservation was not saved: {cause}; refused rather than unlimited",
              hint="retry later; the gateway operator sees this in /healthz/ready (state)",
@@ -196,8 +259,23 @@ class BudgetGuard:
         cost = (llm_usage_of(flow) or {}).get("cost_usd")
         sent = bool(flow.server_conn and flow.server_conn.timestamp_start)
         refused = not (decision_of(flow) or {}).get("allow", True) and not cut_of(flow)
-        settled = self.spend.settle(flow.id, used, None if cost is None else float(cost),
-                                    charge=sent and not refused)
+        if self.spend.redis is not None and self.spend.holding(flow.id):
+            pending = self.spend.settle_shared(flow.id, used, None if cost is None else float(cost),
+                                               charge=sent and not refused)
+            if pending is not None:
+                task = asyncio.get_running_loop().create_task(self._settled_later(pending))
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+        else:
+            self._record(self.spend.settle(flow.id, used, None if cost is None else float(cost),
+                                           charge=sent and not refused))
+        for rec in flow.metadata.get(BUDGETS) or []:
+            rec["settled"] = used is not None
+
+    async def _settled_later(self, pending: Awaitable[list[Settled] | None]) -> None:
+        self._record(await pending)  # never raises: failures are reported by the service
+
+    def _record(self, settled: list[Settled] | None) -> None:
         if not settled:
             return  # nothing held, or released (refused later, never reached the provider)
         for s in settled:
@@ -211,8 +289,6 @@ class BudgetGuard:
             if spec.hard_tokens is not None:
                 self.metrics.budget_remaining_tokens.labels(**label).set(
                     spec.hard_tokens - s.after.tokens)
-        for rec in flow.metadata.get(BUDGETS) or []:
-            rec["settled"] = used is not None
 
     def _soft(self, s: Settled) -> None:
         spec = s.hold.budget.spec

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,8 @@ class Ledger:
         self.fleet = Totals()
         self.agents = _Bounded(max_keys)
         self.sessions = _Bounded(max_keys)
+        # told of every call added (the fleet's shared totals, when several gateways run)
+        self.listeners: list[Callable[[str | None, str | None, Usage, float | None], None]] = []
 
     def add(self, agent: str | None, session: str | None, usage: Usage,
             cost: float | None) -> None:
@@ -85,6 +88,8 @@ class Ledger:
                 self.agents.get(agent).add(usage, cost)
             if session:
                 self.sessions.get(session).add(usage, cost)
+        for listener in self.listeners:
+            listener(agent, session, usage, cost)
 
     def agent(self, agent: str) -> Totals | None:
         with self._lock:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from fleetgate.llm.pricing import PricingTable
 from fleetgate.runtime.reservations_rate import Overrun, RateReservations
 from fleetgate.runtime.reservations_spend import SpendReservations
+from fleetgate.runtime.shared import SharedState
 from fleetgate.stores.spend import SpendStore
 
 __all__ = ["Overrun", "ReservationBook"]
@@ -25,8 +26,10 @@ __all__ = ["Overrun", "ReservationBook"]
 
 class ReservationBook:
     def __init__(self, spend: SpendStore, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
-        self.rates = RateReservations(clock)
+                 wall_clock: Callable[[], float] = time.time,
+                 shared: SharedState | None = None) -> None:
+        self.shared = shared  # the fleet's Redis when fleetgate_state names one
+        self.rates = RateReservations(clock, shared=shared)
         self.spend = SpendReservations(spend, wall_clock)
 
     def watched(self, flow_id: str) -> bool:

@@ -9,25 +9,45 @@ lives in a :class:`fleetgate.stores.spend.SpendStore` behind a
 mirror; reservations are written ahead, settles queued, all off the event loop); this class
 keeps the per-flow holds, so the budget addon and the meter share them without reading each
 other.
+
+With ``fleetgate_state`` naming Redis (:meth:`SpendReservations.use_shared`), spend and every
+replica's reservations live in Redis (:class:`fleetgate.stores.redis_spend.RedisSpendStore`):
+:meth:`~SpendReservations.reserve_shared` checks and reserves all of a call's budgets in one
+atomic script, :meth:`~SpendReservations.settle_shared` replaces the reservation by the
+metered spend (idempotent), :meth:`~SpendReservations.tick` renews this replica's live
+reservations and charges expired ones of replicas that died. The mid-stream check then uses
+the spend and others' reservations the reserve script saw: concurrent calls can together pass
+a hard limit only by what they use beyond their own reservations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import redis
+
 from fleetgate.celexpr import Activation, CelError
-from fleetgate.limits.budget import Amount, Ledger, Refusal, counted_since, window
+from fleetgate.errors import StateError
+from fleetgate.limits.budget import Amount, BudgetSpec, Ledger, Period, Refusal, counted_since, window
 from fleetgate.llm.pricing import PricingTable
 from fleetgate.llm.usage import Usage
 from fleetgate.policy.model import Budget, Policy
 from fleetgate.runtime.reservations_journal import SpendJournal
 from fleetgate.runtime.reservations_rate import Overrun
+from fleetgate.runtime.shared import SharedState
+from fleetgate.stores.redis_spend import HoldRequest, RedisSpendStore, SettleCharge, Swept
 from fleetgate.stores.spend import Charge, Reservation, SpendStore
 
 __all__ = ["Settled", "SpendHold", "SpendOutcome", "SpendReservations", "applicable_budgets"]
+
+log = logging.getLogger("fleetgate.budgets")
+
+SWEEP_BATCH = 100  # expired reservations one sweep script charges at a time
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,7 @@ class SpendOutcome(NamedTuple):
     error: str | None = None
     unpriced: bool = False
     now: float = 0.0
+    state: str | None = None  # the shared store could not answer: why (503 budget.state)
 
 
 @dataclass(frozen=True)
@@ -87,6 +108,32 @@ def budget_key(b: Budget, act: Activation | None, who: Mapping[str, str | None])
     return str(value)
 
 
+def _key_of(b: Budget, act: Activation | None, who: Mapping[str, str | None], usd: float | None,
+            now: float) -> str | SpendOutcome | None:
+    """The key a call counts in for ``b``; ``None``: ``b`` does not apply (``when``); an
+    outcome when ``b`` cannot be evaluated or counts USD of an unpriced model."""
+    try:
+        if b.when is not None and act is not None and not b.when.evaluate(act):
+            return None
+        key = budget_key(b, act, who)
+    except CelError as exc:
+        return SpendOutcome(failed=b, error=str(exc), now=now)
+    if usd is None and (b.spec.hard_usd is not None or b.spec.soft_usd is not None):
+        return SpendOutcome(failed=b, unpriced=True, now=now)
+    return key
+
+
+def resets_at(spec: BudgetSpec, now: float) -> float:
+    """When a refused budget has room again (as :meth:`Ledger.reserve` says it)."""
+    return float(window(spec, now)[1]) if spec.period is not Period.ROLLING \
+        else now + spec.rolling_seconds
+
+
+def _keep_until(spec: BudgetSpec, now: float) -> int:
+    """How long a key's spend must stay in Redis: a day past when it stops counting."""
+    return int(resets_at(spec, now)) + 86400
+
+
 class SpendReservations:
     """The ledger over the spend store, and the holds of the calls in flight."""
 
@@ -95,6 +142,11 @@ class SpendReservations:
         self.journal = SpendJournal(store, clock=clock)
         self.ledger = Ledger(self.journal.mirror)
         self._held: dict[str, list[SpendHold]] = {}
+        self.shared: SharedState | None = None  # Redis: reserve_shared/settle_shared/tick
+        self.redis: RedisSpendStore | None = None
+        # Redis mode: per flow, each hold's spend + others' reservations when it was admitted
+        self._snap: dict[str, list[Amount]] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     def use_store(self, store: SpendStore) -> SpendJournal:
         """Keep spend in ``store`` from now on (``fleetgate_state_dir`` changed); returns the
@@ -132,16 +184,12 @@ class SpendReservations:
         now = self.clock()
         held: list[SpendHold] = []
         for b in budgets:
-            try:
-                if b.when is not None and act is not None and not b.when.evaluate(act):
-                    continue
-                key = budget_key(b, act, who)
-            except CelError as exc:
+            key = _key_of(b, act, who, usd, now)
+            if isinstance(key, SpendOutcome):
                 self._release(held)
-                return SpendOutcome(failed=b, error=str(exc), now=now)
-            if usd is None and (b.spec.hard_usd is not None or b.spec.soft_usd is not None):
-                self._release(held)
-                return SpendOutcome(failed=b, unpriced=True, now=now)
+                return key
+            if key is None:
+                continue
             amount = Amount(usd or 0.0, tokens)
             refusal = self.ledger.reserve(b.id, key, b.spec, amount, now)
             if refusal is not None:
@@ -168,13 +216,18 @@ class SpendReservations:
             return None
         usd = pricing.cost(model, Usage(input=est_in, output=out))
         now = self.clock()
-        for h in held:
+        snap = self._snap.get(flow_id)  # Redis: spend + others' reservations when admitted
+        for i, h in enumerate(held):
             run = Amount(h.amount.usd if usd is None else usd, est_in + out)
             if run.tokens <= h.amount.tokens and run.usd <= h.amount.usd + 1e-12:
                 continue  # within its reservation: admission already made room for it
             spec = h.budget.spec
-            others = self.ledger.reserved.get((h.budget.id, h.key), Amount()) - h.amount
-            if spec.over(self.ledger.spent(h.budget.id, h.key, spec, now) + others + run, hard=True):
+            if snap is not None:
+                base = snap[i]
+            else:
+                others = self.ledger.reserved.get((h.budget.id, h.key), Amount()) - h.amount
+                base = self.ledger.spent(h.budget.id, h.key, spec, now) + others
+            if spec.over(base + run, hard=True):
                 return Overrun("budget", h.budget.id, (
                     f"budget {h.budget.id} ({spec.describe()}) for {h.key!r} was reached after "
                     f"{out} output tokens; the rest of the answer was not sent (set max_tokens "
@@ -210,16 +263,150 @@ class SpendReservations:
         return out
 
     def report(self, policy: Policy | None) -> dict[str, Any]:
-        """Spend against each budget, per key (``GET /budgets``)."""
+        """Spend against each budget, per key (``GET /budgets``; Redis: the fleet's, read
+        with the thread-safe client, this runs in an admin thread)."""
         if policy is None:
             return {"budgets": []}
         now = self.clock()
         out = []
         for b in [*policy.budgets, *(b for p in policy.agents for b in p.budgets)]:
-            rows = self.journal.mirror.keys(b.id, counted_since(b.spec, now))
+            rows = self._report_rows(b.id, counted_since(b.spec, now))
             out.append({"budget": b.id, "limit": b.spec.describe(),
                         "hard_usd": b.spec.hard_usd, "soft_usd": b.spec.soft_usd,
                         "hard_tokens": b.spec.hard_tokens, "soft_tokens": b.spec.soft_tokens,
                         "spend": [{"key": k, "usd": round(a.usd, 6), "tokens": a.tokens}
                                   for k, a in rows]})
         return {"budgets": out}
+
+    def _report_rows(self, budget: str, since: int) -> list[tuple[str, Amount]]:
+        shared, store = self.shared, self.redis
+        if shared is None or store is None:
+            return self.journal.mirror.keys(budget, since)
+        try:
+            rows = store.report(shared.sync_client(), budget, since)
+        except (redis.RedisError, OSError) as exc:
+            shared.failed("budget.report", exc)
+            raise StateError(f"cannot read budget spend from Redis ({exc})") from None
+        shared.worked()
+        return rows
+
+    # -- shared state (Redis) ------------------------------------------------------------
+
+    def use_shared(self, shared: SharedState | None) -> None:
+        """Keep spend and reservations in Redis from now on (``None``: in the embedded
+        store); calls in flight keep settling where they reserved."""
+        self.shared = shared
+        self.redis = RedisSpendStore(shared.key) if shared is not None else None
+
+    async def reserve_shared(self, flow_id: str, budgets: Sequence[Budget], *,
+                             who: Mapping[str, str | None], usd: float | None, tokens: int,
+                             act: Activation | None, ttl: float, wait: float) -> SpendOutcome:
+        """:meth:`reserve` against the fleet's spend and reservations in Redis (one atomic
+        script, bounded by ``wait`` seconds). The reservation is due ``ttl`` seconds from
+        now unless :meth:`tick` renews it. Redis failing or slow: ``state`` says why and
+        nothing is held."""
+        shared, store = self.shared, self.redis
+        assert shared is not None and shared.settings is not None and store is not None
+        now = self.clock()
+        plan: list[SpendHold] = []
+        for b in budgets:
+            key = _key_of(b, act, who, usd, now)
+            if isinstance(key, SpendOutcome):
+                return key
+            if key is not None:
+                plan.append(SpendHold(b, key, Amount(usd or 0.0, tokens)))
+        if not plan:
+            return SpendOutcome(now=now)
+        holds = [HoldRequest(h.budget.id, h.key, counted_since(h.budget.spec, now),
+                             window(h.budget.spec, now)[0], h.amount, h.budget.spec.hard_usd,
+                             h.budget.spec.hard_tokens, _keep_until(h.budget.spec, now))
+                 for h in plan]
+        try:
+            snaps, refused = await asyncio.wait_for(store.reserve(
+                shared.async_client(), flow_id, shared.settings.replica, now, now + ttl, holds),
+                wait)
+        except TimeoutError:
+            cause = f"Redis did not answer within {wait * 1000:g} ms"
+            shared.failed("budget.reserve", cause)
+            self._later(self._settle_shared(flow_id, [], []))  # in case it landed after all
+            return SpendOutcome(failed=plan[0].budget, state=cause, now=now)
+        except (redis.RedisError, OSError) as exc:
+            shared.failed("budget.reserve", exc)
+            return SpendOutcome(failed=plan[0].budget, now=now,
+                                state=f"Redis failed ({type(exc).__name__}: {exc})")
+        shared.worked()
+        if refused is not None:
+            h = plan[refused.at]
+            return SpendOutcome(failed=h.budget, key=h.key, now=now, refusal=Refusal(
+                refused.unit, refused.spent, refused.promised, h.amount,
+                resets_at(h.budget.spec, now)))
+        self._held[flow_id] = plan
+        self._snap[flow_id] = snaps
+        return SpendOutcome(tuple(plan), now=now)
+
+    def settle_shared(self, flow_id: str, used: int | None, cost: float | None,
+                      charge: bool) -> Awaitable[list[Settled] | None] | None:
+        """:meth:`settle` in Redis: what to await (in a task) for the settled holds, or
+        ``None`` when the flow held nothing. The awaitable never raises: a settle Redis
+        does not take is reported, and the reservation stays until its expiry, when a
+        sweep charges what was reserved (strict)."""
+        held = self._held.pop(flow_id, None)
+        self._snap.pop(flow_id, None)
+        if not held:
+            return None
+        if used is None and not charge:
+            return self._settle_shared(flow_id, held, [])
+        now = self.clock()
+        charges = []
+        for h in held:
+            actual = (Amount(cost if cost is not None else h.amount.usd, used) if used is not None
+                      else h.amount)
+            spec = h.budget.spec
+            charges.append(SettleCharge(h.budget.id, h.key, counted_since(spec, now),
+                                        window(spec, now)[0], actual, _keep_until(spec, now)))
+        return self._settle_shared(flow_id, held, charges)
+
+    async def _settle_shared(self, flow_id: str, held: Sequence[SpendHold],
+                             charges: Sequence[SettleCharge]) -> list[Settled] | None:
+        shared, store = self.shared, self.redis
+        if shared is None or store is None:
+            return None
+        try:
+            before = await store.settle(shared.async_client(), flow_id, charges)
+        except (redis.RedisError, OSError) as exc:
+            shared.failed("budget.settle", exc)
+            log.warning("fleetgate: budget settle of flow %s did not reach Redis (%s); its "
+                        "reservation is charged in full when it expires", flow_id, exc)
+            return None
+        shared.worked()
+        if before is None:
+            return []  # swept already (or never landed): nothing added twice
+        return [Settled(h, b, b + c.amount) for h, b, c in zip(held, before, charges, strict=False)]
+
+    def _later(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def tick(self, ttl: float) -> list[Swept]:
+        """Every few seconds (Redis mode): push the expiry of this replica's calls in flight
+        (a long stream is never swept while alive), then charge reservations whose gateway
+        died (their expiry passed). Returns what this replica's sweep charged."""
+        shared, store = self.shared, self.redis
+        if shared is None or store is None or shared.settings is None:
+            return []
+        swept: list[Swept] = []
+        try:
+            client = shared.async_client()
+            now = self.clock()
+            await store.renew(client, list(self._held), now + ttl)
+            while True:
+                batch = await store.sweep(client, now, SWEEP_BATCH)
+                swept += batch
+                if len(batch) < SWEEP_BATCH:
+                    break
+        except (redis.RedisError, OSError) as exc:
+            shared.failed("budget.sweep", exc)
+            return swept
+        shared.worked()
+        return swept
