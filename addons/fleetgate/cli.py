@@ -99,6 +99,17 @@ def dev_secret(path: Path) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fleetgate.workers import WorkersError, resolve_workers, usable_cores
+
+    try:
+        workers = resolve_workers(args.workers, args.state, usable_cores())
+    except WorkersError as exc:
+        print(f"fleetgate: {exc}", file=sys.stderr)
+        return 2
+    if workers > 1 and args.web:
+        print("fleetgate: --web runs one mitmweb; it cannot be combined with --workers "
+              f"{workers} (use --workers 1)", file=sys.stderr)
+        return 2
     confdir = Path(args.confdir)
     opts: list[str] = [
         f"fleetgate_rules={args.rules}",
@@ -107,6 +118,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"fleetgate_admin_listen={args.admin}",
         f"fleetgate_decision_log={args.decision_log}",
     ]
+    if args.state:
+        opts.append(f"fleetgate_state={args.state}")
+    if args.state_password_file:
+        opts.append(f"fleetgate_state_password_file={args.state_password_file}")
     if args.state_dir:
         state = Path(args.state_dir)
         state.mkdir(parents=True, exist_ok=True)
@@ -145,6 +160,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         argv += ["--web-host", "127.0.0.1", "--no-web-open-browser"]
     else:
         argv += ["--flow-detail", "0"]
+    if workers > 1:  # N mitmdumps on one port (SO_REUSEPORT) and a supervisor: workers.py
+        from fleetgate.workers import Supervisor, redact, worker_options
+
+        argvs = []
+        for i in range(workers):
+            w = list(argv)
+            for o in worker_options(opts, i, args.admin):
+                w += ["--set", o]
+            argvs.append(w + args.mitmproxy_args)
+        print(f"fleetgate: {workers} workers on {args.listen_host}:{args.listen_port}, "
+              f"sharing state at {redact(args.state)}", file=sys.stderr, flush=True)
+        return Supervisor(argvs, args.metrics).run()
     for o in opts:
         argv += ["--set", o]
     argv += args.mitmproxy_args
@@ -267,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where state that must survive restarts lives (budget spend, MCP "
                           "tool pins); "
                           "'' keeps it in memory")
+    run.add_argument("--state", default="",
+                     help="shared state: '' (default: embedded SQLite in --state-dir, one "
+                          "process) or redis://HOST:6379/0, rediss://..., unix:///path.sock "
+                          "(fleetgate_state)")
+    run.add_argument("--state-password-file", default="",
+                     help="file holding the Redis password (fleetgate_state_password_file)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="gateway processes sharing the listen port (SO_REUSEPORT) under a "
+                          "supervisor that serves the merged --metrics; default: every "
+                          "usable core with a Redis --state, else 1 (more than 1 needs "
+                          "--state)")
     run.add_argument("mitmproxy_args", nargs=argparse.REMAINDER,
                      help="after '--': more mitmdump arguments")
     run.set_defaults(func=cmd_run)

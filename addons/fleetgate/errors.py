@@ -8,7 +8,8 @@ defined beside the code that raises them and hang from the branches here::
     FleetgateError
     ├── ConfigError                  the configuration cannot be used as it is
     │   ├── PolicyError              policy/loader.py: the rules cannot be loaded (``problems``)
-    │   └── CostError                celcost.py: a CEL expression's worst-case cost is over a limit
+    │   ├── CostError                celcost.py: a CEL expression's worst-case cost is over a limit
+    │   └── WorkersError             workers.py: ``--workers`` cannot run as asked (also a ValueError)
     ├── RequestError                 a message in transit cannot be judged: answered, never relayed
     │   ├── BodyError                bodies.py: the body cannot be inspected (``status`` 400/413)
     │   ├── PathError                normalize.py: the path does not settle (also a ValueError)
@@ -23,7 +24,8 @@ defined beside the code that raises them and hang from the branches here::
     ├── GraphError                   kill/graph.py: an edge the lineage graph refuses (also a ValueError)
     ├── StateError                   durable state cannot be read or written
     │   ├── PersistError             kill/core.py: in force, but not written (also a RuntimeError)
-    │   └── AuditUnavailable         runtime/audit.py: a decision line could not be written
+    │   ├── AuditUnavailable         runtime/audit.py: a decision line could not be written
+    │   └── OwnerUnknown             runtime/mcp.py: an MCP session's owner cannot be read in Redis
     └── StepFailed                   demo.py: an outcome ``fleetgate demo --check`` asserts did not happen
 
 Where a class also derives from a builtin (``ValueError``, ``RuntimeError``) it is because callers

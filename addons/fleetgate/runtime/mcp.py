@@ -33,6 +33,7 @@ from typing import Any
 
 import redis
 
+from fleetgate.errors import StateError
 from fleetgate.mcp.exchange import looks_like_mcp
 from fleetgate.mcp.mode import McpMode
 from fleetgate.mcp.pins import Pending, PinMap, Pins
@@ -52,8 +53,9 @@ PIN_SYNC = 2.0  # seconds between reads of the shared pins (approvals elsewhere 
 CONFIRMED = 100_000  # (server, session) owners confirmed in Redis, remembered here
 
 
-class OwnerUnknown(Exception):
+class OwnerUnknown(StateError):
     """The shared session owner could not be read: the request is refused (fail closed)."""
+
 
 log = logging.getLogger("fleetgate.mcp")
 
