@@ -28,6 +28,10 @@ What differs from the container, and nothing else:
   their files are made here as an operator makes them (a CA by ``fleetgate.cli.ca_init``, an
   HS256 secret, an admin token, placeholder upstream keys), under the keys the rendered
   Secret or the volume's ``items`` name, else the files the command line and rules refer to;
+* where the command line sets ``fleetgate_state=redis://<service>:<port>`` (the ``redis``
+  component), the service must be rendered with that port; the process gets a real
+  ``redis-server`` on 127.0.0.1 instead, started with a password that is what the mounted
+  ``fleetgate_state_password_file`` holds;
 * the process runs as the test's user, not ``runAsUser``. Where a mount namespace can be made
   (root here and in CI), the whole file system is remounted read-only for the gateway except
   its emptyDir/PVC volumes, as ``readOnlyRootFilesystem`` and the read-only ConfigMap/Secret
@@ -66,11 +70,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import deploy_check as dc  # scripts/ (pytest pythonpath): the same rendering CI checks
 import httpx
 import pytest
+import redis as redis_lib
 import yaml
+from redisd import RedisServer
 from wheelenv import wheel_venv
 
 from fleetgate.cli import ca_init
@@ -224,6 +231,8 @@ class Layout:
     writable: list[Path] = field(default_factory=list)
     # rules files that the ConfigMap does not hold, made from the layout (local paths)
     extra_rules: Callable[[Layout], dict[str, str]] | None = None
+    # the password the local redis-server requires (fleetgate_state_password_file's content)
+    redis_password: str | None = None
 
     def option_paths(self, argv: list[str]) -> dict[str, str]:
         """Container paths named by ``--set k=/path`` (and ``confdir``) in argv -> option."""
@@ -356,6 +365,9 @@ class Layout:
             value = (secrets.token_hex(32) + "\n").encode()
         elif option == "fleetgate_admin_token_file":
             value = (secrets.token_urlsafe(24) + "\n").encode()
+        elif option == "fleetgate_state_password_file":
+            assert self.redis_password, f"{file} is mounted but the command line sets no redis:// state"
+            value = (self.redis_password + "\n").encode()
         elif file in self.referenced_by_configmaps():
             value = f"e2e-placeholder-{key}\n".encode()  # e.g. an upstream key the rules inject
         else:
@@ -660,10 +672,18 @@ def run_container(overlay: Path | None,
     root.chmod(0o755)
     layout = Layout(pod, root, extra_rules=extra_rules)
     c = None
+    redis: RedisServer | None = None
     try:
         argv = container_argv(pod)
+        state = options(argv).get("fleetgate_state", "")
+        if state:
+            redis = RedisServer(root / "redis-server", password=secrets.token_hex(16)).start()
+            layout.redis_password = redis.password
         layout.build(argv)
-        c = Container(pod, layout, localize(pod, layout))
+        local = localize(pod, layout)
+        if redis is not None:
+            local.argv = [redis_local(pod, a, redis) for a in local.argv]
+        c = Container(pod, layout, local)
         before = layout.snapshot()
         c.start()
         yield c
@@ -677,11 +697,34 @@ def run_container(overlay: Path | None,
         if c is not None:
             c.stop()
             print(f"--- gateway output ({overlay.name}) ---\n{c.text()}")
+        if redis is not None:
+            redis.stop()
         for p in [root, *root.rglob("*")]:
             if not p.is_symlink() and p.is_dir():
                 with contextlib.suppress(OSError):
                     p.chmod(0o755)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def redis_local(pod: Pod, arg: str, redis: RedisServer) -> str:
+    """``fleetgate_state=redis://<service>:<port>/db`` -> the local server, once the Service is
+    checked: rendered, with that port, selecting the pods of a rendered Redis workload."""
+    if not arg.startswith("fleetgate_state="):
+        return arg
+    url = urlsplit(arg.partition("=")[2])
+    assert url.scheme in ("redis", "rediss") and url.hostname, f"fleetgate_state {url.geturl()!r}"
+    assert url.password is None, "the Redis password belongs in fleetgate_state_password_file, not args"
+    service = pod.find("Service", url.hostname.split(".")[0])
+    assert service is not None, f"fleetgate_state names {url.hostname}, which no rendered Service is"
+    assert any(p.get("port") == (url.port or 6379) for p in service["spec"].get("ports") or []), (
+        f"Service {url.hostname} has no port {url.port or 6379}")
+    selector = service["spec"].get("selector") or {}
+    workloads = [d for d in pod.docs if d.get("kind") in ("StatefulSet", "Deployment")
+                 and selector and selector.items() <= (d["spec"]["template"]["metadata"].get("labels")
+                                                       or {}).items()]
+    assert workloads, f"Service {url.hostname} selects no rendered StatefulSet/Deployment"
+    return "fleetgate_state=" + url._replace(scheme="redis",
+                                             netloc=f"127.0.0.1:{redis.port}").geturl()
 
 
 def example_role(c: Container) -> str:
@@ -750,10 +793,36 @@ def test_container_command_line(overlay: Path | None, upstream: Upstream) -> Non
             r = agent.get("https://fleetgate.internal/v1/whoami")
             assert r.status_code == 503 and r.json()["fleetgate"]["rule"] == "killswitch.stop", r.text
 
-        state = c.layout.local(c.opts["fleetgate_state_dir"])
-        assert (state / "killswitch.sqlite").is_file() and (state / "budgets.sqlite").is_file(), \
-            sorted(p.name for p in state.iterdir())
+        if "fleetgate_state" in c.opts:  # shared state: the stop is in Redis, for every replica
+            assert c.layout.redis_password
+            port = int(next(a for a in c.local.argv if a.startswith("fleetgate_state="))
+                       .rsplit(":", 1)[1].split("/")[0])
+            with redis_lib.Redis(port=port, password=c.layout.redis_password) as r:
+                found = [k for k in r.scan_iter(match="*kill*") if b"e2e-agent" in
+                         b"".join(str(v).encode() for v in _redis_values(r, k))]
+            assert found, "the stop was not written to Redis"
+        else:
+            state = c.layout.local(c.opts["fleetgate_state_dir"])
+            assert (state / "killswitch.sqlite").is_file() and (state / "budgets.sqlite").is_file(), \
+                sorted(p.name for p in state.iterdir())
         print(f"isolated (read-only root file system): {c.isolated}")
+
+
+def _redis_values(r: redis_lib.Redis, key: bytes) -> list[object]:
+    kind = r.type(key)
+    if kind == b"hash":
+        return list(r.hgetall(key).items())
+    if kind == b"stream":
+        return list(r.xrange(key))
+    if kind == b"string":
+        return [r.get(key)]
+    if kind == b"set":
+        return list(r.smembers(key))
+    if kind == b"zset":
+        return list(r.zrange(key, 0, -1))
+    if kind == b"list":
+        return list(r.lrange(key, 0, -1))
+    return []
 
 
 UPSTREAM_RULES = """apiVersion: fleetgate/v1

@@ -13,8 +13,11 @@ from __future__ import annotations
 import base64
 import ipaddress
 import re
+import secrets
+import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import deploy_check as dc  # scripts/ (pytest pythonpath): the same rendering CI checks
 import pytest
@@ -504,3 +507,244 @@ def test_ip_blocks_parse() -> None:
                                 assert sub.version == net.version and sub.subnet_of(net), cidr
                             seen += 1
     assert seen >= 2  # the gateway's internet egress, IPv4 and IPv6
+
+
+# -- replicated: three gateways sharing state in Redis (issue 17) ------------------------------
+
+REPLICATED = DEPLOY / "kubernetes" / "overlays" / "replicated"
+
+
+def _replicated() -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(documents, gateway Deployment, its pod spec, its container) of overlays/replicated."""
+    assert REPLICATED.is_dir(), "deploy/kubernetes/overlays/replicated is missing"
+    docs = render(REPLICATED)
+    found = gateway(REPLICATED, docs)
+    assert len(found) == 1, [(d["metadata"]["name"], c["name"]) for d, _p, c in found]
+    dep, pod, c = found[0]
+    return docs, dep, pod, c
+
+
+def _pod_labels(workload: dict[str, Any]) -> dict[str, str]:
+    return dict(workload["spec"]["template"]["metadata"].get("labels") or {})
+
+
+def _redis(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Redis StatefulSet the gateway's fleetgate_state URL names (through its Service)."""
+    _dep, _pod, c = dc.gateway_containers(docs)[0]
+    url = urlsplit(options(argv_of(c))["fleetgate_state"])
+    svc = next((d for d in docs if d.get("kind") == "Service" and d["metadata"]["name"] == url.hostname),
+               None)
+    assert svc is not None, f"fleetgate_state names {url.hostname!r}, which is no rendered Service"
+    sets = [d for d in docs if d.get("kind") == "StatefulSet"
+            and _selects({"matchLabels": svc["spec"]["selector"]}, _pod_labels(d))]
+    assert len(sets) == 1, f"Service {url.hostname} selects {len(sets)} StatefulSets"
+    ss = sets[0]
+    redis = ss["spec"]["template"]["spec"]["containers"][0]
+    port = next(p for p in svc["spec"]["ports"] if p["port"] == (url.port or 6379))
+    target = port.get("targetPort", port["port"])
+    assert port_number(redis, target) == 6379, f"Service {url.hostname} port {port} is not Redis's 6379"
+    return ss, redis
+
+
+def test_replicated_runs_three_gateways_without_a_shared_volume() -> None:
+    """3 replicas, surge-first rollouts, spread over nodes; no ReadWriteOnce claim in the pod
+    (three pods cannot share one; the state is in Redis)."""
+    docs, dep, pod, _c = _replicated()
+    assert dep["spec"]["replicas"] == 3
+    strategy = dep["spec"].get("strategy") or {}
+    assert strategy.get("type", "RollingUpdate") == "RollingUpdate", strategy
+    claims = [v for v in pod.get("volumes") or [] if "persistentVolumeClaim" in v or "ephemeral" in v]
+    assert not claims, f"a volume claim mounted into every replica: {claims}"
+    assert not [d for d in docs if d.get("kind") == "PersistentVolumeClaim"
+                and d["metadata"]["name"] == "fleetgate-state"], "persistent-state's PVC is rendered"
+    labels = _pod_labels(dep)
+    spread = [t for t in pod.get("topologySpreadConstraints") or []
+              if t["topologyKey"] == "kubernetes.io/hostname" and _selects(t.get("labelSelector"), labels)]
+    anti = [t for t in ((pod.get("affinity") or {}).get("podAntiAffinity") or {}).get(
+                "requiredDuringSchedulingIgnoredDuringExecution", [])
+            if t["topologyKey"] == "kubernetes.io/hostname" and _selects(t.get("labelSelector"), labels)]
+    assert anti or any(t["whenUnsatisfiable"] == "DoNotSchedule" and t["maxSkew"] == 1 for t in spread), (
+        "the gateways are not spread across nodes (hostname topology spread or anti-affinity)")
+
+
+def test_replicated_pdb_allows_one_down() -> None:
+    docs, dep, _pod, _c = _replicated()
+    pdbs = [d for d in docs if d.get("kind") == "PodDisruptionBudget"
+            and _selects(d["spec"].get("selector"), _pod_labels(dep))]
+    assert len(pdbs) == 1, [p["metadata"]["name"] for p in pdbs]
+    spec = pdbs[0]["spec"]
+    assert spec.get("maxUnavailable") == 1 and "minAvailable" not in spec, spec
+
+
+def test_replicated_hpa_scales_the_gateway_on_cpu() -> None:
+    docs, dep, _pod, c = _replicated()
+    hpas = [d for d in docs if d.get("kind") == "HorizontalPodAutoscaler"]
+    assert len(hpas) == 1, [h["metadata"]["name"] for h in hpas]
+    hpa = hpas[0]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    ref = hpa["spec"]["scaleTargetRef"]
+    target = (ref.get("apiVersion"), ref["kind"], ref["name"])
+    assert target == ("apps/v1", "Deployment", dep["metadata"]["name"]), target
+    assert hpa["spec"]["minReplicas"] == dep["spec"]["replicas"] == 3
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    cpu = [m["resource"]["target"] for m in hpa["spec"]["metrics"]
+           if m["type"] == "Resource" and m["resource"]["name"] == "cpu"]
+    assert cpu and cpu[0]["type"] == "Utilization" and 0 < cpu[0]["averageUtilization"] <= 90, cpu
+    # utilization is of the request: without a CPU request the HPA cannot compute it
+    assert (c.get("resources") or {}).get("requests", {}).get("cpu"), "the gateway requests no CPU"
+
+
+def test_replicated_gateway_uses_redis_with_the_secret_password() -> None:
+    """The gateway's args carry fleetgate_state (a Redis Service that selects the StatefulSet)
+    and the password file, which is the key of the very Secret Redis takes its requirepass from."""
+    docs, _dep, pod, c = _replicated()
+    opts = options(argv_of(c))
+    assert opts.get("fleetgate_state") == "redis://fleetgate-redis:6379/0", opts.get("fleetgate_state")
+    path = opts.get("fleetgate_state_password_file")
+    assert path == "/var/run/fleetgate/redis/password", path
+    ss, redis = _redis(docs)
+
+    def secret_file(pod_spec: dict[str, Any], container: dict[str, Any], file: str) -> tuple[str, str]:
+        mounts = [m for m in container.get("volumeMounts") or []
+                  if file.startswith(m["mountPath"].rstrip("/") + "/")]
+        assert mounts, f"{file} is on no volume of {container['name']}"
+        m = max(mounts, key=lambda m: len(m["mountPath"]))
+        vol = next(v for v in pod_spec["volumes"] if v["name"] == m["name"])
+        assert "secret" in vol, f"{file}: volume {m['name']} is not a Secret"
+        name = file[len(m["mountPath"].rstrip("/")) + 1:]
+        key = next((i["key"] for i in vol["secret"].get("items") or [] if i["path"] == name), name)
+        return vol["secret"]["secretName"], key
+
+    gw_secret = secret_file(pod, c, path)
+    script = " ".join([*(redis.get("command") or []), *(redis.get("args") or [])])
+    m = re.search(r"pw=\$\(cat (\S+)\)", script)
+    assert m and "requirepass $pw" in script, "Redis does not take requirepass from a file"
+    assert secret_file(ss["spec"]["template"]["spec"], redis, m.group(1)) == gw_secret
+    assert any(d.get("kind") == "Secret" and d["metadata"]["name"] == gw_secret[0] for d in docs)
+
+
+def test_redis_pod_is_hardened_and_durable() -> None:
+    docs, _dep, _pod, _c = _replicated()
+    ss, redis = _redis(docs)
+    pod = ss["spec"]["template"]["spec"]
+    assert ss["spec"]["replicas"] == 1, "one primary: the component is no Redis cluster"
+    for key in ("runAsNonRoot",):
+        assert _effective(pod, redis, key) is True
+    assert _effective(pod, redis, "runAsUser") not in (None, 0)
+    csc = redis.get("securityContext") or {}
+    assert csc.get("readOnlyRootFilesystem") is True and csc.get("allowPrivilegeEscalation") is False
+    assert "ALL" in (csc.get("capabilities") or {}).get("drop", []) and not csc.get("privileged")
+    assert (_effective(pod, redis, "seccompProfile") or {}).get("type") == "RuntimeDefault"
+    assert pod.get("automountServiceAccountToken") is False
+    res = redis.get("resources") or {}
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(res.get(kind) or {}), f"Redis resources.{kind}: {res}"
+    tag = str(redis["image"]).split("@")[0].rpartition(":")[2]
+    assert "@sha256:" in redis["image"] or (tag and tag != "latest" and "/" not in tag), redis["image"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        cmd = " ".join((redis.get(probe) or {}).get("exec", {}).get("command") or [])
+        # redis-cli exits 0 on NOAUTH/LOADING: only the PONG reply may pass
+        assert "redis-cli" in cmd and " ping" in cmd and "PONG" in cmd, f"{probe}: {cmd!r}"
+    # AOF on, on the claim, never evicting
+    mounts = {m["mountPath"]: m["name"] for m in redis.get("volumeMounts") or []}
+    claims = {t["metadata"]["name"] for t in ss["spec"].get("volumeClaimTemplates") or []}
+    conf_vol = next(v for v in pod["volumes"] if v["name"] == mounts.get("/etc/redis"))
+    conf = next(d for d in docs if d.get("kind") == "ConfigMap"
+                and d["metadata"]["name"] == conf_vol["configMap"]["name"])["data"]["redis.conf"]
+    settings = dict(ln.split(None, 1) for ln in conf.splitlines() if ln.strip() and not ln.startswith("#"))
+    assert settings.get("appendonly") == "yes" and settings.get("appendfsync") in ("always", "everysec")
+    assert settings.get("maxmemory-policy") == "noeviction", settings.get("maxmemory-policy")
+    assert mounts.get(settings["dir"]) in claims, f"Redis's dir {settings['dir']} is not on a volume claim"
+    assert "requirepass" not in settings, "the password belongs in the Secret, not the ConfigMap"
+
+
+def test_only_the_gateway_reaches_redis() -> None:
+    """Every policy on the Redis pods: ingress only from the gateway's pods (this namespace, by
+    their labels) on 6379, and no egress; the gateway's egress allows Redis on 6379."""
+    docs, dep, _pod, _c = _replicated()
+    ss, _redis_c = _redis(docs)
+    redis_labels, gw_labels = _pod_labels(ss), _pod_labels(dep)
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"
+                and _selects(d["spec"].get("podSelector"), redis_labels)]
+    assert any("Ingress" in (p["spec"].get("policyTypes") or ["Ingress"]) for p in policies), (
+        "no NetworkPolicy restricts ingress to Redis")
+    assert any("Egress" in (p["spec"].get("policyTypes") or []) for p in policies), (
+        "no NetworkPolicy restricts Redis's egress")
+    for pol in policies:
+        name = pol["metadata"]["name"]
+        assert not pol["spec"].get("egress"), f"{name}: Redis may reach {pol['spec']['egress']}"
+        for rule in pol["spec"].get("ingress") or []:
+            assert rule.get("from"), f"{name}: an ingress rule open to every source"
+            assert rule.get("ports") and all(p.get("port") in (6379, "redis") and not p.get("endPort")
+                                             for p in rule["ports"]), f"{name}: ports {rule.get('ports')}"
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, f"{name}: peer {peer} is not the gateway's pods"
+                sel = peer["podSelector"]
+                assert _selects(sel, gw_labels) and not sel.get("matchExpressions"), f"{name}: {sel}"
+                # exactly the gateway's selecting labels, not a subset that other pods carry too
+                assert sel.get("matchLabels") == dep["spec"]["selector"]["matchLabels"], f"{name}: {sel}"
+    egress = [d for d in docs if d.get("kind") == "NetworkPolicy"
+              and "Egress" in (d["spec"].get("policyTypes") or [])
+              and _selects(d["spec"].get("podSelector"), gw_labels)]
+    rules = [rule for pol in egress for rule in pol["spec"].get("egress") or []]
+    assert any(_selects(peer.get("podSelector"), redis_labels) and "namespaceSelector" not in peer
+               and _covers(rule, 6379, {}) for rule in rules for peer in rule.get("to") or []), (
+        "the gateway's egress policies do not let it reach Redis on 6379")
+
+
+def _redis_start(tmp_path: Path, password: bytes) -> subprocess.CompletedProcess[str]:
+    """The Redis container's start script, run by sh with its paths in tmp_path and a
+    ``redis-server`` that prints what it would have been given (argv, then stdin)."""
+    docs = render(REPLICATED)
+    _ss, redis = _redis(docs)
+    argv = [*(redis.get("command") or []), *(redis.get("args") or [])]
+    assert argv[:2] == ["/bin/sh", "-c"], argv
+    (tmp_path / "secret").mkdir(parents=True)
+    (tmp_path / "secret" / "password").write_bytes(password)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "redis-server"
+    fake.write_text('#!/bin/sh\necho "ARGV $*"\ncat\n')
+    fake.chmod(0o755)
+    script = argv[2].replace("/var/run/redis/", f"{tmp_path}/secret/")
+    return subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, timeout=10,
+                          env={"PATH": f"{bindir}:/usr/bin:/bin"})
+
+
+def test_redis_refuses_the_placeholder_password(tmp_path: Path) -> None:
+    """Applied as it is, the overlay's placeholder Secret starts no Redis (nothing runs with a
+    password printed in a repository); a real password reaches redis-server on stdin only."""
+    docs = render(REPLICATED)
+    ss, _redis_c = _redis(docs)
+    secret_name = next(v["secret"]["secretName"] for v in ss["spec"]["template"]["spec"]["volumes"]
+                       if "secret" in v)
+    secret = next(d for d in docs if d.get("kind") == "Secret" and d["metadata"]["name"] == secret_name)
+    assert (secret["metadata"].get("labels") or {}).get("fleetgate.io/placeholder") == "true"
+    placeholder = base64.b64decode(secret["data"]["password"])
+    refused = _redis_start(tmp_path / "a", placeholder)
+    assert refused.returncode != 0 and "ARGV" not in refused.stdout, refused
+    assert "placeholder" in refused.stderr
+    for bad in (b"", b"short-but-real-1234\n", b"has a space in it and is long enough to pass\n"):
+        r = _redis_start(tmp_path / f"b{len(bad)}", bad)
+        assert r.returncode != 0 and "ARGV" not in r.stdout, (bad, r)
+    real = secrets.token_hex(32)
+    ok = _redis_start(tmp_path / "c", (real + "\n").encode())
+    assert ok.returncode == 0, ok
+    assert f"requirepass {real}\n" in ok.stdout and real not in ok.stdout.splitlines()[0], ok.stdout
+    assert ok.stdout.splitlines()[0] == "ARGV /etc/redis/redis.conf -", ok.stdout
+
+
+def test_no_redis_password_in_deploy_files() -> None:
+    """No requirepass value and no password in a Redis URL anywhere under deploy/."""
+    bad = []
+    for f in sorted(DEPLOY.rglob("*")):
+        if not f.is_file():
+            continue
+        text = f.read_text(errors="replace")
+        for m in re.finditer(r"(?m)^\s*requirepass\s+(\S+)", text):  # a config line
+            if m.group(1) != "$pw":
+                bad.append(f"{dc.rel(f)}: requirepass {m.group(1)}")
+        for m in re.finditer(r"rediss?://[^\s/@]*:([^\s/@]+)@", text):
+            if not re.fullmatch(r"<[^>]*>|\*+|PASSWORD|\$\{?\w+\}?", m.group(1)):
+                bad.append(f"{dc.rel(f)}: password in {m.group(0)}")
+    assert not bad, bad
