@@ -176,3 +176,35 @@ def test_a_stop_on_one_replica_reaches_every_replica(
                                    "reason": "after recovery"}).status_code == 200
     for gw in (b, d):
         assert wait_until(lambda g=gw: _rule(_get(g, again, url)) == "killswitch.stop", 10)
+
+
+def test_a_throttle_is_one_ceiling_for_the_fleet(
+        make_gateway: GatewayFactory, upstream: Upstream, redis_server: RedisServer,
+        tmp_path: Path) -> None:
+    """``throttle agent X --requests 4 --per 1h`` through three replicas lets 4 through in all,
+    not 4 per replica; with Redis gone the throttled agent is refused (never let through on a
+    per-replica guess) and an agent nothing throttles is not held up by the throttle."""
+    rules = write_rules(tmp_path / "rules.yaml", [upstream.port])
+    gws = [make_gateway(rules, fleetgate_state=redis_server.url) for _ in range(3)]
+    tok = token("hasty", session_id="s-hasty")
+    url = upstream.url + "/ping"
+    assert _get(gws[0], tok, url).status_code == 200  # its session is recorded
+    r = gws[0].admin("/v1/actions", {"verb": "throttle", "scope": "agent:hasty",
+                                     "requests": 4, "per": 3600,
+                                     "reason": "fleet ceiling", "by": "e2e"})
+    assert r.status_code == 200 and "error" not in r.json(), r.text
+    for gw in gws[1:]:  # the action reached the other replicas
+        assert wait_until(lambda g=gw: "throttle" in g.admin("/v1/status").text, 5)
+    codes = [_get(gws[i % 3], tok, url).status_code for i in range(12)]
+    assert codes.count(200) == 4 and codes.count(429) == 8, codes
+    r = _get(gws[1], tok, url)
+    assert r.status_code == 429 and _rule(r) == "killswitch.throttle", r.text
+    assert int(r.headers["retry-after"]) > 60  # the fleet's bucket refills in ~15 min
+
+    other = token("calm", session_id="s-calm")
+    assert _get(gws[2], other, url).status_code == 200
+    redis_server.stop()
+    r = _get(gws[2], tok, url)
+    assert r.status_code == 503 and _rule(r) == "killswitch.state", r.text
+    assert "throttle" in r.json()["error"]["message"], r.text
+    assert _get(gws[2], other, url).status_code == 200  # recorded, not throttled: unaffected

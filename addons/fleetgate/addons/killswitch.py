@@ -33,6 +33,7 @@ from mitmproxy import ctx, exceptions, http
 from fleetgate.addons.flowtools import deny, fail_closed, settled
 from fleetgate.addons.kill_flows import DEPTH, message_depth, refuse_stop, subject_of
 from fleetgate.addons.state import annotate_decision, claims_of, identity_of
+from fleetgate.errors import StateError
 from fleetgate.kill.board import Verdict
 from fleetgate.kill.graph import GraphError
 from fleetgate.kill.model import Subject, Verb
@@ -138,7 +139,15 @@ class KillSwitch:
         if v.action.verb is Verb.STOP:
             refuse_stop(flow, v, self.metrics)
         elif v.action.verb is Verb.THROTTLE:
-            take = self.kill.take(v)
+            try:
+                take = await self.kill.take_shared(v)
+            except StateError as exc:
+                self.metrics.kill_refused.labels(verb="throttle").inc()
+                deny(flow, 503, "killswitch.state", str(exc),
+                     hint="the gateway's shared state is unavailable; retry shortly",
+                     headers={"Retry-After": "1"})
+                annotate_decision(flow, action=v.action.id)
+                return
             if not take.ok:
                 self.metrics.kill_refused.labels(verb="throttle").inc()
                 wait = max(1, math.ceil(take.retry_after))

@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from fleetgate.errors import StateError
 from fleetgate.kill.board import Verdict
 from fleetgate.kill.core import Applied, KillCore, KillStore
@@ -40,7 +42,7 @@ from fleetgate.kill.delegation import DelegationPolicy, child_claims
 from fleetgate.kill.graph import Node
 from fleetgate.kill.model import Action, Scope, Subject, Verb
 from fleetgate.kill.triggers import Event, Firing, Metric, TriggerEngine
-from fleetgate.limits.bucket import Take
+from fleetgate.limits.bucket import BucketSpec, Take
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.policy.model import Policy
 from fleetgate.runtime.identity import IdentityRegistry
@@ -51,6 +53,7 @@ from fleetgate.runtime.liveflows import LiveFlows
 from fleetgate.runtime.shared import SharedState
 from fleetgate.stores.kill import QueuedKillStore, SqliteKillStore
 from fleetgate.stores.redis_kill import RedisKillStore
+from fleetgate.stores.redis_rate import RedisRates
 
 __all__ = ["FlowEffects", "KillService", "source_of"]
 
@@ -65,6 +68,7 @@ class KillService:
         self.metrics = metrics
         self.shared = shared  # Redis, when fleetgate_state names one (open_shared)
         self.bus: KillBus | None = None  # the other replicas (Redis pub/sub)
+        self._rates = RedisRates()  # the fleet's throttle buckets (Redis)
         self.identities = identities
         self.effects = effects
         self.clock = clock
@@ -326,8 +330,30 @@ class KillService:
         return self.core.verdict(subject)
 
     def take(self, verdict: Verdict) -> Take:
-        """One request from a throttled scope's bucket."""
+        """One request from a throttled scope's bucket (this process's)."""
         return self.core.board.take(verdict, self.clock())
+
+    async def take_shared(self, verdict: Verdict) -> Take:
+        """One request from a throttled scope's bucket: with Redis, the fleet's one bucket
+        per action (every replica takes from it, so the ceiling holds for the fleet, not per
+        replica); embedded, this process's. Raises :class:`StateError` when Redis cannot
+        answer: the request is refused, never let through on a per-replica guess."""
+        shared = self.shared
+        if shared is None or not shared.enabled:
+            return self.take(verdict)
+        action = verdict.action
+        assert action.throttle is not None
+        spec = BucketSpec(action.throttle.requests, action.throttle.requests,
+                          action.throttle.per)
+        try:
+            reply = await self._rates.take(shared.async_client(),
+                                           [shared.key("kill", "throttle", action.id)], [spec], [1])
+        except (redis.RedisError, OSError) as exc:
+            shared.failed("kill.throttle", exc)
+            raise StateError(f"the throttle on {action.scope.label} cannot be checked in the "
+                             f"shared state ({type(exc).__name__}: {exc})") from None
+        shared.worked()
+        return reply.takes[-1]
 
     def fire(self, event: Event) -> list[Firing]:
         """Feed the trigger engine; the firings to apply."""

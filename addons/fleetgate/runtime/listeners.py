@@ -24,6 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
+from fleetgate.errors import StateError
 from fleetgate.metrics import GatewayMetrics
 
 __all__ = ["HttpListener", "Routes"]
@@ -143,6 +144,8 @@ class HttpListener:
                 return _answer(start_response, "200 OK", actions[path](args))
         except (ValueError, TypeError) as exc:
             return _answer(start_response, "400 Bad Request", {"error": str(exc)})
+        except StateError as exc:  # the state it reports cannot be read now: try again later
+            return _answer(start_response, "503 Service Unavailable", {"error": str(exc)})
         except Exception as exc:  # the action failed: say so, never pretend it worked
             return _answer(start_response, "500 Internal Server Error",
                            {"error": f"{type(exc).__name__}: {exc}"})

@@ -8,7 +8,7 @@ last call), ranked by cost in ``usage:rank:agents`` / ``usage:rank:sessions`` (b
 ``/usage`` then reads Redis (an admin thread, the sync client); embedded, it is the ledger's own
 snapshot. Usage is reporting, not enforcement: a write Redis does not take is reported
 (``fleetgate_state_errors_total{store="redis",op="usage"}``) and that call is missing from the
-fleet's totals; ``/usage`` answers 500 while Redis cannot be read.
+fleet's totals; ``/usage`` answers 503 while Redis cannot be read.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 
+from fleetgate.errors import StateError
 from fleetgate.llm.ledger import Ledger, Totals
 from fleetgate.llm.usage import Usage
 from fleetgate.runtime.shared import SharedState
@@ -102,7 +103,7 @@ class SharedUsage:
             raw = pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self.shared.failed("usage", exc)
-            raise RuntimeError(f"cannot read the fleet's usage from Redis ({exc})") from None
+            raise StateError(f"cannot read the fleet's usage from Redis ({exc})") from None
         self.shared.worked()
         fleet, rest = raw[0], raw[1:1 + len(agents) + len(sessions)]
         return {"fleet": _totals(fleet).as_dict(),
