@@ -13,13 +13,15 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-__all__ = ["RedisServer", "redis_binary"]
+__all__ = ["RedisServer", "Tls", "redis_binary"]
 
 
 def redis_binary() -> str:
@@ -36,21 +38,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Tls:
+    """The server's certificate and key (PEM files) and the CA clients verify it with."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 class RedisServer:
-    def __init__(self, workdir: Path, password: str | None = None) -> None:
+    def __init__(self, workdir: Path, password: str | None = None, tls: Tls | None = None) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.password = password
+        self.tls = tls  # TLS only (no plain port): rediss://
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls is not None:
+            return f"rediss://{auth}localhost:{self.port}/0?ssl_ca_certs={self.tls.ca}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        argv = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+        ports = ["--port", str(self.port)] if self.tls is None else [
+            "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
+            "--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca),
+            "--tls-auth-clients", "no"]
+        argv = [redis_binary(), *ports, "--bind", "127.0.0.1",
                 "--dir", str(self.workdir), "--save", "", "--appendonly", "yes",
                 "--appendfsync", "always", "--daemonize", "no", "--loglevel", "warning",
                 "--logfile", str(self.workdir / "redis.log")]
@@ -71,7 +89,7 @@ class RedisServer:
 
     def _pong(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with self._connect() as s:
                 if self.password:
                     s.sendall(f"AUTH {self.password}\r\n".encode())
                     s.recv(64)
@@ -79,6 +97,13 @@ class RedisServer:
                 return s.recv(64).startswith(b"+PONG")
         except OSError:
             return False
+
+    def _connect(self) -> socket.socket:
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
+        if self.tls is None:
+            return raw
+        ctx = ssl.create_default_context(cafile=str(self.tls.ca))
+        return ctx.wrap_socket(raw, server_hostname="localhost")
 
     def pause(self) -> None:
         """SIGSTOP: Redis accepts connections in the kernel but never answers (a hang)."""

@@ -14,9 +14,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import trustme
 from conftest import GatewayFactory
 from llm_upstream import Control, install, llm_rules_extra
-from redisd import RedisServer
+from redisd import RedisServer, Tls
 
 from harness import Gateway, Upstream, ssl_context, token, upstream_name, wait_until, write_rules
 
@@ -39,7 +40,7 @@ def ctl(upstream: Upstream) -> Control:
 
 
 def fleet(make_gateway: GatewayFactory, tmp_path: Path, upstream: Upstream,
-          redis_server: RedisServer, limits: str) -> list[Gateway]:
+          redis_server: RedisServer, limits: str, n: int = 3, **state: str) -> list[Gateway]:
     """Three gateways sharing ``redis_server``; role ``limited`` has ``limits``, role
     ``tester`` none."""
     rules = tmp_path / "rules"
@@ -54,8 +55,9 @@ def fleet(make_gateway: GatewayFactory, tmp_path: Path, upstream: Upstream,
   policies:
 {textwrap.indent(textwrap.dedent(limits), "    ")}"""
     write_rules(rules / "llm.yaml", [port], top=llm_rules_extra(port), extra=extra)
-    return [make_gateway(rules, fleetgate_state=redis_server.url,
-                         fleetgate_state_wait_ms=str(WAIT_MS)) for _ in range(3)]
+    state = state or {"fleetgate_state": redis_server.url}
+    return [make_gateway(rules, fleetgate_state_wait_ms=str(WAIT_MS), **state)
+            for _ in range(n)]
 
 
 def client(gw: Gateway, upstream: Upstream, sub: str, role: str) -> openai.OpenAI:
@@ -185,3 +187,45 @@ def test_a_hanging_redis_refuses_limited_calls_until_it_answers_again(
     # 3 before, 4 after; the 3 refused while Redis hung may have been taken when it resumed
     # (the command had reached Redis): a refused call errs strict, never generous
     assert 1000 - 3 - 4 - 3 <= levels(gws[2])[("many", "limited-agent")] <= 1000 - 3 - 4
+
+
+def test_tls_and_a_password_file(make_gateway: GatewayFactory, tmp_path: Path, upstream: Upstream,
+                                 ctl: Control, upstream_ca: trustme.CA) -> None:
+    """``rediss://`` verified against a private CA (``ssl_ca_certs``), the password from
+    ``fleetgate_state_password_file`` (never in the URL): two gateways share one bucket; a
+    wrong password keeps a gateway from starting, saying why."""
+    cert = upstream_ca.issue_cert("localhost")
+    files = tmp_path / "redis-tls"
+    files.mkdir()
+    tls = Tls(files / "cert.pem", files / "key.pem", files / "ca.pem")
+    cert.cert_chain_pems[0].write_to_path(str(tls.cert))
+    cert.private_key_pem.write_to_path(str(tls.key))
+    upstream_ca.cert_pem.write_to_path(str(tls.ca))
+    server = RedisServer(tmp_path / "redis", password="s3cret-tls-pass", tls=tls).start()
+    try:
+        secret = tmp_path / "redis-password"
+        secret.write_text("s3cret-tls-pass\n")
+        url = f"rediss://localhost:{server.port}/0?ssl_ca_certs={tls.ca}"
+        gws = fleet(make_gateway, tmp_path, upstream, server, """\
+            localRateLimit:
+              - {id: three, maxTokens: 3, tokensPerFill: 3, fillInterval: 1h, type: requests}
+        """, n=2, fleetgate_state=url, fleetgate_state_password_file=str(secret))
+        outcomes = []
+        for i in range(6):
+            try:
+                chat(client(gws[i % 2], upstream, "tls-agent", "limited"), max_tokens=10)
+                outcomes.append("ok")
+            except openai.RateLimitError:
+                outcomes.append("429")
+        assert outcomes.count("ok") == 3 and outcomes.count("429") == 3, outcomes
+        ready = gws[1].ready().json()
+        assert ready["state"]["redis"]["ok"] is True, ready
+        assert "s3cret" not in str(ready)
+
+        secret.write_text("wrong-password\n")
+        bad = make_gateway(tmp_path / "rules", start=False, fleetgate_state=url,
+                           fleetgate_state_password_file=str(secret))
+        with pytest.raises(Exception, match=r"(?i)password|auth"):
+            bad.start()
+    finally:
+        server.stop()
