@@ -188,6 +188,10 @@ class GatewayMetrics:
         self.audit_write_errors = Counter(
             "fleetgate_audit_write_errors", "Decision log lines that could not be written (a "
             "target failed, or the writer's queue was full).", registry=r)
+        self.observer_errors = Counter(
+            "fleetgate_observer_errors", "Decision records an observer (trace export, the "
+            "recent-sessions store) failed to take; the record itself was still written.",
+            ["observer"], registry=r)
         self.audit_log_ok = Gauge(
             "fleetgate_audit_log_ok", "1 while the last decision log line was written, 0 "
             "after a failed one (with fleetgate_audit_required calls are refused then).",

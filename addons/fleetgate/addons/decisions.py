@@ -18,6 +18,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
@@ -35,6 +36,7 @@ from fleetgate.addons.state import (
     llm_usage_of,
     mcp_of,
     record_decision,
+    verified_claims,
 )
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.runtime.audit import AuditSink, AuditUnavailable, FileTarget, StreamTarget, Target
@@ -54,6 +56,9 @@ class DecisionLog:
         self.metrics = metrics
         self.sink: AuditSink | None = None
         self.required = False
+        # called with every final record and its flow (traces, the recent-sessions store);
+        # a listener that raises is logged and counted, the record is still written
+        self.listeners: list[Callable[[dict[str, Any], Any], None]] = []
         store.add_status("decision_log", self._status)
 
     def load(self, loader: Any) -> None:
@@ -186,6 +191,7 @@ class DecisionLog:
         self.metrics.requests.labels(agent="anonymous", role="", decision="deny",
                                      rule=rec["rule"]).inc()
         self._write(rec)
+        self._tell(rec, flow)
 
     def _emit(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(LOGGED):
@@ -196,6 +202,16 @@ class DecisionLog:
         self.metrics.requests.labels(agent=agent, role=rec["role"] or "",
                                      decision=rec["result"], rule=rec["rule"]).inc()
         self._write(rec)
+        self._tell(rec, flow)
+
+    def _tell(self, rec: dict[str, Any], flow: Any) -> None:
+        for listener in self.listeners:
+            try:
+                listener(rec, flow)
+            except Exception:  # an observer's bug must not lose the audit line or the answer
+                self.metrics.observer_errors.labels(
+                    observer=getattr(listener, "__qualname__", "?")).inc()
+                log.exception("fleetgate: a decision-record listener failed")
 
     def _record(self, flow: http.HTTPFlow, phase: str | None = None) -> dict[str, Any]:
         decision = decision_of(flow) or {}
@@ -210,6 +226,13 @@ class DecisionLog:
         extra = self._extra_fields(flow) or {}
         if phase:
             extra["phase"] = phase
+        if req.timestamp_start:
+            extra["start_ts"] = round(req.timestamp_start, 6)
+        claims = verified_claims(flow)
+        if claims is not None:  # the family: `fleetgate trace` and the traces nest children
+            for key in ("parent_session", "root_session"):
+                if isinstance(claims.get(key), str):
+                    extra[key] = claims[key]
         return decisionlog.record(
             decision_id=decision_id(flow), allow=allow, rule=rule, reason=reason,
             identity=ident.as_dict() if ident else None,
@@ -227,8 +250,10 @@ class DecisionLog:
         extra: dict[str, Any] = {}
         usage = llm_usage_of(flow)
         if usage is not None:
-            extra["llm"] = {k: usage.get(k) for k in ("provider", "model", "tokens", "cost_usd",
-                                                      "estimated", "priced", "outcome")}
+            extra["llm"] = {k: usage.get(k) for k in ("provider", "operation", "model",
+                                                      "response_model", "tokens", "cost_usd",
+                                                      "estimated", "priced", "outcome",
+                                                      "ttft_ms")}
         mcp = mcp_of(flow)
         if mcp is not None:
             extra["mcp"] = {"server": mcp.get("server"), "transport": mcp.get("transport"),

@@ -102,7 +102,9 @@ class LlmMeter:
         if ttft is not None:
             m.genai_ttft.labels(**labels).observe(ttft)
         result: dict[str, Any] = {"provider": llm.get("provider"), "model": model,
-                                  "response_model": response_model, "outcome": outcome}
+                                  "response_model": response_model, "outcome": outcome,
+                                  "operation": llm.get("operation"),
+                                  "ttft_ms": None if ttft is None else round(ttft * 1000, 2)}
         if usage is not None:
             for kind, value in (("input", usage.input), ("output", usage.output),
                                 ("cache_read", usage.cache_read),

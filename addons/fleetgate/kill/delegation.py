@@ -98,6 +98,8 @@ def child_claims(parent: Mapping[str, Any], request: Mapping[str, Any],
         "agent_role": role,
         "session_id": f"s-{uuid.uuid4().hex}",
         "parent_session": str(p_session),
+        # the family's first session: traces of a whole family share one trace id
+        "root_session": str(parent.get("root_session") or p_session),
         "delegation_depth": depth,
         "jti": uuid.uuid4().hex,
         "iat": int(now),
