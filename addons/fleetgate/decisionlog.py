@@ -62,6 +62,7 @@ def record(
         "role": ident.get("role"),
         "session": ident.get("session"),
         "jti": ident.get("jti"),
+        "user": ident.get("user"),
         "method": method,
         "host": host,
         "port": port,

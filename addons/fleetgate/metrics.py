@@ -188,6 +188,13 @@ class GatewayMetrics:
         self.audit_write_errors = Counter(
             "fleetgate_audit_write_errors", "Decision log lines that could not be written (a "
             "target failed, or the writer's queue was full).", registry=r)
+        self.otel_enabled = Gauge(
+            "fleetgate_otel_export_enabled", "1 when traces (and metrics) are exported over "
+            "OTLP (fleetgate_otel_endpoint or OTEL_EXPORTER_OTLP_ENDPOINT).", registry=r)
+        self.otel_spans = Counter(
+            "fleetgate_otel_spans", "Spans handed to the OTLP exporter, by result: exported, "
+            "failed (the collector did not take them), dropped (the export queue was full: "
+            "a slow or dead collector never slows agents).", ["result"], registry=r)
         self.observer_errors = Counter(
             "fleetgate_observer_errors", "Decision records an observer (trace export, the "
             "recent-sessions store) failed to take; the record itself was still written.",

@@ -120,6 +120,8 @@ ENFORCING: dict[tuple[str, str], Case] = {
     # the injected key is replaced in the flow once sent; a crash must not leave it
     ("CredentialInjector", "responseheaders"): Case("credential"),
     ("CredentialInjector", "response"): Case("credential"),
+    # rewrites the forwarded traceparent and arms capture: a crash must not forward
+    ("Tracing", "request"): Case("plain", at_line=True),
     ("StreamPassthrough", "responseheaders"): Case("plain"),
     ("KillWatch", "request"): Case("plain"),  # registers the flow a later stop must cut
     ("Timeouts", "request"): Case("plain"),  # arms the upstream response bound

@@ -25,6 +25,7 @@ from fleetgate.llm.decoding import StreamDecoder
 from fleetgate.llm.tokenizer import count_tokens
 from fleetgate.llm.usage import StreamAccountant, Usage, usage_from_json
 from fleetgate.runtime.reservations import Overrun
+from fleetgate.telemetry.capture import CAPTURE, CAPTURED_OUTPUT, answer_text
 from fleetgate.wire import sse_error_event
 
 if TYPE_CHECKING:
@@ -129,10 +130,13 @@ class StreamCounter:
         response_model: str | None = None
         if self.broken:
             log.warning("fleetgate: could not meter flow %s: %s", flow.id, self.broken)
+        cap = flow.metadata.get(CAPTURE)  # a profile asked for the completion in its traces
         if self.sse:
             response_model = self.accountant.model
             if self.accountant.events or cut:
                 usage = self.accountant.finish(est_in)
+            if cap:
+                flow.metadata[CAPTURED_OUTPUT] = "".join(self.accountant.text)[:int(cap)]
         elif not self.overflow and not self.broken and self.body:
             try:
                 parsed = json.loads(bytes(self.body))
@@ -141,6 +145,8 @@ class StreamCounter:
             usage = usage_from_json(str(llm.get("api")), parsed)
             if isinstance(parsed, dict):
                 response_model = parsed.get("model") or parsed.get("modelVersion")
+            if cap:
+                flow.metadata[CAPTURED_OUTPUT] = answer_text(parsed)[:int(cap)]
         if self.broken and usage is not None:
             usage = replace(usage, estimated=True)  # we may have missed part of the stream
         if usage is None and (cut or self.broken or self.overflow):

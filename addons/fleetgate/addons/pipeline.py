@@ -41,6 +41,7 @@ from fleetgate.addons.rules import PolicyStore
 from fleetgate.addons.state_backend import StateBackend
 from fleetgate.addons.streaming import StreamPassthrough
 from fleetgate.addons.timeouts import Timeouts
+from fleetgate.addons.tracing import Tracing
 from fleetgate.addons.upstream_errors import UpstreamErrors
 from fleetgate.llm.ledger import Ledger
 from fleetgate.metrics import GatewayMetrics
@@ -74,6 +75,9 @@ def pipeline() -> list[Any]:
     budgets = BudgetGuard(policies, metrics, book, health, shared)
     limiter = RateLimiter(policies, metrics, book, health)
     mcp = McpService(metrics, admin.routes, shared)  # sessions, pins; /mcp/pins, /mcp/approve
+    tracing = Tracing(policies, metrics)  # spans over OTLP, from the decision records
+    decisions = DecisionLog(policies, metrics)
+    decisions.listeners.append(tracing.on_record)
     return [
         ConnectionGuard(metrics),
         ReusePort(),  # fleetgate_reuse_port: set before the proxy listeners bind
@@ -100,11 +104,12 @@ def pipeline() -> list[Any]:
         budgets,
         limiter,
         CredentialInjector(policies, metrics),
+        tracing,  # request: the span id of what is forwarded, traceparent, capture
         StreamPassthrough(),
         KillWatch(kill, metrics),  # live-flow registry, trigger observations
         Timeouts(metrics),  # after every check and stream wrapper: times only what goes upstream
         HealthEndpoint(health, admin),
         # answers an allowed request whose upstream failed, before the log records its status
         UpstreamErrors(metrics),
-        DecisionLog(policies, metrics),
+        decisions,
     ]

@@ -59,6 +59,16 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Capture:
+    """A profile's ``telemetry.capture``: which LLM contents its agents' spans carry
+    (opt-in; secrets masked, each side cut at ``max_bytes``)."""
+
+    prompts: bool = False
+    completions: bool = False
+    max_bytes: int = 4096
+
+
+@dataclass(frozen=True)
 class AgentProfile:
     """An ``agents[]`` entry: which identities it selects and what they may do."""
 
@@ -73,6 +83,7 @@ class AgentProfile:
     # policies.localRateLimit of this profile: every one must pass for its agents' flows
     limits: tuple[RateLimit, ...] = ()
     budgets: tuple[Budget, ...] = ()
+    capture: Capture | None = None  # telemetry.capture: None, nothing captured
 
 
 @dataclass(frozen=True)

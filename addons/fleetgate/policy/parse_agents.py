@@ -12,7 +12,7 @@ from typing import Any
 
 from fleetgate.celexpr import CelError, compile_expr
 from fleetgate.netaddr import HostPattern
-from fleetgate.policy.model import AgentProfile, Revocations
+from fleetgate.policy.model import AgentProfile, Capture, Revocations
 from fleetgate.policy.parse_budgets import parse_budgets
 from fleetgate.policy.parse_limits import parse_policies
 from fleetgate.policy.parse_mcp import parse_capabilities, parse_mcp_authorization
@@ -23,7 +23,8 @@ __all__ = ["MATCH_ROOTS", "parse_agent", "parse_revoked"]
 
 MATCH_ROOTS = ("jwt",)
 _AGENT_KEYS = {"name", "match", "egress", "authorization", "description", "mcpAuthorization",
-               "allowed_tools", "denied_tools", "policies", "budgets"}
+               "allowed_tools", "denied_tools", "policies", "budgets", "telemetry"}
+_CAPTURE_MAX = 1 << 20  # a span attribute past 1 MiB is a collector's problem, not insight
 
 
 def parse_agent(node: Any, where: str, report: Reporter, *, ids: IdSpaces) -> AgentProfile | None:
@@ -65,9 +66,41 @@ def parse_agent(node: Any, where: str, report: Reporter, *, ids: IdSpaces) -> Ag
     budgets = (parse_budgets(node["budgets"], f"{where}.budgets", report, owner=name,
                              ids=ids.limits)
                if "budgets" in node else [])
+    capture = (parse_telemetry(node["telemetry"], f"{where}.telemetry", report)
+               if "telemetry" in node else None)
     return AgentProfile(name=name, match=match, egress=tuple(egress), rules=tuple(rules),
                         source=report.source(where), mcp_rules=tuple(mcp_rules),
-                        limits=tuple(limits), budgets=tuple(budgets))
+                        limits=tuple(limits), budgets=tuple(budgets), capture=capture)
+
+
+def parse_telemetry(node: Any, where: str, report: Reporter) -> Capture | None:
+    """``telemetry: {capture: [prompts, completions] | true, maxBytes: 4096}``: which LLM
+    contents the traces of this profile's agents carry (nothing unless asked)."""
+    if not isinstance(node, dict):
+        report.error(where, "telemetry must be a mapping such as {capture: [prompts, "
+                     "completions], maxBytes: 4096}")
+        return None
+    check_keys(node, where, {"capture", "maxBytes"}, report)
+    raw = node.get("capture", False)
+    if raw is True:
+        parts = {"prompts", "completions"}
+    elif raw is False or raw is None:
+        parts = set()
+    else:
+        parts = set(str_list(raw, f"{where}.capture", report))
+        unknown = parts - {"prompts", "completions"}
+        if unknown:
+            report.error(f"{where}.capture", f"unknown capture {sorted(unknown)}: use "
+                         "'prompts', 'completions', true or false")
+            return None
+    size = node.get("maxBytes", 4096)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= _CAPTURE_MAX:
+        report.error(f"{where}.maxBytes", f"maxBytes must be an integer from 1 to {_CAPTURE_MAX}")
+        return None
+    if not parts:
+        return None
+    return Capture(prompts="prompts" in parts, completions="completions" in parts,
+                   max_bytes=size)
 
 
 def parse_revoked(node: Any, where: str, report: Reporter) -> Revocations | None:

@@ -1,0 +1,1 @@
+"""Observability: OpenTelemetry spans and metrics, trace trees, from the decision records."""
