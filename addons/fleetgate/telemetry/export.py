@@ -225,7 +225,10 @@ class OtlpExport:
                                    max_queue_size=cfg.queue + 1,
                                    max_export_batch_size=min(512, cfg.queue))
         self.gate.inner = batch
-        self.provider = TracerProvider(resource=resource, id_generator=self._ids)
+        # shutdown_on_exit off: our shutdown is bounded; the SDK's atexit one waits out the
+        # exporters' retry timeouts on a dead collector
+        self.provider = TracerProvider(resource=resource, id_generator=self._ids,
+                                       shutdown_on_exit=False)
         self.provider.add_span_processor(self.gate)
         self.tracer = self.provider.get_tracer("fleetgate", version)
         self.meters: MeterProvider | None = None
@@ -233,7 +236,8 @@ class OtlpExport:
         if cfg.metrics:
             reader = PeriodicExportingMetricReader(
                 _metric_exporter(cfg), export_interval_millis=cfg.metric_interval_ms)
-            self.meters = MeterProvider(resource=resource, metric_readers=[reader])
+            self.meters = MeterProvider(resource=resource, metric_readers=[reader],
+                                        shutdown_on_exit=False)
             self._instruments(self.meters.get_meter("fleetgate", version))
         # the exporters log every failed batch and retry; the gate says it once
         for name in ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
@@ -342,10 +346,24 @@ class OtlpExport:
             ok = self.meters.force_flush(timeout_ms) and ok
         return ok
 
-    def shutdown(self) -> None:
-        """Export what is queued (bounded by the exporters' own timeouts), then stop."""
-        try:
-            self.provider.shutdown()
-        finally:
-            if self.meters is not None:
-                self.meters.shutdown(timeout_millis=5000)
+    def shutdown(self, wait: float = 3.0) -> None:
+        """Export what is queued, giving up after ``wait`` seconds: a gateway that is
+        stopping (a rollout, a drain) must not hang on a dead collector for the exporters'
+        own retry timeouts. What is not exported by then is lost, and counted."""
+        def close() -> None:
+            try:
+                self.provider.shutdown()
+            finally:
+                if self.meters is not None:
+                    self.meters.shutdown(timeout_millis=int(wait * 1000))
+
+        worker = threading.Thread(target=close, name="fleetgate-otel-shutdown", daemon=True)
+        worker.start()
+        worker.join(wait)
+        if worker.is_alive():
+            with self.gate.lock:
+                lost = self.gate.pending
+            if lost:
+                self.gate.count("dropped", lost)
+            log.error("fleetgate: OTLP export did not finish within %.0f s at shutdown; "
+                      "%d spans not exported", wait, lost)
