@@ -158,12 +158,12 @@ class OtlpGrpcReceiver:
         received = self.received
 
         class Traces(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC's name)
+            def Export(self, request: Any, context: Any) -> Any:
                 received.add_traces(request)
                 return trace_service_pb2.ExportTraceServiceResponse()
 
         class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
-            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+            def Export(self, request: Any, context: Any) -> Any:
                 received.add_metrics(request)
                 return metrics_service_pb2.ExportMetricsServiceResponse()
 

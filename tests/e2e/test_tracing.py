@@ -174,7 +174,7 @@ def test_a_session_family_is_one_trace_with_conventional_spans(
     assert tool["attributes"]["fleetgate.user"] == "alice"
     assert tool["status"]["code"] != 2  # not an error
 
-    denied = [s for s in family if s["attributes"].get("url.path") == "/delete-everything"][0]
+    denied = next(s for s in family if s["attributes"].get("url.path") == "/delete-everything")
     assert denied["status"]["code"] == 2  # STATUS_CODE_ERROR
     assert "no-deletes" in denied["status"]["message"]
     assert denied["attributes"]["error.type"] == "no-deletes"
@@ -183,8 +183,8 @@ def test_a_session_family_is_one_trace_with_conventional_spans(
                for e in denied["events"])
 
     # the streamed LLM call: GenAI attributes, usage as the provider reported it, TTFT
-    llm = [s for s in family if s["name"] == "chat gpt-4o"
-           and s["attributes"].get("fleetgate.agent") == "coord-1"][0]
+    llm = next(s for s in family if s["name"] == "chat gpt-4o"
+           and s["attributes"].get("fleetgate.agent") == "coord-1")
     a = llm["attributes"]
     assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "openai"
     assert a["gen_ai.request.model"] == "gpt-4o"
@@ -200,15 +200,15 @@ def test_a_session_family_is_one_trace_with_conventional_spans(
     assert answer and answer[:20] in json.loads(a["gen_ai.output.messages"])[0]["parts"][0]["content"]
 
     # the sub-agent: its session span nests under the coordinator's, its call under it
-    child_session = [s for s in family if s["name"].startswith("invoke_agent coord-1/")][0]
+    child_session = next(s for s in family if s["name"].startswith("invoke_agent coord-1/"))
     assert child_session["parent_id"] == coord_span
     assert child_session["attributes"]["fleetgate.parent_session"] == "s-coord"
-    child_llm = [s for s in family if s["name"] == "chat gpt-4o"
-                 and s["attributes"].get("fleetgate.role") == "security"][0]
+    child_llm = next(s for s in family if s["name"] == "chat gpt-4o"
+                 and s["attributes"].get("fleetgate.role") == "security")
     assert child_llm["parent_id"] == child_session["span_id"]
 
     # the stop: the refused call after it names the kill switch
-    after = [s for s in family if s["attributes"].get("url.path") == "/after-stop"][0]
+    after = next(s for s in family if s["attributes"].get("url.path") == "/after-stop")
     assert after["status"]["code"] == 2
     assert after["attributes"]["fleetgate.rule"].startswith("killswitch")
 
@@ -236,7 +236,7 @@ def test_an_agents_traceparent_is_continued_and_propagated_upstream(
         assert c.get(upstream.url + "/with-tp", headers={"traceparent": theirs}).status_code == 200
         assert c.get(upstream.url + "/without-tp").status_code == 200
     spans = receiver.received.wait_spans(lambda ss: len(ss) >= 2)
-    with_tp = [s for s in spans if s["attributes"].get("url.path") == "/with-tp"][0]
+    with_tp = next(s for s in spans if s["attributes"].get("url.path") == "/with-tp")
     assert with_tp["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
     assert with_tp["parent_id"] == "b7ad6b7169203331"
     assert with_tp["links"][0]["trace_id"] == f"{session_trace_id('s-tp'):032x}"
@@ -244,7 +244,7 @@ def test_an_agents_traceparent_is_continued_and_propagated_upstream(
     sent = {k.lower(): v for k, v in seen["/with-tp"].items()}["traceparent"]
     # the upstream got the gateway's span as parent, in the agent's trace
     assert sent == f"00-0af7651916cd43dd8448eb211c80319c-{with_tp['span_id']}-01"
-    without = [s for s in spans if s["attributes"].get("url.path") == "/without-tp"][0]
+    without = next(s for s in spans if s["attributes"].get("url.path") == "/without-tp")
     sent = {k.lower(): v for k, v in seen["/without-tp"].items()}["traceparent"]
     assert sent == f"00-{session_trace_id('s-tp'):032x}-{without['span_id']}-01"
     assert without["parent_id"] == f"{session_span_id('s-tp'):016x}"
@@ -260,7 +260,7 @@ def test_grpc_export(make_gateway: GatewayFactory, tmp_path: Path, upstream: Ups
             assert c.get(upstream.url + "/over-grpc").status_code == 200
         spans = grpc_receiver.received.wait_spans(
             lambda ss: any(s["attributes"].get("url.path") == "/over-grpc" for s in ss))
-        span = [s for s in spans if s["attributes"].get("url.path") == "/over-grpc"][0]
+        span = next(s for s in spans if s["attributes"].get("url.path") == "/over-grpc")
         assert span["trace_id"] == f"{session_trace_id('s-grpc'):032x}"
         assert span["attributes"]["http.request.method"] == "GET"
     finally:
