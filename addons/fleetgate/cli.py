@@ -20,6 +20,7 @@ from typing import Any
 
 import fleetgate
 from fleetgate.cli_kill import DEFAULT_ADMIN, add_kill_commands, admin_call
+from fleetgate.cli_trace import add_trace_command
 from fleetgate.demo import add_demo_command
 from fleetgate.identity.mint import mint_token, parse_ttl
 
@@ -347,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_kill_commands(sub)
     add_demo_command(sub)  # fleetgate demo: see fleetgate.demo
+    add_trace_command(sub)  # fleetgate trace SESSION: see fleetgate.cli_trace
 
     ca = sub.add_parser("ca", help="certificate authority").add_subparsers(
         dest="ca_cmd", required=True)

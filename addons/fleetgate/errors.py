@@ -26,7 +26,8 @@ defined beside the code that raises them and hang from the branches here::
     │   ├── PersistError             kill/core.py: in force, but not written (also a RuntimeError)
     │   ├── AuditUnavailable         runtime/audit.py: a decision line could not be written
     │   └── OwnerUnknown             runtime/mcp.py: an MCP session's owner cannot be read in Redis
-    └── StepFailed                   demo.py: an outcome ``fleetgate demo --check`` asserts did not happen
+    ├── StepFailed                   demo.py: an outcome ``fleetgate demo --check`` asserts did not happen
+    └── NotFound                     what an admin view was asked about is not known here (404)
 
 Where a class also derives from a builtin (``ValueError``, ``RuntimeError``) it is because callers
 already catch it by that name; the tree adds a base, it takes none away. Whatever the branch, a
@@ -53,3 +54,8 @@ class RequestError(FleetgateError):
 
 class StateError(FleetgateError):
     """Durable state (the kill switch's store, spend, pins) cannot be read or written."""
+
+
+class NotFound(FleetgateError, LookupError):
+    """What an admin view was asked about (a session, a record) is not known here: the admin
+    listener answers 404 with this message, which should say where else to look."""

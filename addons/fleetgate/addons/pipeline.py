@@ -53,6 +53,7 @@ from fleetgate.runtime.reservations import ReservationBook
 from fleetgate.runtime.shared import SharedState
 from fleetgate.runtime.usage import SharedUsage
 from fleetgate.stores.spend import SqliteSpendStore
+from fleetgate.telemetry.recent import RecentSessions
 
 
 def pipeline() -> list[Any]:
@@ -78,6 +79,9 @@ def pipeline() -> list[Any]:
     tracing = Tracing(policies, metrics)  # spans over OTLP, from the decision records
     decisions = DecisionLog(policies, metrics)
     decisions.listeners.append(tracing.on_record)
+    recent = RecentSessions()  # recent families in memory: GET /v1/trace/<session>
+    admin.routes.get("/v1/trace/{session}", recent.trace_view)
+    decisions.listeners.append(recent.add)
     return [
         ConnectionGuard(metrics),
         ReusePort(),  # fleetgate_reuse_port: set before the proxy listeners bind

@@ -24,7 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
-from fleetgate.errors import StateError
+from fleetgate.errors import NotFound, StateError
 from fleetgate.metrics import GatewayMetrics
 
 __all__ = ["HttpListener", "Routes"]
@@ -35,16 +35,35 @@ Action = Callable[[dict[str, Any]], dict[str, Any]]
 
 class Routes:
     """A listener's JSON views (GET, query parameters as keyword arguments) and actions
-    (POST, a JSON object body; a ``ValueError``/``TypeError`` from one answers 400)."""
+    (POST, a JSON object body; a ``ValueError``/``TypeError`` from one answers 400, a
+    :class:`~fleetgate.errors.NotFound` 404).
+
+    A view path may end in one ``{name}`` segment (``/v1/trace/{session}``): the rest of the
+    request path, decoded, is passed as the keyword ``name``."""
 
     def __init__(self) -> None:
         self.views: dict[str, View] = {}
         self.actions: dict[str, Action] = {}
+        self._prefixed: dict[str, tuple[str, View]] = {}  # "/v1/trace/" -> ("session", view)
 
     def get(self, path: str, view: View) -> None:
         if path in self.views:
             raise ValueError(f"two views for {path}")
         self.views[path] = view
+        head, _, last = path.rpartition("/")
+        if last.startswith("{") and last.endswith("}"):
+            self._prefixed[head + "/"] = (last[1:-1], view)
+
+    def view_for(self, path: str) -> tuple[View, dict[str, str]] | None:
+        """The view for ``path`` and the keyword its ``{name}`` segment binds, if any."""
+        if path in self.views:
+            return self.views[path], {}
+        for prefix, (name, view) in self._prefixed.items():
+            if path.startswith(prefix) and len(path) > len(prefix):
+                # PEP 3333: PATH_INFO is the decoded bytes as latin-1; ids may be UTF-8
+                raw = path[len(prefix):].encode("latin-1", "replace")
+                return view, {name: raw.decode("utf-8", "replace")}
+        return None
 
     def post(self, path: str, action: Action) -> None:
         if path in self.actions:
@@ -130,11 +149,12 @@ class HttpListener:
                          "no admin token is configured: the admin API answers loopback "
                          "clients only"})
         method = environ.get("REQUEST_METHOD")
-        views, actions = self.routes.views, self.routes.actions
+        actions = self.routes.actions
+        found = self.routes.view_for(path)
         try:
-            if method == "GET" and path in views:
+            if method == "GET" and found is not None:
                 query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-                return _answer(start_response, "200 OK", views[path](**query))
+                return _answer(start_response, "200 OK", found[0](**{**query, **found[1]}))
             if method == "POST" and path in actions:
                 size = int(environ.get("CONTENT_LENGTH") or 0)
                 raw = environ["wsgi.input"].read(min(size, 1 << 20)) if size else b"{}"
@@ -144,12 +164,14 @@ class HttpListener:
                 return _answer(start_response, "200 OK", actions[path](args))
         except (ValueError, TypeError) as exc:
             return _answer(start_response, "400 Bad Request", {"error": str(exc)})
+        except NotFound as exc:
+            return _answer(start_response, "404 Not Found", {"error": str(exc)})
         except StateError as exc:  # the state it reports cannot be read now: try again later
             return _answer(start_response, "503 Service Unavailable", {"error": str(exc)})
         except Exception as exc:  # the action failed: say so, never pretend it worked
             return _answer(start_response, "500 Internal Server Error",
                            {"error": f"{type(exc).__name__}: {exc}"})
-        if path in views or path in actions:
+        if found is not None or path in actions:
             return _answer(start_response, "405 Method Not Allowed",
                            {"error": f"use {'POST' if path in actions else 'GET'} for {path}"})
         return _answer(start_response, "404 Not Found",
