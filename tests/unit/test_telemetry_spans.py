@@ -123,6 +123,12 @@ def test_denials_and_cuts_are_errors_naming_the_rule() -> None:
     assert cut.error is not None and cut.error.startswith("cut by killswitch.stop")
     upstream = flow_span(rec(status=502), random_ids=(1, 2))
     assert upstream.error == "HTTP 502"
+    gone = flow_span(rec(status=200, error="Client disconnected.",
+                         llm={"operation": "chat", "outcome": "ok"}), random_ids=(1, 2))
+    assert gone.error is None  # an SDK closing a finished stream early
+    assert [e.name for e in gone.events] == ["fleetgate.client_disconnected"]
+    reset = flow_span(rec(status=200, error="peer reset"), random_ids=(1, 2))
+    assert reset.error == "peer reset"
     ok = flow_span(rec(status=404), random_ids=(1, 2))
     assert ok.error is None  # a 404 the agent asked for is not the gateway's error
 

@@ -198,6 +198,14 @@ def _mcp_attrs(mcp: dict[str, Any]) -> tuple[dict[str, Any], str | None, str | N
     return out, method, target
 
 
+def _client_left_after_answer(rec: dict[str, Any]) -> bool:
+    status = rec.get("status")
+    llm = rec.get("llm")
+    return (isinstance(status, int) and 200 <= status < 400
+            and "client disconnected" in str(rec.get("error")).lower()
+            and (not isinstance(llm, dict) or llm.get("outcome") in (None, "ok")))
+
+
 def _name(rec: dict[str, Any], mcp_method: str | None, mcp_target: str | None) -> str:
     llm = rec.get("llm")
     if isinstance(llm, dict) and llm.get("operation"):
@@ -255,6 +263,11 @@ def flow_span(rec: dict[str, Any], *, agent_traceparent: str | None = None,
         events.append(Event(f"fleetgate.{verb}", _ns(end_s), {
             "fleetgate.rule": str(rec.get("rule")), "fleetgate.reason": str(reason),
             **({"http.response.status_code": rec["status"]} if rec.get("status") else {})}))
+    elif rec.get("error") and _client_left_after_answer(rec):
+        # SDKs close a stream once they read its last event, before the final chunk: the
+        # agent got its answer, so this is not a failed call
+        events.append(Event("fleetgate.client_disconnected", _ns(end_s),
+                            {"fleetgate.error": str(rec["error"])}))
     elif rec.get("error"):
         error = str(rec["error"])
         attrs["error.type"] = "upstream"
