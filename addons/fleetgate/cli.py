@@ -10,6 +10,7 @@ and ``--set fleetgate_...`` directly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -26,6 +27,9 @@ from fleetgate.identity.mint import mint_token, parse_ttl
 
 DEV_DIR = Path("certs/dev")
 CA_BASENAME = "mitmproxy"  # the names mitmproxy looks for in its confdir
+# mitmweb 12's default flow-list columns (its web_columns option), plus the comment: every
+# flow's comment starts with who sent it (agent / role / session), then what fleetgate decided
+WEB_COLUMNS = ("tls", "icon", "path", "method", "status", "size", "time", "comment")
 
 
 def _script_path() -> Path:
@@ -99,6 +103,22 @@ def dev_secret(path: Path) -> Path:
 # -- commands -------------------------------------------------------------------------
 
 
+def sets_option(mitmproxy_args: list[str], confdir: Path, name: str) -> bool:
+    """Whether the operator set mitmproxy option ``name`` themselves: ``--set name=...`` after
+    ``--``, or in the confdir's config.yaml (which a ``--set`` of ours would override)."""
+    for i, arg in enumerate(mitmproxy_args):
+        value = arg.removeprefix("--set=") if arg.startswith("--set=") else (
+            mitmproxy_args[i + 1] if arg == "--set" and i + 1 < len(mitmproxy_args) else "")
+        if value.partition("=")[0] == name:
+            return True
+    for config in ("config.yaml", "config.yml"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if any(line.partition(":")[0].strip() == name
+                   for line in (confdir / config).read_text().splitlines()):
+                return True
+    return False
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fleetgate.workers import WorkersError, resolve_workers, usable_cores
 
@@ -159,6 +179,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--listen-port", str(args.listen_port)]
     if args.web:
         argv += ["--web-host", "127.0.0.1", "--no-web-open-browser"]
+        if not sets_option(args.mitmproxy_args, confdir, "web_columns"):
+            for column in WEB_COLUMNS:  # a list option: one --set per item (mitmproxy appends)
+                argv += ["--set", f"web_columns={column}"]
     else:
         argv += ["--flow-detail", "0"]
     if workers > 1:  # N mitmdumps on one port (SO_REUSEPORT) and a supervisor: workers.py

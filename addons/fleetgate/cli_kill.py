@@ -4,6 +4,10 @@
 The admin URL comes from ``--admin`` or ``$FLEETGATE_ADMIN_URL`` (default
 ``http://127.0.0.1:15021``); the token from ``$FLEETGATE_ADMIN_TOKEN``, ``--token-file`` or
 ``state/admin-token`` (what ``fleetgate run`` creates).
+
+What the read commands print is made by pure functions (:func:`format_status`,
+:func:`format_log_row`, :func:`format_tree`) over the admin API's JSON, so it is tested on
+real payloads without a gateway; ``--json`` prints that JSON as the API returned it.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,63 +100,166 @@ def cmd_lift(args: argparse.Namespace) -> int:
     return 0
 
 
+def emit(lines: Iterable[str]) -> None:
+    """Print ``lines``; a reader that went away (``fleetgate killlog | head``) ends the
+    command quietly instead of with a BrokenPipeError traceback."""
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush succeeds
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(0) from None
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """Columns aligned on the widest cell; the last column (free text) is not padded."""
+    cells = [[str(c) for c in headers], *([("-" if c is None or c == "" else str(c))
+                                          for c in row] for row in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers) - 1)]
+    return ["  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip()
+            for r in cells]
+
+
+def when(epoch: float | None) -> str:
+    """An epoch time as UTC, to the second (the kill log's and the decision log's clock)."""
+    if not epoch:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(epoch))
+
+
+def span(seconds: float) -> str:
+    """A duration an operator reads at a glance: ``45s``, ``9m58s``, ``2h03m``, ``3d04h``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def scope_label(scope: dict[str, Any]) -> str:
+    """``session:s-1+descendants``, ``agent:x``, ``global``: the scope as the CLI takes it."""
+    kind = str(scope.get("kind") or "?")
+    value = scope.get("value")
+    return kind + (f":{value}" if value else "") + \
+        ("+descendants" if scope.get("cascade") else "")
+
+
+def _verb(action: dict[str, Any]) -> str:
+    thr = action.get("throttle")
+    if action.get("verb") == "throttle" and isinstance(thr, dict):
+        return f"throttle {thr.get('requests')}/{span(float(thr.get('per') or 0))}"
+    return str(action.get("verb"))
+
+
+def format_status(out: dict[str, Any], now: float) -> list[str]:
+    """``fleetgate status``: a summary line, the actions in force, the triggers' states, then
+    anything else the endpoint returned (a newer gateway's fields are shown, not dropped)."""
+    acts = out.get("actions") or []
+    lines = [f"{len(acts)} action(s) in force; {out.get('sessions', 0)} session(s) known; "
+             f"{out.get('live_flows', 0)} flow(s) in flight; "
+             f"{out.get('bound_tunnels', 0)} tunnel(s) bound"]
+    if acts:
+        lines += ["", "ACTIONS IN FORCE"]
+        lines += table(
+            ["ID", "ACTION", "SCOPE", "BY", "SOURCE", "SINCE", "EXPIRES", "REASON"],
+            [[a.get("id"), _verb(a), scope_label(a.get("scope") or {}), a.get("by"),
+              a.get("source"),
+              f"{when(a.get('at'))} ({span(now - a['at'])} ago)" if a.get("at") else None,
+              "never" if a.get("until") is None else
+              f"in {span(a['remaining'] if a.get('remaining') is not None else a['until'] - now)}",
+              a.get("reason")] for a in acts])
+    triggers = out.get("triggers") or []
+    if triggers:
+        lines += ["", "TRIGGERS"]
+        lines += table(
+            ["TRIGGER", "METRIC", "PER", "KEY", "STATE", "VALUE", "ABOVE", "SINCE"],
+            [[t.get("trigger"), t.get("metric"), t.get("per"), t.get("key"),
+              "watching" if t.get("step") is None else f"{t.get('verb')} (step {t['step'] + 1})",
+              f"{t['value']:g}" if isinstance(t.get("value"), int | float) else t.get("value"),
+              f"{t['above']:g}" if isinstance(t.get("above"), int | float) else t.get("above"),
+              f"{span(now - t['since'])} ago" if t.get("since") else None]
+             for t in triggers])
+    known = {"actions", "sessions", "live_flows", "bound_tunnels", "triggers"}
+    rest = {k: v for k, v in out.items() if k not in known}
+    if rest:
+        lines.append("")
+        lines += [f"{k}: {v if isinstance(v, str | int | float) else json.dumps(v)}"
+                  for k, v in sorted(rest.items())]
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     out = _call(args, "/v1/status")
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    acts = out["actions"]
-    print(f"{len(acts)} action(s) in force; {out['sessions']} session(s) known; "
-          f"{out['live_flows']} flow(s) in flight")
-    for a in acts:
-        s = a["scope"]
-        label = s["kind"] + (f":{s['value']}" if s["value"] else "") + \
-            ("+descendants" if s["cascade"] else "")
-        left = f" ({a['remaining']:.0f}s left)" if a.get("remaining") else ""
-        print(f"  {a['verb']:<8} {label:<40} {a['id']}  {a['source']}/{a['by']}{left}: "
-              f"{a['reason']}")
-    for t in out.get("triggers") or []:
-        print(f"  trigger {t}")
+    emit([json.dumps(out, indent=2)] if args.json else format_status(out, time.time()))
     return 0
 
 
-def _print_tree(nodes: list[dict[str, Any]], indent: str = "") -> None:
+def format_tree(nodes: list[dict[str, Any]], indent: str = "") -> list[str]:
+    """The session tree, one line a session, children indented below their parent."""
+    lines = []
     for n in nodes:
         extra = f" [{n['state']} {n['action']}]" if n.get("state") != "live" else ""
-        print(f"{indent}{n['session']}  {n['agent']} ({n.get('role') or '-'}){extra}")
-        _print_tree(n["children"], indent + "  ")
+        lines.append(f"{indent}{n['session']}  {n['agent']} ({n.get('role') or '-'}){extra}")
+        lines += format_tree(n.get("children") or [], indent + "  ")
+    return lines
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
     out = _call(args, "/v1/sessions" + (f"?root={args.root}" if args.root else ""))
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        _print_tree(out["sessions"])
+    emit([json.dumps(out, indent=2)] if args.json else format_tree(out["sessions"]))
     return 0
+
+
+def llm_usage_text(llm: dict[str, Any]) -> str:
+    """A cut LLM call's usage so far, as mitmweb's comment says it: ``openai gpt-4o: 12 in /
+    30 out tokens (estimated), $0.000400``."""
+    tokens = llm.get("tokens") or {}
+    cost = llm.get("cost_usd")
+    price = "unpriced" if cost is None else f"${cost:.6f}"
+    est = " (estimated)" if llm.get("estimated") else ""
+    return (f"{llm.get('provider')} {llm.get('model') or llm.get('response_model') or '?'}: "
+            f"{tokens.get('input', 0)} in / {tokens.get('output', 0)} out tokens{est}, {price}")
+
+
+def format_log_row(row: dict[str, Any]) -> str:
+    """One kill-log row as one line: when, event, action id, then what the event says."""
+    head = f"{when(row.get('at'))}  {row.get('event', '?'):<7} {row.get('action') or '-':<12}"
+    event = row.get("event")
+    if event == "cut" and row.get("tunnel") is not None:
+        return f"{head}  {row.get('agent')}  tunnel {row['tunnel']}  {row.get('phase')}"
+    if event == "cut":
+        text = (f"{head}  {row.get('agent')}  {row.get('method', '')} {row.get('host', '')}"
+                f"{row.get('path', '')}  {row.get('phase')}  sent {row.get('bytes_sent', 0)} B, "
+                f"received {row.get('bytes_received', 0)} B")
+        if row.get("mcp_tools"):
+            text += f"  tools {', '.join(map(str, row['mcp_tools']))}"
+        if isinstance(row.get("llm"), dict):
+            text += f"  {llm_usage_text(row['llm'])}"
+        return text
+    if event in ("action", "lift", "expire") and isinstance(row.get("scope"), dict):
+        text = (f"{head}  {row.get('verb')} {scope_label(row['scope'])} by {row.get('by')} "
+                f"({row.get('source')}): {row.get('reason')}")
+        if event == "action":
+            text += f"; sessions {row.get('sessions')} + {row.get('descendants')}"
+        return text
+    if event == "delegate":
+        return (f"{head}  {row.get('parent_agent')} ({row.get('parent_session')}) -> "
+                f"{row.get('child_agent')} ({row.get('child_session')}) as {row.get('role')}, "
+                f"depth {row.get('depth')}, expires {when(row.get('exp'))}")
+    rest = {k: v for k, v in row.items() if k not in ("seq", "at", "event", "action")}
+    return f"{head}  {json.dumps(rest)}"
 
 
 def cmd_killlog(args: argparse.Namespace) -> int:
     q = f"?limit={args.limit}" + (f"&action={args.action}" if args.action else "")
     out = _call(args, "/v1/log" + q)
-    for row in out["log"]:
-        if args.json:
-            print(json.dumps(row))
-            continue
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["at"]))
-        if row["event"] == "cut":
-            print(f"{when}  cut     {row.get('action') or '-'}  {row.get('agent')}  "
-                  f"{row.get('method', '')} {row.get('host', '')}{row.get('path', '')}  "
-                  f"{row.get('phase')}  sent {row.get('bytes_sent', 0)} B, received "
-                  f"{row.get('bytes_received', 0)} B")
-        elif row["event"] == "action":
-            s = row["scope"]
-            print(f"{when}  {row['verb']:<7} {row.get('action')}  {s['kind']}:{s['value']}"
-                  f"{'+descendants' if s['cascade'] else ''} by {row['by']} ({row['source']}): "
-                  f"{row['reason']}; sessions {row.get('sessions')} + {row.get('descendants')}")
-        else:
-            rest = {k: v for k, v in row.items() if k not in ("seq", "at", "event", "action")}
-            print(f"{when}  {row['event']:<7} {row.get('action') or '-'}  {json.dumps(rest)}")
+    emit(json.dumps(row) if args.json else format_log_row(row) for row in out["log"])
     return 0
 
 

@@ -62,7 +62,7 @@ def test_chain_denial_is_marked_and_commented_for_mitmweb(chain: tuple[Any, list
     run_request(addons, f)
     assert f.response is not None and f.response.status_code == 403
     assert f.marked
-    assert f.comment.startswith("denied by rules.authorization[0]")
+    assert f.comment.startswith("agent-7 / tester / - \u00b7 denied by rules.authorization[0]")
     assert f.response.headers[HEADER] == f.metadata["fleetgate.decision_id"]
     body = json.loads(f.response.content)
     assert body["fleetgate"]["rule"] == "rules.authorization[0]"

@@ -65,7 +65,7 @@ def test_json_response_counted_from_chunks_passed_unchanged() -> None:
     assert usage["tokens"]["input"] == 100 and usage["tokens"]["cache_read"] == 40
     assert usage["estimated"] is False and usage["priced"] is True
     assert usage["cost_usd"] == (60 * 2.5 + 40 * 1.25 + 20 * 10) / 1e6
-    assert f.comment == "openai gpt-4o: 100 in / 20 out tokens, $0.000400"
+    assert f.comment == "meter-agent / r / s1 \u00b7 openai gpt-4o: 100 in / 20 out tokens, $0.000400"
     totals = ledger.agent("meter-agent")
     assert totals is not None and totals.calls == 1 and totals.output == 20
 

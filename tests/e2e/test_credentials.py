@@ -146,7 +146,7 @@ def test_upstream_gets_the_gateway_key_not_the_agents(cred_gateway: Gateway, ups
     assert header(flow, "x-api-key") == []
     assert flow["metadata"]["fleetgate.credential"] == "openai-local"
     assert flow["metadata"]["fleetgate.decision"]["credential"] == "openai-local"
-    assert flow["comment"] == "credential openai-local injected"
+    assert flow["comment"] == "cred-agent / tester / - \u00b7 credential openai-local injected"
     assert_secret_nowhere(cred_gateway, tmp_path, KEY)
 
 
@@ -177,7 +177,8 @@ def test_openai_sdk_call_uses_the_rotated_key_from_the_next_request(
     assert metric(cred_gateway, "fleetgate_credentials_injected_total", "openai-local") == 2
     flows = saved_flows(cred_gateway, tmp_path)
     assert [header(f, "authorization") for f in flows] == [[PLACEHOLDER], [PLACEHOLDER]]
-    assert all(re.match(r"openai gpt-4o: .*; credential openai-local injected$", f["comment"])
+    assert all(re.match(r"sdk-agent / tester / - \u00b7 openai gpt-4o: .*; credential "
+                        r"openai-local injected$", f["comment"])
                for f in flows), [f["comment"] for f in flows]
     assert_secret_nowhere(cred_gateway, tmp_path, KEY, ROTATED)
 

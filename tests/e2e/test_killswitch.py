@@ -298,7 +298,8 @@ def test_killing_a_coordinator_session_recalls_its_whole_family(
     assert "s-coord  coord-1 (coordinator) [stopped" in tree.stdout
     assert f"    {grand['session']}" in tree.stdout  # two levels below the coordinator
     status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True, timeout=30)
-    assert "stop     session:s-coord+descendants" in status.stdout, status.stdout
+    row = next(line for line in status.stdout.splitlines() if "session:s-coord" in line)
+    assert row.split()[1:3] == ["stop", "session:s-coord+descendants"], status.stdout
 
     # a restart keeps them dead; a child first seen after the kill is dead on arrival
     gw.stop()
@@ -462,6 +463,76 @@ def test_stop_all_and_unrevoke_from_the_cli(kill_gateway: Gateway, kill_upstream
         assert c.get(up.url + "/y").status_code == 200
     log = subprocess.run([*cli, "killlog"], env=env, capture_output=True, text=True, timeout=30)
     assert "incident 42" in log.stdout and "lift" in log.stdout
+
+
+def test_a_cut_llm_streams_kill_log_row_carries_its_usage_so_far(
+        kill_gateway: Gateway, kill_upstream: Upstream) -> None:
+    gw, up = kill_gateway, kill_upstream
+    h = Holder(gw, up, "cut-llm", token("cut-llm-1", role="cloud", session_id="s-cut-llm"))
+    assert wait_until(lambda: h.chunks >= 5, 10), (h.chunks, h.errors)
+    r = gw.admin("/v1/actions", {"verb": "stop", "scope": "agent:cut-llm-1",
+                                 "reason": "usage so far", "by": "e2e"})
+    assert r.status_code == 200, r.text
+    assert wait_until(lambda: "llm" in h.ended, 5) and "llm" in h.errors
+    cut = [row for row in gw.admin("/v1/log").json()["log"]
+           if row["event"] == "cut" and row.get("path") == "/v1/chat/completions"]
+    assert len(cut) == 1, cut
+    llm = cut[0]["llm"]
+    assert llm is not None, cut[0]
+    assert llm["provider"] == "openai" and llm["model"] == "gpt-4o" and llm["outcome"] == "cut"
+    # the stream was cut before the provider's usage chunk: counted from what streamed
+    assert llm["estimated"] is True and llm["tokens"]["output"] >= 4, llm
+    assert "cost_usd" in llm and "priced" in llm
+    # the same row in the CLI, and the decision log agrees on the tokens
+    env = {**os.environ, "FLEETGATE_ADMIN_TOKEN": ADMIN_TOKEN, "FLEETGATE_ADMIN_URL":
+           gw.admin_url}
+    out = subprocess.run([sys.executable, "-m", "fleetgate.cli", "killlog"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if "/v1/chat/completions" in x)
+    assert f"{llm['tokens']['output']} out tokens (estimated)" in line, line
+    d = gw.wait_for_decision(lambda d: d.get("path") == "/v1/chat/completions")
+    assert d["llm"]["tokens"]["output"] == llm["tokens"]["output"], d
+
+
+def test_status_prints_a_table_and_raw_json(kill_gateway: Gateway, kill_upstream: Upstream
+                                            ) -> None:
+    gw, up = kill_gateway, kill_upstream
+    # a trigger escalates (runaway-loop: identical requests), an operator pauses a role for 10m
+    with gw.client(token("loop-st", role="network", session_id="s-st")) as c:
+        codes = [c.post(up.url + "/loop", json={"same": 1}).status_code for _ in range(7)]
+    assert 429 in codes, codes
+    r = gw.admin("/v1/actions", {"verb": "pause", "scope": "role:cloud", "reason": "maintenance",
+                                 "by": "alice", "for": 600})
+    assert r.status_code == 200, r.text
+    env = {**os.environ, "FLEETGATE_ADMIN_TOKEN": ADMIN_TOKEN, "FLEETGATE_ADMIN_URL":
+           gw.admin_url}
+    cli = [sys.executable, "-m", "fleetgate.cli", "status"]
+    raw = subprocess.run([*cli, "--json"], env=env, capture_output=True, text=True, timeout=30)
+    assert raw.returncode == 0, raw.stderr
+    payload = json.loads(raw.stdout)
+    assert {"actions", "sessions", "live_flows", "bound_tunnels", "triggers"} <= set(payload)
+    out = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "{" not in text and "'" not in text, text  # no Python or JSON reprs
+    lines = text.splitlines()
+    assert lines[0].startswith("2 action(s) in force;"), text
+    header = lines[lines.index("ACTIONS IN FORCE") + 1].split()
+    assert header == ["ID", "ACTION", "SCOPE", "BY", "SOURCE", "SINCE", "EXPIRES", "REASON"]
+    pause = next(line for line in lines if "role:cloud" in line)
+    assert "pause" in pause and "alice" in pause and "maintenance" in pause
+    assert " in 9m5" in pause or " in 10m00s" in pause, pause
+    throttle = next(line for line in lines if "agent:loop-st" in line)
+    assert "throttle 1/30s" in throttle and "trigger:runaway-loop" in throttle, throttle
+    trig = lines[lines.index("TRIGGERS") + 1:]
+    assert trig[0].split() == ["TRIGGER", "METRIC", "PER", "KEY", "STATE", "VALUE", "ABOVE",
+                               "SINCE"]
+    assert any("runaway-loop" in t and "throttle (step 1)" in t for t in trig), text
+    # piped into a reader that stops early: no traceback
+    head = subprocess.run(f"{sys.executable} -m fleetgate.cli killlog --limit 1000 | head -1",
+                          shell=True, env=env, capture_output=True, text=True, timeout=30)
+    assert "Traceback" not in head.stderr and "BrokenPipe" not in head.stderr, head.stderr
 
 
 # -- websockets -----------------------------------------------------------------------------

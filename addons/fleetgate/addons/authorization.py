@@ -36,7 +36,7 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 
 from fleetgate.addons.flowtools import deny, fail_closed, settled
-from fleetgate.addons.state import llm_request_of, record_decision, verified_claims
+from fleetgate.addons.state import llm_request_of, record_decision, set_comment, verified_claims
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.netaddr import Endpoint, internal_reason, parse_resolve_overrides
 from fleetgate.normalize import normalize_host, request_facts
@@ -220,7 +220,7 @@ class HttpAuthorization:
             reason = msg.split("Connection killed: ", 1)[-1]
             record_decision(flow, False, "destinations.connect", reason, 502)
             flow.marked = ":no_entry:"
-            flow.comment = f"denied by destinations.connect: {reason}"
+            set_comment(flow, f"denied by destinations.connect: {reason}")
 
     def _is_self(self, addr: str, port: int) -> bool:
         ours: list[tuple[str, int]] = []

@@ -31,7 +31,7 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import deny, fail_closed, settled
 from fleetgate.addons.kill_flows import DELEGATION, subject_of
-from fleetgate.addons.state import HEADER, claims_of, decision_id, record_decision
+from fleetgate.addons.state import HEADER, claims_of, decision_id, record_decision, set_comment
 from fleetgate.bodies import BodyError, parse_json
 from fleetgate.errors import StateError
 from fleetgate.kill.delegation import DelegationError
@@ -172,7 +172,7 @@ class ControlEndpoint:
         self.metrics.delegations.labels(result="issued").inc()
         log.info("fleetgate: %s (session %s) delegated to %s (%s, session %s)", parent.agent,
                  parent.session, child["sub"], child["agent_role"], child["session_id"])
-        flow.comment = f"delegated {child['agent_role']} child {child['sub']}"
+        set_comment(flow, f"delegated {child['agent_role']} child {child['sub']}")
         self._answer(flow, {"token": token, "agent": child["sub"], "role": child["agent_role"],
                             "session": child["session_id"], "parent_session":
                             child["parent_session"], "depth": child["delegation_depth"],

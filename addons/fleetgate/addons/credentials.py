@@ -33,7 +33,7 @@ import logging
 from mitmproxy import http
 
 from fleetgate.addons.flowtools import allowed, deny, fail_closed
-from fleetgate.addons.state import annotate_decision
+from fleetgate.addons.state import add_comment, annotate_decision
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.policy.credentials import CredentialUnavailable, find_route, redacted
 from fleetgate.policy.model import Policy
@@ -126,9 +126,8 @@ class CredentialInjector:
         flow.request.headers[header] = redacted(rid)
         # the comment is written last (response/error): the LLM meter writes its usage comment
         # only on an empty one, and mitmweb shows the flow's comment from its response on
-        text = f"credential {rid} injected"
-        if note and text not in flow.comment:
-            flow.comment = f"{flow.comment}; {text}" if flow.comment else text
+        if note:
+            add_comment(flow, f"credential {rid} injected")
 
     # -- operator log: one line per change of state, not one per request ------------------
 

@@ -23,6 +23,7 @@ from fleetgate.addons.state import (
     decision_of,
     llm_usage_of,
     record_decision,
+    set_comment,
 )
 from fleetgate.wire import denial_body
 
@@ -36,7 +37,7 @@ def deny(flow: http.HTTPFlow, status: int, rule: str, reason: str,
     flow.response = http.Response.make(status, denial_body(status, rule, reason, did, hint), hdrs)
     record_decision(flow, False, rule, reason, status)
     flow.marked = ":no_entry:"
-    flow.comment = f"denied by {rule}: {reason}"
+    set_comment(flow, f"denied by {rule}: {reason}")
 
 
 def cut_flow(flow: http.HTTPFlow, rule: str, reason: str, abort: bool = False) -> bool:
@@ -58,7 +59,7 @@ def mark_cut(flow: http.HTTPFlow, rule: str, reason: str) -> bool:
     flow.metadata[CUT] = {"rule": rule, "reason": reason}
     record_decision(flow, False, rule, reason, flow.response.status_code if flow.response else None)
     flow.marked = ":scissors:"
-    flow.comment = f"cut by {rule}: {reason}"
+    set_comment(flow, f"cut by {rule}: {reason}")
     return True
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, tcp, udp
 
 from fleetgate.addons.flowtools import fail_closed
+from fleetgate.addons.state import set_comment
 from fleetgate.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -80,4 +81,4 @@ class ConnectionGuard:
         log.info("fleetgate: closing %s connection from %s: fleetgate only carries HTTP(S)",
                  reason, flow.client_conn.peername)
         flow.marked = ":no_entry:"
-        flow.comment = f"denied: {reason} is not inspected, so it is not allowed"
+        set_comment(flow, f"denied: {reason} is not inspected, so it is not allowed")

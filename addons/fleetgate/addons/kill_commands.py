@@ -83,7 +83,7 @@ class KillCommands:
         """Stop the session (and its sub-agents) of each selected flow, e.g. @focus."""
         done = set()
         for f in flows:
-            ident = identity_of(f)  # type: ignore[arg-type]  # any flow's metadata reads alike
+            ident = identity_of(f)
             if ident is not None:
                 s = ident.session
                 scope = Scope(ScopeKind.SESSION, s, True) if s else \

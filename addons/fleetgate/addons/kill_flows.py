@@ -16,6 +16,7 @@ from typing import Any
 from mitmproxy import http
 
 from fleetgate.addons.flowtools import close_client, cut_flow, deny
+from fleetgate.addons.llm_meter import settle_cut
 from fleetgate.addons.state import annotate_decision, claims_of, identity_of, llm_usage_of, mcp_of
 from fleetgate.kill.board import Verdict
 from fleetgate.kill.model import Subject
@@ -82,7 +83,11 @@ def message_depth(flow: http.HTTPFlow, header: str) -> int | None:
 
 
 def flow_report(flow: http.HTTPFlow) -> dict[str, Any]:
-    """What an operator needs to reconcile a cut flow's half-finished external effects."""
+    """What an operator needs to reconcile a cut flow's half-finished external effects.
+
+    Taken as the flow is cut (the kill switch's only use of it), so an LLM answer's usage so
+    far is recorded first: the row's ``llm`` carries provider, model, tokens and cost."""
+    settle_cut(flow)
     ident = identity_of(flow)
     req, resp = flow.request, flow.response
     mcp = mcp_of(flow)

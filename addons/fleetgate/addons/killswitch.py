@@ -32,7 +32,7 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import deny, fail_closed, settled
 from fleetgate.addons.kill_flows import DEPTH, message_depth, refuse_stop, subject_of
-from fleetgate.addons.state import annotate_decision, claims_of, identity_of
+from fleetgate.addons.state import annotate_decision, claims_of, identity_of, set_comment
 from fleetgate.errors import StateError
 from fleetgate.kill.board import Verdict
 from fleetgate.kill.graph import GraphError
@@ -207,7 +207,7 @@ class KillSwitch:
                            v: Verdict | None) -> Verdict | None:
         max_wait = self.kill.pause_max_wait
         deadline = time.monotonic() + max_wait
-        flow.comment = f"paused: {v.reason if v else ''}"
+        set_comment(flow, f"paused: {v.reason if v else ''}")
         while v is not None and v.action.verb is Verb.PAUSE:
             remaining = deadline - time.monotonic()
             changed = self.kill.change_signal()
@@ -224,5 +224,5 @@ class KillSwitch:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=min(remaining, 1.0))
             v = self.kill.verdict(subject)
-        flow.comment = ""
+        set_comment(flow, "")  # released: the identity prefix stays
         return v

@@ -27,7 +27,14 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import allowed, deny, fail_closed, metered_tokens
 from fleetgate.addons.limit_facts import limit_activation, llm_facts, reserved_tokens
-from fleetgate.addons.state import HEADER, agent_of, decision_id, mcp_of, record_decision
+from fleetgate.addons.state import (
+    HEADER,
+    agent_of,
+    decision_id,
+    mcp_of,
+    record_decision,
+    set_comment,
+)
 from fleetgate.limits.bucket import Buckets, LimitKind, Take
 from fleetgate.metrics import GatewayMetrics, LabelBudget
 from fleetgate.policy.model import RateLimit
@@ -171,7 +178,7 @@ class RateLimiter:
             {"Content-Type": "application/json", HEADER: did, **headers})
         record_decision(flow, False, rule, reason, status)
         flow.marked = ":no_entry:"
-        flow.comment = f"denied by {rule}: {reason}"
+        set_comment(flow, f"denied by {rule}: {reason}")
 
     # -- settlement ---------------------------------------------------------------------
 

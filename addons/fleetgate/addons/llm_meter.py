@@ -7,7 +7,9 @@ buffered. While an answer streams, a flow with a budget or token-limit reservati
 output counted and the :class:`fleetgate.runtime.reservations.ReservationBook` says when it
 has run past what is allowed. At the end (or when the flow errors or is cut) the usage, as
 the provider reported it or else estimated from what streamed, is priced, logged, exported as
-GenAI metrics and added to the ledger; limits and budgets settle from it afterwards.
+GenAI metrics and added to the ledger; limits and budgets settle from it afterwards. A flow
+the kill switch cuts is recorded when it is cut (:func:`settle_cut`), not at its error hook:
+the kill log's row for the cut then carries the usage so far.
 """
 
 from __future__ import annotations
@@ -15,11 +17,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 
 from fleetgate.addons.flowtools import fail_closed
 from fleetgate.addons.llm_stream import StreamCounter
-from fleetgate.addons.state import decision_of, identity_of, llm_request_of, set_llm_usage
+from fleetgate.addons.state import (
+    comment_text,
+    decision_of,
+    identity_of,
+    llm_request_of,
+    set_comment,
+    set_llm_usage,
+)
 from fleetgate.llm.ledger import Ledger
 from fleetgate.llm.usage import Usage
 from fleetgate.metrics import GatewayMetrics, LabelBudget
@@ -55,6 +64,11 @@ class LlmMeter:
             meter.finish(cut=False)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self.settle_cut(flow)
+
+    def settle_cut(self, flow: http.HTTPFlow) -> None:
+        """Record the flow's usage so far now, as cut (once: its error hook then finds
+        nothing left to record)."""
         meter = self._meters.pop(flow.id, None)
         if meter is not None:
             meter.finish(cut=True)
@@ -121,8 +135,22 @@ class LlmMeter:
             result.update(tokens=usage.as_dict(), cost_usd=None if cost is None else round(cost, 8),
                           priced=cost is not None, estimated=usage.estimated)
         set_llm_usage(flow, result)
-        if usage is not None and not flow.comment:  # one glance in mitmweb's flow list
+        if usage is not None and not comment_text(flow):  # one glance in mitmweb's flow list
             price = "unpriced" if cost is None else f"${cost:.6f}"
             est = " (estimated)" if usage.estimated else ""
-            flow.comment = (f"{llm.get('provider')} {model}: {usage.input} in / {usage.output} "
-                            f"out tokens{est}, {price}")
+            set_comment(flow, f"{llm.get('provider')} {model}: {usage.input} in / "
+                              f"{usage.output} out tokens{est}, {price}")
+
+
+def settle_cut(flow: http.HTTPFlow) -> None:
+    """Record the usage so far of a flow about to be cut, through the running meter.
+
+    The kill switch writes a cut flow's kill-log row from :func:`fleetgate.addons.kill_flows.
+    flow_report`, taken as the flow is cut; the meter would otherwise record the usage only
+    at the flow's error hook, after the row is written, leaving the row's ``llm`` empty. The
+    meter is found as mitmproxy names it (the lower-cased class name): the kill service is
+    built before it, and the streamed response's callable is wrapped by others (KillWatch).
+    """
+    meter = ctx.master.addons.get("llmmeter") if ctx.master else None
+    if isinstance(meter, LlmMeter):
+        meter.settle_cut(flow)

@@ -33,6 +33,7 @@ from fleetgate.addons.state import (
     decision_id,
     decision_of,
     record_decision,
+    set_comment,
     set_mcp,
 )
 from fleetgate.bodies import BodyError, decode_body, parse_json
@@ -149,8 +150,8 @@ class McpGuard:
             first = denied[0]
             what = f"{first.method} {first.target}".strip()
             flow.marked = ":no_entry:"
-            flow.comment = (f"MCP {server}: denied {what} by {first.rule}: {first.reason}"
-                            + (f" (+{len(denied) - 1} more)" if len(denied) > 1 else ""))
+            set_comment(flow, f"MCP {server}: denied {what} by {first.rule}: {first.reason}"
+                        + (f" (+{len(denied) - 1} more)" if len(denied) > 1 else ""))
         if plan.answer_status:
             body_out = b"" if plan.answer is None else json.dumps(plan.answer).encode()
             headers = {HEADER: decision_id(flow)}
@@ -189,7 +190,7 @@ class McpGuard:
         meta["calls"].append({"method": "", "target": "", "allow": False, "rule": rule,
                               "reason": message})
         flow.marked = ":no_entry:"
-        flow.comment = f"MCP refused by {rule}: {message}"
+        set_comment(flow, f"MCP refused by {rule}: {message}")
 
 
 def _best_id(req: http.Request) -> Any:

@@ -26,6 +26,7 @@ from fleetgate.addons.state import (
     mcp_of,
     need_body,
     record_decision,
+    set_comment,
 )
 from fleetgate.bodies import BodyError, decode_body
 from fleetgate.mcp.messages import INVALID_REQUEST
@@ -128,4 +129,4 @@ class McpAnswers:
             {"Content-Type": "application/json", HEADER: did})
         record_decision(flow, False, "mcp.answer", msg, status)
         flow.marked = ":no_entry:"
-        flow.comment = msg
+        set_comment(flow, msg)

@@ -27,7 +27,14 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from fleetgate.addons.flowtools import allowed, cut_flow, fail_closed
-from fleetgate.addons.state import HEADER, agent_of, decision_id, mcp_of, record_decision
+from fleetgate.addons.state import (
+    HEADER,
+    agent_of,
+    decision_id,
+    mcp_of,
+    record_decision,
+    set_comment,
+)
 from fleetgate.mcp.messages import INVALID_REQUEST
 from fleetgate.runtime.mcp import PIN_SYNC, McpService, OwnerUnknown
 from fleetgate.wire import jsonrpc_error_body
@@ -128,4 +135,4 @@ class McpSharedState:
         meta.setdefault("calls", []).append({"method": "", "target": "", "allow": False,
                                              "rule": rule, "reason": message})
         flow.marked = ":no_entry:"
-        flow.comment = f"MCP refused by {rule}: {message}"
+        set_comment(flow, f"MCP refused by {rule}: {message}")

@@ -19,7 +19,7 @@ from typing import Any
 from mitmproxy import http
 
 from fleetgate.addons.flowtools import cut_flow
-from fleetgate.addons.state import agent_of, clear_mcp
+from fleetgate.addons.state import agent_of, clear_mcp, comment_text, set_comment
 from fleetgate.bodies import BodyError, parse_json
 from fleetgate.llm.decoding import StreamDecoder
 from fleetgate.mcp.engine import McpScope, id_key, rewrite_message
@@ -112,8 +112,8 @@ class AnswerFilter:
             meta["hidden_count"] = meta.get("hidden_count", 0) + 1
             if len(meta["hidden"]) < 20:  # the log line names the first few; metrics count all
                 meta["hidden"].append({"name": name, "why": why})
-        if hidden and not self.flow.comment:
-            self.flow.comment = f"MCP {server}: {meta['hidden_count']} list entries hidden"
+        if hidden and not comment_text(self.flow):
+            set_comment(self.flow, f"MCP {server}: {meta['hidden_count']} list entries hidden")
 
 
 class StreamRewriter:

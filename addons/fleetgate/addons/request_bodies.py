@@ -36,7 +36,7 @@ from mitmproxy.proxy.layers.http._hooks import HttpRequestHook
 from fleetgate.addons.flowtools import cut_flow, deny, fail_closed, settled
 from fleetgate.addons.layerpatch import relay
 from fleetgate.addons.mcp_flow import mcp_server
-from fleetgate.addons.state import HEADER, decision_id, record_decision
+from fleetgate.addons.state import HEADER, decision_id, record_decision, set_comment
 from fleetgate.body_plan import BodyFacts, BodyPlan, parse_content_length, plan_body
 from fleetgate.normalize import normalize_host, normalize_path
 from fleetgate.runtime.kill import KillService
@@ -129,7 +129,7 @@ def refuse(flow: http.HTTPFlow, plan: BodyPlan | dict[str, Any], size: int | Non
                                                        HEADER: did})
         record_decision(flow, False, rule, reason, 413)
         flow.marked = ":no_entry:"
-        flow.comment = f"refused by {rule}: {reason}"
+        set_comment(flow, f"refused by {rule}: {reason}")
     else:
         deny(flow, 413, rule, reason, hint=hint)
 

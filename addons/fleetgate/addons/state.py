@@ -6,6 +6,10 @@ them), and what they mean is written down once. The identity is parsed from the 
 claims only by :meth:`fleetgate.identity.tokens.Identity.from_claims` (in the identity addon);
 everyone else asks :func:`identity_of`. A decision is recorded by the addon that decides
 (:func:`record_decision`); another addon adds to it only through :func:`annotate_decision`.
+
+The flow's comment (mitmweb's flow list, ``mitmdump -w`` files, ``~comment`` filters) is
+written only through :func:`set_comment` and :func:`add_comment`: it always starts with who
+sent the flow (``agent / role / session``), exactly once, whichever addons add to it.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from mitmproxy import http
+from mitmproxy.flow import Flow
 
 from fleetgate.decisionlog import new_decision_id
 from fleetgate.identity.tokens import Identity
 
 __all__ = [
     "CLAIMS",
+    "COMMENT_SEP",
     "CUT",
     "DECISION",
     "DECISION_ID",
@@ -29,20 +35,24 @@ __all__ = [
     "MCP",
     "NEEDS_BODY",
     "FlowIdentity",
+    "add_comment",
     "agent_of",
     "annotate_decision",
     "body_needed",
     "claims_of",
     "clear_mcp",
+    "comment_text",
     "cut_of",
     "decision_id",
     "decision_of",
+    "identity_label",
     "identity_of",
     "llm_request_of",
     "llm_usage_of",
     "mcp_of",
     "need_body",
     "record_decision",
+    "set_comment",
     "set_identity",
     "set_llm_request",
     "set_llm_usage",
@@ -62,6 +72,7 @@ MCP = "fleetgate.mcp"
 # streaming addon then leaves the response buffered.
 NEEDS_BODY = "fleetgate.needs_body"
 HEADER = "X-Fleetgate-Decision-Id"
+COMMENT_SEP = " \u00b7 "  # between the identity prefix and what the addons wrote
 
 
 class FlowIdentity(NamedTuple):
@@ -80,15 +91,18 @@ class FlowIdentity(NamedTuple):
 
 
 def set_identity(flow: http.HTTPFlow, ident: Identity) -> None:
-    """Record a verified identity on the flow (the identity addon's job, once per flow)."""
+    """Record a verified identity on the flow (the identity addon's job, once per flow), and
+    start its comment with it at once: a live flow in mitmweb already says who sent it."""
+    text = comment_text(flow)  # whatever was written before, under no (or another) identity
     user = ident.claims.get("user")
     flow.metadata[IDENTITY] = FlowIdentity(
         ident.agent, ident.role, ident.session, ident.jti,
         str(user) if user is not None else None).as_dict()
     flow.metadata[CLAIMS] = dict(ident.claims)
+    set_comment(flow, text)
 
 
-def identity_of(flow: http.HTTPFlow) -> FlowIdentity | None:
+def identity_of(flow: Flow) -> FlowIdentity | None:
     """The flow's verified identity; ``None`` before (or without) one. Cheap: it runs in
     several addons on every request, so it reads what :func:`set_identity` wrote as is."""
     raw = flow.metadata.get(IDENTITY)
@@ -96,6 +110,47 @@ def identity_of(flow: http.HTTPFlow) -> FlowIdentity | None:
         return None
     return FlowIdentity(raw["agent"], raw.get("role"), raw.get("session"), raw.get("jti"),
                         raw.get("user"))
+
+
+def identity_label(flow: Flow) -> str:
+    """``agent / role / session`` of the verified identity (``-`` for a missing part), the
+    prefix of the flow's comment; ``""`` without an identity (refused before one, or a
+    connection that never carried one)."""
+    ident = identity_of(flow)
+    if ident is None:
+        return ""
+    return " / ".join(str(part) if part else "-"
+                      for part in (ident.agent, ident.role, ident.session))
+
+
+def comment_text(flow: Flow) -> str:
+    """What the addons wrote in the flow's comment, after the identity prefix (``""`` when
+    nothing yet): the test "has an addon already said something?" must not see the prefix."""
+    label, comment = identity_label(flow), flow.comment
+    if label and comment.startswith(label):
+        rest = comment[len(label):]
+        if not rest:
+            return ""
+        if rest.startswith(COMMENT_SEP):
+            return rest[len(COMMENT_SEP):]
+    return comment
+
+
+def set_comment(flow: Flow, text: str) -> None:
+    """Replace what the addons wrote in the comment with ``text`` (``""`` clears it), behind
+    the identity prefix. The one writer of ``flow.comment``: the prefix is there exactly
+    once, so ``~comment "^agent /"`` selects one agent's flows in mitmweb. Plain string work
+    on what :func:`set_identity` stored: it cannot fail inside a flow's hook."""
+    label = identity_label(flow)
+    flow.comment = f"{label}{COMMENT_SEP}{text}" if label and text else (label or text)
+
+
+def add_comment(flow: Flow, text: str) -> None:
+    """Append ``text`` to what the addons wrote (``; `` between), unless it is there already
+    (a hook that runs twice, e.g. response then error, says it once)."""
+    current = comment_text(flow)
+    if text and text not in current:
+        set_comment(flow, f"{current}; {text}" if current else text)
 
 
 def agent_of(flow: http.HTTPFlow) -> str:

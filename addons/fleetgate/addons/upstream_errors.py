@@ -41,6 +41,7 @@ from fleetgate.addons.state import (
     decision_of,
     mcp_of,
     record_decision,
+    set_comment,
 )
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.upstream_failure import UpstreamFailure, classify, timed_out
@@ -130,7 +131,7 @@ class UpstreamErrors:
             annotate_decision(flow, status=failure.status,
                               upstream={"rule": failure.rule, "reason": failure.reason})
         flow.marked = ":warning:"
-        flow.comment = f"upstream failed ({failure.rule}): {failure.reason}"
+        set_comment(flow, f"upstream failed ({failure.rule}): {failure.reason}")
 
     @staticmethod
     def _answer(flow: http.HTTPFlow, failure: UpstreamFailure) -> http.Response:
