@@ -190,14 +190,20 @@ def test_two_workers_share_the_port_restart_and_stop(workers_run: Run, upstream:
     during: list[int] = []
     deadline = time.monotonic() + 30
     restarted = False
+    resets = 0
     while time.monotonic() < deadline:
-        during.append(_one_request(run, upstream, f"/during/{len(during)}"))
+        try:
+            during.append(_one_request(run, upstream, f"/during/{len(during)}"))
+        except httpx.ReadError:  # a connection queued on a listener that went away: retried,
+            resets += 1          # as agents' HTTP clients do; it must stay rare
+            continue
         now = run.workers()[1]
         if now["restarts"] == 1 and now["pid"] != victim and now["listening"] and run.ready():
             restarted = True
             break
     assert restarted, "\n".join(run.err)
     assert during and all(s == 200 for s in during), during
+    assert resets <= 2, f"{resets} connections reset while the worker restarted"
     assert any("worker 1 (pid" in line and "restarting in" in line for line in run.err)
     after = [_one_request(run, upstream, f"/after/{i}") for i in range(10)]
     assert after == [200] * 10

@@ -123,6 +123,10 @@ class StreamCounter:
 
     def _finish(self, cut: bool) -> None:
         flow, llm = self.flow, self.llm
+        if cut and self.sse and self.accountant.complete and not self.stopped:
+            # the provider's final usage event had passed: SDKs close the connection once
+            # they read it, before the stream's last chunk, and the agent had its whole answer
+            cut = False
         req_end = flow.request.timestamp_end
         ttft = (self.first_at - req_end) if (self.first_at and req_end and self.sse) else None
         est_in = int(llm.get("estimated_input_tokens") or 0)
