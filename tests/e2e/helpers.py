@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from harness import Seen, Upstream, token, write_rules
+from harness import Seen, Upstream, token, upstream_name, write_rules
 
 SECURITY = {"nmap_scan", "trivy_image", "falco_events"}
 CLOUD = {"terraform_plan", "terraform_apply", "kubectl", "helm_list", "istioctl_analyze"}
@@ -180,3 +180,58 @@ def calls_seen(upstream: Upstream) -> list[Any]:
             body = json.loads(s.body)
             out.extend(body if isinstance(body, list) else [body])
     return [(m.get("method"), (m.get("params") or {}).get("name")) for m in out]
+
+
+def family_policy(port: int, profile_extra: str = "") -> str:
+    """A coordinator that may delegate to a security agent, the upstream reached by name as
+    the OpenAI provider and the MCP server ``tools`` (``/mcp``), a global ``no-deletes`` deny
+    rule (the trace tests: ``test_tracing.py``, ``test_trace_cli.py``). ``profile_extra``:
+    more keys of the ``fleet`` profile, indented by two spaces."""
+    here = f'"{upstream_name(port)}:{port}", "127.0.0.1:{port}"'
+    return f"""apiVersion: fleetgate/v1
+destinations:
+  allowPrivate: ["127.0.0.1/32"]
+authorization:
+  rules:
+  - id: no-deletes
+    deny: 'request.path.contains("delete")'
+    reason: deletes need a human
+llm:
+  providers:
+  - name: openai
+    api: openai
+    hosts: ["api.openai.com:443", {here}]
+mcp:
+  servers:
+  - name: tools
+    hosts: [{here}]
+    path: /mcp
+    mcpAuthorization:
+      rules:
+      - 'true'
+delegation:
+  roles:
+    coordinator: [security]
+  maxDepth: 2
+  maxChildren: 5
+  maxTtl: 30m
+agents:
+- name: fleet
+  match: 'jwt.agent_role in ["coordinator", "security"]'
+  egress:
+    hosts: ["api.openai.com:443", {here}]
+  authorization:
+    rules:
+    - allow: 'true'
+{profile_extra}"""
+
+
+def rpc(client: httpx.Client, up: Upstream, rid: int, method: str,
+        params: dict[str, Any] | None = None, session: str | None = None) -> httpx.Response:
+    """One JSON-RPC request to ``up``'s ``/mcp``, in the MCP session ``session`` if given."""
+    headers = {"Accept": "application/json, text/event-stream"}
+    if session:
+        headers["Mcp-Session-Id"] = session
+    return client.post(up.url + "/mcp", headers=headers,
+                       json={"jsonrpc": "2.0", "id": rid, "method": method,
+                             "params": params or {}})

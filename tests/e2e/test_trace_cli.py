@@ -18,17 +18,16 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
 import pytest
 import trustme
 from conftest import GatewayFactory
-from helpers import mcp_route
+from helpers import family_policy, mcp_route, rpc
 from llm_upstream import OPENAI_USAGE, install
 
-from harness import ADMIN_TOKEN, Gateway, Upstream, ssl_context, token, upstream_name, wait_until
+from harness import ADMIN_TOKEN, Gateway, Upstream, ssl_context, token, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -49,57 +48,11 @@ def upstream(upstream_ca: trustme.CA) -> Iterator[Upstream]:
 
 def rules(tmp_path: Path, port: int) -> Path:
     """Rules as a directory: the family's policy and the shipped pricing (costs are priced)."""
-    here = f'"{upstream_name(port)}:{port}", "127.0.0.1:{port}"'
     d = tmp_path / "rules"
     d.mkdir()
     shutil.copy(REPO / "rules" / "pricing.yaml", d / "pricing.yaml")
-    (d / "fleet.yaml").write_text(f"""apiVersion: fleetgate/v1
-destinations:
-  allowPrivate: ["127.0.0.1/32"]
-authorization:
-  rules:
-  - id: no-deletes
-    deny: 'request.path.contains("delete")'
-    reason: deletes need a human
-llm:
-  providers:
-  - name: openai
-    api: openai
-    hosts: ["api.openai.com:443", {here}]
-mcp:
-  servers:
-  - name: tools
-    hosts: [{here}]
-    path: /mcp
-    mcpAuthorization:
-      rules:
-      - 'true'
-delegation:
-  roles:
-    coordinator: [security]
-  maxDepth: 2
-  maxChildren: 5
-  maxTtl: 30m
-agents:
-- name: fleet
-  match: 'jwt.agent_role in ["coordinator", "security"]'
-  egress:
-    hosts: ["api.openai.com:443", {here}]
-  authorization:
-    rules:
-    - allow: 'true'
-""")
+    (d / "fleet.yaml").write_text(family_policy(port))
     return d
-
-
-def rpc(client: httpx.Client, up: Upstream, rid: int, method: str,
-        params: dict[str, Any] | None = None, session: str | None = None) -> httpx.Response:
-    headers = {"Accept": "application/json, text/event-stream"}
-    if session:
-        headers["Mcp-Session-Id"] = session
-    return client.post(up.url + "/mcp", headers=headers,
-                       json={"jsonrpc": "2.0", "id": rid, "method": method,
-                             "params": params or {}})
 
 
 def trace_cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:

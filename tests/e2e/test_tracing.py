@@ -21,12 +21,12 @@ import openai
 import pytest
 import trustme
 from conftest import GatewayFactory
-from helpers import mcp_route
+from helpers import family_policy, mcp_route, rpc
 from llm_upstream import OPENAI_USAGE, install
 from otlp import OtlpGrpcReceiver, OtlpHttpReceiver
 
 from fleetgate.telemetry.spans import session_span_id, session_trace_id
-from harness import Gateway, Upstream, ssl_context, token, upstream_name, wait_until
+from harness import Gateway, Upstream, ssl_context, token, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -50,57 +50,16 @@ def receiver() -> Iterator[OtlpHttpReceiver]:
     r.stop()
 
 
-def rules(path: Path, port: int) -> Path:
-    here = f'"{upstream_name(port)}:{port}", "127.0.0.1:{port}"'
-    path.write_text(f"""apiVersion: fleetgate/v1
-destinations:
-  allowPrivate: ["127.0.0.1/32"]
-authorization:
-  rules:
-  - id: no-deletes
-    deny: 'request.path.contains("delete")'
-    reason: deletes need a human
-llm:
-  providers:
-  - name: openai
-    api: openai
-    hosts: ["api.openai.com:443", {here}]
-mcp:
-  servers:
-  - name: tools
-    hosts: [{here}]
-    path: /mcp
-    mcpAuthorization:
-      rules:
-      - 'true'
-delegation:
-  roles:
-    coordinator: [security]
-  maxDepth: 2
-  maxChildren: 5
-  maxTtl: 30m
-agents:
-- name: fleet
-  match: 'jwt.agent_role in ["coordinator", "security"]'
-  egress:
-    hosts: ["api.openai.com:443", {here}]
-  authorization:
-    rules:
-    - allow: 'true'
+TELEMETRY = """\
   telemetry:
     capture: [prompts, completions]
     maxBytes: 300
-""")
+"""
+
+
+def rules(path: Path, port: int) -> Path:
+    path.write_text(family_policy(port, TELEMETRY))
     return path
-
-
-def rpc(client: httpx.Client, up: Upstream, rid: int, method: str,
-        params: dict[str, Any] | None = None, session: str | None = None) -> httpx.Response:
-    body = {"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}}
-    headers = {"Accept": "application/json, text/event-stream"}
-    if session:
-        headers["Mcp-Session-Id"] = session
-    return client.post(up.url + "/mcp", json=body, headers=headers)
 
 
 def by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
