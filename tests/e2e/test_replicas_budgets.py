@@ -224,6 +224,8 @@ budgets:
         return True
     for gw in gws:
         assert wait_until(lambda gw=gw: admitted(gw), timeout=15)
+    # a call is settled in Redis after its answer reached the agent: wait for the last one
+    wait_until(lambda: sum(s["tokens"] for s in spend(gws[1], "cap")) >= 4 * USED, timeout=5)
     assert spend(gws[1], "cap") == [{"key": "budgeted", "usd": pytest.approx(4 * COST, rel=0.01),
                                      "tokens": 4 * USED}]
     # /usage on any replica is the fleet's: the agent's calls through both gateways
