@@ -44,6 +44,7 @@ class BodyFacts:
     mcp_limit: int | None = None
     depth_check: bool = False
     max_body: int = 1 << 30
+    a2a_limit: int | None = None  # an A2A agent's endpoint: the body is its message
     stream_min_bytes: int = 1 << 20
 
 
@@ -78,7 +79,8 @@ def plan_body(facts: BodyFacts) -> BodyPlan:
         return BodyPlan("none")
     size = facts.content_length
     readers = [(name, limit) for name, limit in (("llm", facts.llm_limit),
-                                                 ("mcp", facts.mcp_limit))
+                                                 ("mcp", facts.mcp_limit),
+                                                 ("a2a", facts.a2a_limit))
                if limit is not None]
     if facts.depth_check:
         readers.append(("message-depth", DEPTH_READ_LIMIT))

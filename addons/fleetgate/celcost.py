@@ -326,6 +326,11 @@ def synthetic_activation(roots: Iterable[str]) -> dict[str, Any]:
                 "model": "gpt-trial", "streaming": False, "max_tokens": 1000,
                 "has_max_tokens": True, "tools": ["search", "fetch"],
                 "estimated_input_tokens": 1000},
+        "a2a": {"is_a2a": True, "method": "message/send", "rpc_method": "SendMessage",
+                "target": "trial-target", "sender": "agent-trial", "context_id": "c-trial",
+                "task_id": "t-trial", "message_id": "m-trial", "role": "user",
+                "parts": ["text", "file", "data"], "depth": 2, "counted_depth": 2,
+                "claimed_depth": 1, "streaming": False},
         "mcp": {"method": "tools/call", "server": "trial",
                 "tool": {"name": "trial_tool", "arguments": {"query": "trial", "limit": 10}}},
     }

@@ -14,6 +14,7 @@ defined beside the code that raises them and hang from the branches here::
     │   ├── BodyError                bodies.py: the body cannot be inspected (``status`` 400/413)
     │   ├── PathError                normalize.py: the path does not settle (also a ValueError)
     │   ├── McpError                 mcp/messages.py: an MCP body (JSON-RPC ``code``)
+    │   ├── A2aError                 a2a/messages.py: an A2A JSON-RPC body (JSON-RPC ``code``)
     │   └── SseError                 mcp/sse.py: an event stream that cannot be re-framed
     ├── IdentityError                identity/tokens.py: credentials missing or invalid (``code``)
     ├── CredentialUnavailable        policy/credentials.py: a route's secret cannot be used now

@@ -51,6 +51,9 @@ llm:
   pricing:
     models:
       gpt-4o: {{input: 2.50, output: 10.00}}
+a2a:
+  agents:
+  - {{name: ceo, url: "https://a2a.example.com/a2a"}}
 budgets:
 - {{id: roomy, per: agent, period: day, tokens: {{hard: 100000000}}}}
 mcp:
@@ -69,7 +72,7 @@ agents:
 - name: tester
   match: 'jwt.agent_role == "tester"'
   egress:
-    hosts: [api.openai.com, api.example.com, mcp.example.com]
+    hosts: [api.openai.com, api.example.com, mcp.example.com, a2a.example.com]
   authorization:
     rules:
     - allow: 'true'
@@ -105,6 +108,8 @@ ENFORCING: dict[tuple[str, str], Case] = {
     ("ControlEndpoint", "request"): Case("control"),
     ("RequestBodies", "requestheaders"): Case("llm"),
     ("LlmInspector", "request"): Case("llm"),
+    ("A2aGuard", "request"): Case("a2a"),  # strict body, counted depth, before the rules
+    ("A2aForward", "request"): Case("a2a"),  # records the hop later messages are counted from
     ("HttpAuthorization", "request"): Case("plain"),
     ("HttpAuthorization", "server_connect"): Case("server_connect"),
     ("McpGuard", "request"): Case("mcp"),
@@ -162,6 +167,9 @@ NOT_ENFORCING: dict[tuple[str, str], str] = {
     ("Timeouts", "response"): "disarms the bounds of a finished flow",
     ("Timeouts", "error"): "disarms the bounds of a failed flow",
     ("Timeouts", "websocket_end"): "disarms the bounds of an ended websocket",
+    ("A2aForward", "response"): "ends the hop's in-flight entry (a crash leaves it: stricter) "
+                                "and puts a refusal already made in JSON-RPC form",
+    ("A2aForward", "error"): "ends the in-flight entry of a failed flow; refusal format only",
     ("UpstreamErrors", "error"): "answers an upstream failure of a flow already allowed",
     ("DecisionLog", "http_connect"): "logging",
     ("DecisionLog", "responseheaders"): "logging",
@@ -260,6 +268,14 @@ def http_flow(kind: str) -> http.HTTPFlow:
         f.request.content = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                                         "params": {"name": "nmap_scan",
                                                    "arguments": {}}}).encode()
+        return f
+    if kind == "a2a":
+        f = request_flow(path="/a2a", host="a2a.example.com", method="POST", auth=auth)
+        f.request.headers["Content-Type"] = "application/json"
+        f.request.content = json.dumps({"jsonrpc": "2.0", "id": "r1", "method": "SendMessage",
+                                        "params": {"message": {
+                                            "messageId": "m1", "role": "ROLE_USER",
+                                            "parts": [{"text": "hi"}]}}}).encode()
         return f
     if kind == "credential":
         return request_flow(path="/v1/models", auth=auth)
@@ -375,7 +391,7 @@ def test_a_crash_in_an_enforcing_hook_denies_or_cuts(
     run_case(tctx, addon, hook, case)
 
 
-@pytest.mark.parametrize("kind", ["plain", "llm", "mcp", "control", "credential"])
+@pytest.mark.parametrize("kind", ["plain", "llm", "mcp", "control", "credential", "a2a"])
 def test_without_a_crash_the_scenarios_pass(chain: tuple[Any, list[Any]], kind: str) -> None:
     """The census is meaningful only if the same flows go through when nothing crashes."""
     tctx, _ = chain

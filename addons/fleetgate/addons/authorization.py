@@ -36,7 +36,13 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 
 from fleetgate.addons.flowtools import deny, fail_closed, settled
-from fleetgate.addons.state import llm_request_of, record_decision, set_comment, verified_claims
+from fleetgate.addons.state import (
+    a2a_of,
+    llm_request_of,
+    record_decision,
+    set_comment,
+    verified_claims,
+)
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.netaddr import Endpoint, internal_reason, parse_resolve_overrides
 from fleetgate.normalize import normalize_host, request_facts
@@ -107,7 +113,7 @@ class HttpAuthorization:
         started = time.perf_counter()
         facts = request_facts(req.method, req.scheme, req.host, req.port, req.path,
                               list(req.headers.items(multi=True)))
-        decision = decide(policy, claims, facts, llm_request_of(flow))
+        decision = decide(policy, claims, facts, llm_request_of(flow), a2a_of(flow))
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         dest = (req.host, req.port)
         if (decision.allow and not decision.named

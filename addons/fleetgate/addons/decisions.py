@@ -24,11 +24,13 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from fleetgate import decisionlog
+from fleetgate.a2a.facts import log_view
 from fleetgate.addons.budgets import BUDGETS
 from fleetgate.addons.flowtools import deny, fail_closed, settled
 from fleetgate.addons.limits import LIMITS
 from fleetgate.addons.state import (
     HEADER,
+    a2a_of,
     cut_of,
     decision_id,
     decision_of,
@@ -259,6 +261,9 @@ class DecisionLog:
             extra["mcp"] = {"server": mcp.get("server"), "transport": mcp.get("transport"),
                             "session": mcp.get("session"), "calls": mcp.get("calls"),
                             "hidden": mcp.get("hidden"), "hidden_count": mcp.get("hidden_count", 0)}
+        a2a = a2a_of(flow)
+        if a2a is not None:  # every A2A flow: who messaged whom, at which counted depth
+            extra["a2a"] = log_view(a2a)
         for name, key in (("limits", LIMITS), ("budgets", BUDGETS)):
             value = flow.metadata.get(key)
             if isinstance(value, list):

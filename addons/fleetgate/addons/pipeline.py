@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fleetgate.a2a.depth import DepthTracker
+from fleetgate.addons.a2a import A2aForward, A2aGuard
 from fleetgate.addons.ambiguity import AmbiguityGuard
 from fleetgate.addons.authorization import HttpAuthorization
 from fleetgate.addons.budgets import BudgetGuard
@@ -80,6 +82,7 @@ def pipeline() -> list[Any]:
     decisions = DecisionLog(policies, metrics)
     decisions.listeners.append(tracing.on_record)
     recent = RecentSessions()  # recent families in memory: GET /v1/trace/<session>
+    depths = DepthTracker()  # A2A hop depths, counted by the gateway (guard and forward)
     admin.routes.get("/v1/trace/{session}", recent.trace_view)
     decisions.listeners.append(recent.add)
     return [
@@ -97,6 +100,7 @@ def pipeline() -> list[Any]:
         # hook before the body then), refuse it early when a reader could not read it
         RequestBodies(policies, mcp, kill),
         LlmInspector(policies, metrics),
+        A2aGuard(policies, depths),  # A2A messages: strict body, a2a.* facts, counted depth
         HttpAuthorization(policies, metrics, [health, admin]),
         McpOperator(mcp),  # the MCP options and commands
         McpGuard(policies, metrics, mcp),  # requests
@@ -115,5 +119,8 @@ def pipeline() -> list[Any]:
         HealthEndpoint(health, admin),
         # answers an allowed request whose upstream failed, before the log records its status
         UpstreamErrors(metrics),
+        # after every gate: record forwarded A2A messages, end them with their answer; any
+        # refusal of an A2A request as a JSON-RPC error (before the log records its status)
+        A2aForward(policies, depths),
         decisions,
     ]

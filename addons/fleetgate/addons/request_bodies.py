@@ -94,10 +94,12 @@ class RequestBodies:
         chunked = "transfer-encoding" in req.headers
         has_body = chunked or bool(length) or (length is None and (req.is_http2 or req.is_http3))
         policy = self.store.policy
-        llm_limit = mcp_limit = None
+        llm_limit = mcp_limit = a2a_limit = None
         if policy is not None:
             path = normalize_path(req.path.partition("?")[0])
             route = policy.providers.route(normalize_host(req.host), req.port, path)
+            if policy.a2a.agent_for(normalize_host(req.host), req.port, path) is not None:
+                a2a_limit = ctx.options.fleetgate_a2a_max_body
             if route is not None and req.method == "POST":
                 llm_limit = ctx.options.fleetgate_llm_max_body
             if route is None and mcp_server(self.mcp, policy, flow) is not None:
@@ -106,7 +108,8 @@ class RequestBodies:
         depth_check = bool(self.kill.max_depth) and "json" in req.headers.get(
             "content-type", "") and not (depth_header and depth_header in req.headers)
         return BodyFacts(has_body=has_body, content_length=None if chunked else length,
-                         llm_limit=llm_limit, mcp_limit=mcp_limit, depth_check=depth_check,
+                         llm_limit=llm_limit, mcp_limit=mcp_limit, a2a_limit=a2a_limit,
+                         depth_check=depth_check,
                          max_body=ctx.options.fleetgate_max_request_body,
                          stream_min_bytes=ctx.options.fleetgate_stream_min_bytes or 1 << 20)
 

@@ -23,6 +23,7 @@ from fleetgate.decisionlog import new_decision_id
 from fleetgate.identity.tokens import Identity
 
 __all__ = [
+    "A2A",
     "CLAIMS",
     "COMMENT_SEP",
     "CUT",
@@ -35,6 +36,7 @@ __all__ = [
     "MCP",
     "NEEDS_BODY",
     "FlowIdentity",
+    "a2a_of",
     "add_comment",
     "agent_of",
     "annotate_decision",
@@ -52,6 +54,7 @@ __all__ = [
     "mcp_of",
     "need_body",
     "record_decision",
+    "set_a2a",
     "set_comment",
     "set_identity",
     "set_llm_request",
@@ -68,6 +71,7 @@ CUT = "fleetgate.cut"
 LLM_REQUEST = "fleetgate.llm"
 LLM_USAGE = "fleetgate.llm_usage"
 MCP = "fleetgate.mcp"
+A2A = "fleetgate.a2a"
 # Set by an addon that must read a response whole (bounded by its own limit): the
 # streaming addon then leaves the response buffered.
 NEEDS_BODY = "fleetgate.needs_body"
@@ -249,3 +253,14 @@ def mcp_of(flow: http.HTTPFlow) -> dict[str, Any] | None:
     """What the MCP guard recorded (server, methods, session)."""
     mcp = flow.metadata.get(MCP)
     return mcp if isinstance(mcp, dict) else None
+
+
+def set_a2a(flow: http.HTTPFlow, facts: dict[str, Any]) -> None:
+    """What the A2A guard read of a message (:mod:`fleetgate.a2a.facts`), JSON-able."""
+    flow.metadata[A2A] = facts
+
+
+def a2a_of(flow: http.HTTPFlow) -> dict[str, Any] | None:
+    """The A2A facts of the flow (method, sender, target, depth...); ``None``: not A2A."""
+    facts = flow.metadata.get(A2A)
+    return facts if isinstance(facts, dict) else None

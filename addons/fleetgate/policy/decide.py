@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fleetgate.a2a.facts import cel_view
 from fleetgate.celexpr import Activation, CelError, MissingField
 from fleetgate.netaddr import internal_reason
 from fleetgate.normalize import RequestFacts
@@ -88,11 +89,14 @@ NOT_LLM: Mapping[str, Any] = {"is_llm": False}
 
 
 def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts,
-           llm: Mapping[str, Any] | None = None) -> Decision:
+           llm: Mapping[str, Any] | None = None,
+           a2a: Mapping[str, Any] | None = None) -> Decision:
     """Judge one request. Total: never raises for any claims or facts.
 
     ``llm`` is what an LLM call asks for (``fleetgate.llm.request.LlmRequest.to_cel``);
-    for other requests rules see only ``llm.is_llm == false``.
+    for other requests rules see only ``llm.is_llm == false``. ``a2a`` is what an A2A
+    message carries (:mod:`fleetgate.a2a.facts`); other requests see ``a2a.is_a2a == false``
+    with every other field present and empty.
     """
     agent = str(claims.get("agent_id") or claims.get("sub") or "")
     jti = claims.get("jti")
@@ -112,6 +116,8 @@ def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts,
     data: dict[str, Any] = {"jwt": dict(claims), "request": facts.to_cel(inputs)}
     if "llm" in inputs:
         data["llm"] = dict(llm) if llm is not None else dict(NOT_LLM)
+    if "a2a" in inputs:
+        data["a2a"] = cel_view(a2a)
     activation = Activation(data)
     profiles: list[AgentProfile] = []
     lacking: list[str] = []  # selectors that read a claim this token does not carry

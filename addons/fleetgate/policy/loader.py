@@ -33,6 +33,8 @@ from fleetgate.llm.providers import ProviderTable
 from fleetgate.netaddr import IPNetwork
 from fleetgate.policy.credentials import CredentialRoute
 from fleetgate.policy.model import (
+    A2aAgent,
+    A2aSettings,
     AgentProfile,
     Budget,
     McpServer,
@@ -41,6 +43,7 @@ from fleetgate.policy.model import (
     RateLimit,
     Revocations,
 )
+from fleetgate.policy.parse_a2a import parse_a2a
 from fleetgate.policy.parse_agents import parse_agent, parse_revoked
 from fleetgate.policy.parse_budgets import parse_budgets
 from fleetgate.policy.parse_credentials import parse_credentials
@@ -60,7 +63,7 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "authorization", "agents", "revoked", "llm",
              "destinations", "mcpAuthorization", "mcp", "policies", "budgets",
-             "killswitch", "delegation", "credentials"}
+             "killswitch", "delegation", "credentials", "a2a"}
 
 
 class PolicyError(ConfigError):
@@ -168,6 +171,9 @@ class _Parts:
     kill_triggers: list[TriggerSpec] = field(default_factory=list)
     delegation: DelegationPolicy | None = None
     documents: list[tuple[str, str]] = field(default_factory=list)  # (name, text) read
+    a2a_agents: list[A2aAgent] = field(default_factory=list)
+    a2a_names: set[str] = field(default_factory=set)
+    a2a_max_depth: int | None = None
 
     def build(self, revision: str, files: tuple[str, ...]) -> Policy:
         return Policy(
@@ -187,6 +193,8 @@ class _Parts:
             kill_actions=tuple(self.kill_actions),
             kill_triggers=tuple(self.kill_triggers),
             delegation=self.delegation or DelegationPolicy(),
+            a2a=A2aSettings(tuple(self.a2a_agents),
+                            5 if self.a2a_max_depth is None else self.a2a_max_depth),
             mcp=McpSettings(servers=tuple(self.mcp_servers), rules=tuple(self.mcp_rules),
                             reveal_denied=self.mcp_flags.get("revealDenied", False),
                             detect=self.mcp_flags.get("detect", True)),
@@ -201,7 +209,7 @@ def _cel_inputs(rules: list[Rule], agents: list[AgentProfile]) -> frozenset[str]
     text = "\n".join(sources)
     # A name that appears anywhere (even in a string) keeps its input: over-including
     # only costs time, leaving out something a rule reads would make it error (deny).
-    return frozenset(k for k in ("query", "headers", "llm") if k in text)
+    return frozenset(k for k in ("query", "headers", "llm", "a2a") if k in text)
 
 
 def _add_file(parts: _Parts, file: str, text: str) -> None:
@@ -248,6 +256,7 @@ def _add_document(parts: _Parts, doc: Any, file: Path) -> None:
         parts.mcp_rules += parse_mcp_authorization(doc["mcpAuthorization"], "mcpAuthorization",
                                                    report, owner=owner, ids=ids.rules)
     _add_mcp(parts, doc.get("mcp"))
+    _add_a2a(parts, doc.get("a2a"))
     if "policies" in doc:
         parts.limits += parse_policies(doc["policies"], "policies", report, owner=owner,
                                        ids=ids.limits)
@@ -287,6 +296,18 @@ def _add_mcp(parts: _Parts, node: Any) -> None:
         else:
             parts.mcp_flags[key] = value
     parts.mcp_servers += section.servers
+
+
+def _add_a2a(parts: _Parts, node: Any) -> None:
+    section = parse_a2a(node, "a2a", parts.report, names=parts.a2a_names)
+    if section is None:
+        return
+    parts.a2a_agents += section.agents
+    if section.max_depth is not None:
+        if parts.a2a_max_depth not in (None, section.max_depth):
+            parts.report.error("a2a.maxDepth", "a2a.maxDepth is set differently in two files")
+        else:
+            parts.a2a_max_depth = section.max_depth
 
 
 def _add_killswitch(parts: _Parts, node: Any, file: Path) -> None:

@@ -23,6 +23,8 @@ from fleetgate.policy.credentials import CredentialRoute
 from fleetgate.rule import Rule
 
 __all__ = [
+    "A2aAgent",
+    "A2aSettings",
     "AgentProfile",
     "Budget",
     "McpServer",
@@ -122,6 +124,49 @@ class McpSettings:
         return None
 
 
+# where an A2A agent serves its card (1.0 and 0.3; 0.2 used agent.json)
+A2A_CARD_PATHS = ("/.well-known/agent-card.json", "/.well-known/agent.json")
+
+
+@dataclass(frozen=True)
+class A2aAgent:
+    """An ``a2a.agents[]`` entry: an agent's id and the A2A endpoint it serves."""
+
+    name: str  # the agent id its tokens carry (agent_id or sub)
+    url: str
+    host: HostPattern  # host:port of the endpoint
+    path: str = ""  # path prefix of the JSON-RPC endpoint; empty: every path on the host
+    source: str = ""
+
+    def matches(self, host: str, port: int, path: str) -> bool:
+        """The request goes to this agent's JSON-RPC endpoint (as McpServer.matches)."""
+        if not self.host.matches(host, port):
+            return False
+        p = self.path.rstrip("/")
+        return not p or path == p or path.startswith(p + "/") or path.startswith(p + "?")
+
+    def card(self, host: str, port: int, path: str) -> bool:
+        """The request asks for this agent's card: at the host's root or under its path."""
+        if not self.host.matches(host, port):
+            return False
+        p = self.path.rstrip("/")
+        return any(path in (c, p + c) for c in A2A_CARD_PATHS)
+
+
+@dataclass(frozen=True)
+class A2aSettings:
+    """The ``a2a`` section: the agents that speak A2A and the deepest hop allowed."""
+
+    agents: tuple[A2aAgent, ...] = ()
+    max_depth: int = 5  # 0: unchecked
+
+    def agent_for(self, host: str, port: int, path: str) -> A2aAgent | None:
+        for a in self.agents:
+            if a.matches(host, port, path) or a.card(host, port, path):
+                return a
+        return None
+
+
 @dataclass(frozen=True)
 class Revocations:
     """Identities refused outright, whatever else the policy says: by agent id, token id
@@ -155,9 +200,9 @@ class Policy:
     agents: tuple[AgentProfile, ...]
     revoked: Revocations
     allow_private: tuple[IPNetwork, ...]
-    # Optional parts of the CEL input some rule reads ("query", "headers", "llm"): the rest
+    # Optional parts of the CEL input some rule reads ("query", "headers", "llm", "a2a"): the rest
     # is never converted for the engine (see RequestFacts.to_cel).
-    cel_inputs: frozenset[str] = frozenset({"query", "headers", "llm"})
+    cel_inputs: frozenset[str] = frozenset({"query", "headers", "llm", "a2a"})
     providers: ProviderTable = field(default_factory=ProviderTable)
     pricing: PricingTable = field(default_factory=PricingTable)
     mcp: McpSettings = field(default_factory=McpSettings)
@@ -167,3 +212,4 @@ class Policy:
     kill_triggers: tuple[TriggerSpec, ...] = ()  # killswitch.triggers and KILLSWITCH.md files
     delegation: DelegationPolicy = field(default_factory=DelegationPolicy)
     credentials: tuple[CredentialRoute, ...] = ()  # upstream credential routes, file order
+    a2a: A2aSettings = field(default_factory=A2aSettings)  # A2A agents, hop depth

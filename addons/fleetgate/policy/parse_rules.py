@@ -1,7 +1,7 @@
 """The HTTP side of the rules: ``authorization: {rules: [...]}`` and ``destinations``.
 
 A rule is one of ``allow``/``deny``/``require`` with a CEL expression over ``jwt``,
-``request`` and ``llm`` (:data:`REQUEST_ROOTS`), an optional ``id``, ``reason`` and
+``request``, ``llm`` and ``a2a`` (:data:`REQUEST_ROOTS`), an optional ``id``, ``reason`` and
 ``hosts`` (the destinations it applies to). Rule ids are unique across every file and
 shared with the MCP rules (:mod:`fleetgate.policy.parse_mcp`): both go to one decision log.
 """
@@ -19,7 +19,7 @@ from fleetgate.rule import Effect, Rule
 __all__ = ["REQUEST_ROOTS", "parse_authorization", "parse_destinations", "parse_rule",
            "parse_rules_section"]
 
-REQUEST_ROOTS = ("jwt", "request", "llm")
+REQUEST_ROOTS = ("jwt", "request", "llm", "a2a")
 _RULE_KEYS = {"allow", "deny", "require", "id", "reason", "hosts"}
 
 
