@@ -103,7 +103,11 @@ def test_claimed_depth_is_the_largest_field_the_sender_wrote() -> None:
     assert parse_request(send()).claimed_depth is None
 
 
-@pytest.mark.parametrize("depth", [-1, "3", 2.5, True, None])
+def test_integral_float_depth_from_protobuf_metadata_counts() -> None:
+    assert parse_request(send(metadata={"depth": 6.0})).claimed_depth == 6
+
+
+@pytest.mark.parametrize("depth", [-1, "3", 2.5, True, None, float("inf"), -2.0])
 def test_unreadable_claimed_depth_is_refused(depth: Any) -> None:
     with pytest.raises(A2aError):
         parse_request(send(metadata={"depth": depth}))

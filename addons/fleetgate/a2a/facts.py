@@ -56,4 +56,6 @@ def log_view(facts: Mapping[str, Any]) -> dict[str, Any]:
             "context": facts.get("context_id"), "task": facts.get("task_id"),
             "message": facts.get("message_id"), "depth": facts.get("depth"),
             "counted_depth": facts.get("counted_depth"),
-            "claimed_depth": facts.get("claimed_depth") if facts.get("claimed") else None}
+            "claimed_depth": facts.get("claimed_depth") if facts.get("claimed") else None,
+            # a refusal's policy status (403, 503...): the wire says 200, as JSON-RPC errors do
+            "status": facts.get("status")}

@@ -13,7 +13,8 @@ notification), a known method, and every field the gateway reads of the type the
 gives it. A part that two readers could take for two different things (``kind: text`` with
 a ``data`` member, two contents) is refused: the gateway must judge what the agent will run.
 A depth a sender writes (top-level ``depth``, ``params.metadata.depth``,
-``params.message.metadata.depth``) must be a non-negative integer; the largest counts.
+``params.message.metadata.depth``) must be a non-negative integer (``2.0`` too: the SDKs
+keep metadata in a protobuf ``Struct``, whose numbers are doubles); the largest counts.
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ def _depth(obj: dict[str, Any], where: str, rid: Any) -> int | None:
     if "depth" not in obj:
         return None
     d = obj["depth"]
+    if isinstance(d, float) and d.is_integer():  # protobuf Struct (the SDK's metadata): 2.0
+        d = int(d)
     if not isinstance(d, int) or isinstance(d, bool) or d < 0:
         raise A2aError(INVALID_PARAMS, f"{where}.depth must be a non-negative integer "
                        f"(got {d!r})", rid)
