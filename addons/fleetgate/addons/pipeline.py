@@ -45,6 +45,7 @@ from fleetgate.addons.streaming import StreamPassthrough
 from fleetgate.addons.timeouts import Timeouts
 from fleetgate.addons.tracing import Tracing
 from fleetgate.addons.upstream_errors import UpstreamErrors
+from fleetgate.console import Console
 from fleetgate.llm.ledger import Ledger
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.runtime.identity import IdentityRegistry
@@ -84,6 +85,7 @@ def pipeline() -> list[Any]:
     recent = RecentSessions()  # recent families in memory: GET /v1/trace/<session>
     depths = DepthTracker()  # A2A hop depths, counted by the gateway (guard and forward)
     admin.routes.get("/v1/trace/{session}", recent.trace_view)
+    admin.routes.mount("/console", Console(admin, health.routes))  # operator console (HTML)
     decisions.listeners.append(recent.add)
     return [
         ConnectionGuard(metrics),
