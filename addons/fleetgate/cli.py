@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import fleetgate
+from fleetgate.cli_approvals import add_approvals_command
 from fleetgate.cli_kill import DEFAULT_ADMIN, add_kill_commands, admin_call
 from fleetgate.cli_trace import add_trace_command
 from fleetgate.demo import add_demo_command
@@ -370,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "state/admin-token)")
 
     add_kill_commands(sub)
+    add_approvals_command(sub)  # fleetgate approvals list|show|approve|deny
     add_demo_command(sub)  # fleetgate demo: see fleetgate.demo
     add_trace_command(sub)  # fleetgate trace SESSION: see fleetgate.cli_trace
 

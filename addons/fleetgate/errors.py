@@ -9,7 +9,8 @@ defined beside the code that raises them and hang from the branches here::
     ├── ConfigError                  the configuration cannot be used as it is
     │   ├── PolicyError              policy/loader.py: the rules cannot be loaded (``problems``)
     │   ├── CostError                celcost.py: a CEL expression's worst-case cost is over a limit
-    │   └── WorkersError             workers.py: ``--workers`` cannot run as asked (also a ValueError)
+    │   ├── WorkersError             workers.py: ``--workers`` cannot run as asked (also a ValueError)
+    │   └── OperatorsError           approvals/operators.py: the operators file cannot be used
     ├── RequestError                 a message in transit cannot be judged: answered, never relayed
     │   ├── BodyError                bodies.py: the body cannot be inspected (``status`` 400/413)
     │   ├── PathError                normalize.py: the path does not settle (also a ValueError)
@@ -22,6 +23,8 @@ defined beside the code that raises them and hang from the branches here::
     │   ├── MissingField             celexpr.py: evaluation read a key that is not there
     │   └── TooSlow                  celexpr.py: an evaluation overran the runtime budget
     ├── DelegationError              kill/delegation.py: a delegation the kill switch refuses
+    ├── ApprovalConflict             approvals/model.py: not in a state for this decision (also a ValueError)
+    │   └── NotAllowed               approvals/model.py: this operator may not decide it
     ├── GraphError                   kill/graph.py: an edge the lineage graph refuses (also a ValueError)
     ├── StateError                   durable state cannot be read or written
     │   ├── PersistError             kill/core.py: in force, but not written (also a RuntimeError)

@@ -229,6 +229,19 @@ class GatewayMetrics:
             "because the shared state (Redis) could not check their rate limits, by the first "
             "limit.", ["limit"], registry=r)
 
+        # approvals (runtime/approvals.py): the queue of actions held for people
+        self.approvals = Counter(
+            "fleetgate_approvals", "Approval events by tier: requested, vote (one of several "
+            "needed), approved, denied, consumed (the approved retry forwarded), escalated, held (a request "
+            "held open), answered_pending (the agent told to retry later).",
+            ["tier", "event"], registry=r)
+        self.approvals_pending = Gauge(
+            "fleetgate_approvals_pending", "Approvals waiting for people (as of the last "
+            "escalation sweep or change on this gateway).", registry=r)
+        self.approval_webhooks = Counter(
+            "fleetgate_approval_webhooks", "Approval webhook deliveries: delivered, retried, "
+            "failed (given up), dropped (queue full).", ["outcome"], registry=r)
+
     def set_revision(self, revision: str) -> None:
         self.policy_revision.clear()
         self.policy_revision.labels(revision=revision).set(1)

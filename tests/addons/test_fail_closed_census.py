@@ -54,6 +54,8 @@ llm:
 a2a:
   agents:
   - {{name: ceo, url: "https://a2a.example.com/a2a"}}
+approvals:  # the gate's hook runs on every allowed flow; this tier holds none of the census'
+- {{id: census, when: 'request.path == "/held-for-approval"', approvers: 1}}
 budgets:
 - {{id: roomy, per: agent, period: day, tokens: {{hard: 100000000}}}}
 mcp:
@@ -111,6 +113,8 @@ ENFORCING: dict[tuple[str, str], Case] = {
     ("A2aGuard", "request"): Case("a2a"),  # strict body, counted depth, before the rules
     ("A2aForward", "request"): Case("a2a"),  # records the hop later messages are counted from
     ("HttpAuthorization", "request"): Case("plain"),
+    # an action in an approval tier waits for people: a crash must not forward it unapproved
+    ("ApprovalGate", "request"): Case("plain"),
     ("HttpAuthorization", "server_connect"): Case("server_connect"),
     ("McpGuard", "request"): Case("mcp"),
     ("McpAnswers", "responseheaders"): Case("mcp"),
@@ -170,6 +174,8 @@ NOT_ENFORCING: dict[tuple[str, str], str] = {
     ("A2aForward", "response"): "ends the hop's in-flight entry (a crash leaves it: stricter) "
                                 "and puts a refusal already made in JSON-RPC form",
     ("A2aForward", "error"): "ends the in-flight entry of a failed flow; refusal format only",
+    ("ApprovalGate", "response"): "records the outcome of an approved action already forwarded",
+    ("ApprovalGate", "error"): "records the failure of an approved action already forwarded",
     ("UpstreamErrors", "error"): "answers an upstream failure of a flow already allowed",
     ("DecisionLog", "http_connect"): "logging",
     ("DecisionLog", "responseheaders"): "logging",

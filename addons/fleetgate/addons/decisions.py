@@ -268,6 +268,9 @@ class DecisionLog:
             value = flow.metadata.get(key)
             if isinstance(value, list):
                 extra[name] = value
+        approval = flow.metadata.get("fleetgate.approval")
+        if isinstance(approval, dict):  # linked to the approval's own audit lines by id
+            extra["approval"] = {k: v for k, v in approval.items() if k != "done"}
         credential = flow.metadata.get("fleetgate.credential")
         if isinstance(credential, str):
             extra["credential"] = credential  # the route id, never the secret
@@ -277,6 +280,11 @@ class DecisionLog:
         if decision is not None and isinstance(decision.get("upstream"), dict):
             extra["upstream"] = decision["upstream"]  # the rules allowed it; the upstream failed
         return extra or None
+
+    def write_event(self, line: dict[str, Any]) -> None:
+        """An audit line that is not a flow's decision (approval requested, decided,
+        escalated...): the same append-only sink, in order with the decision records."""
+        self._write(line)
 
     def _write(self, rec: dict[str, Any]) -> None:
         if self.sink is not None:

@@ -30,11 +30,14 @@ from fleetgate.wire import denial_body
 log = logging.getLogger(__name__)
 
 def deny(flow: http.HTTPFlow, status: int, rule: str, reason: str,
-         hint: str | None = None, headers: dict[str, str] | None = None) -> None:
-    """Answer the flow ourselves: it never reaches upstream. Shown in mitmweb as marked."""
+         hint: str | None = None, headers: dict[str, str] | None = None,
+         lead: str = "fleetgate denied this request", **extra: Any) -> None:
+    """Answer the flow ourselves: it never reaches upstream. Shown in mitmweb as marked.
+    ``extra`` goes into the body's ``fleetgate`` member (e.g. an approval id)."""
     did = decision_id(flow)
     hdrs = {"Content-Type": "application/json", HEADER: did, **(headers or {})}
-    flow.response = http.Response.make(status, denial_body(status, rule, reason, did, hint), hdrs)
+    flow.response = http.Response.make(
+        status, denial_body(status, rule, reason, did, hint, lead=lead, **extra), hdrs)
     record_decision(flow, False, rule, reason, status)
     flow.marked = ":no_entry:"
     set_comment(flow, f"denied by {rule}: {reason}")

@@ -15,6 +15,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions
 
+from fleetgate.approvals.operators import OperatorsError, parse_operators
 from fleetgate.runtime.listeners import HttpListener
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class HealthEndpoint:
         loader.add_option("fleetgate_admin_token_file", str, "",
                           "File holding the admin token (takes precedence over "
                           "fleetgate_admin_token).")
+        loader.add_option("fleetgate_admin_users_file", str, "",
+                          "YAML file of operators (name, groups, tokenSha256 of a personal "
+                          "admin token): who approves and stops, by name (approvals need "
+                          "distinct people). The shared admin token acts as 'admin'.")
 
     def configure(self, updated: set[str]) -> None:
         if {"fleetgate_admin_token", "fleetgate_admin_token_file"} & updated:
@@ -64,6 +69,14 @@ class HealthEndpoint:
                         "characters")
             self.admin.admin_token = token
             self.server.admin_token = token
+        if "fleetgate_admin_users_file" in updated:
+            path = ctx.options.fleetgate_admin_users_file
+            try:
+                self.admin.operators = (parse_operators(Path(path).read_text()) if path
+                                        else type(self.admin.operators)())
+            except (OSError, OperatorsError) as exc:
+                raise exceptions.OptionsError(
+                    f"fleetgate_admin_users_file: {path}: {exc}") from None
         for name in ("fleetgate_metrics_listen", "fleetgate_admin_listen"):
             if name in updated:
                 _listen_spec(name, getattr(ctx.options, name))

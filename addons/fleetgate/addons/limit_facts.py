@@ -19,7 +19,7 @@ from fleetgate.mcp.facts import base_facts
 from fleetgate.normalize import request_facts
 from fleetgate.policy.decide import NOT_LLM
 
-__all__ = ["limit_activation", "llm_facts", "reserved_tokens"]
+__all__ = ["flow_activation", "limit_activation", "llm_facts", "reserved_tokens"]
 
 
 class _Keyed(Protocol):
@@ -34,6 +34,12 @@ def limit_activation(flow: http.HTTPFlow, rules: Iterable[_Keyed]) -> Activation
     """The CEL variables of the flow, or ``None`` when no rule has a ``key`` or ``when``."""
     if not any(r.key is not None or r.when is not None for r in rules):
         return None
+    return flow_activation(flow)
+
+
+def flow_activation(flow: http.HTTPFlow) -> Activation:
+    """``jwt``, ``request`` (with query and headers), ``llm`` and ``mcp`` of the flow: what
+    limits, budgets and approval tiers read."""
     req = flow.request
     facts = request_facts(req.method, req.scheme, req.host, req.port, req.path,
                           list(req.headers.items(multi=True)))

@@ -17,6 +17,7 @@ from typing import Any
 from fleetgate.a2a.depth import DepthTracker
 from fleetgate.addons.a2a import A2aForward, A2aGuard
 from fleetgate.addons.ambiguity import AmbiguityGuard
+from fleetgate.addons.approvals import ApprovalGate
 from fleetgate.addons.authorization import HttpAuthorization
 from fleetgate.addons.budgets import BudgetGuard
 from fleetgate.addons.control import ControlEndpoint
@@ -48,6 +49,7 @@ from fleetgate.addons.upstream_errors import UpstreamErrors
 from fleetgate.console import Console
 from fleetgate.llm.ledger import Ledger
 from fleetgate.metrics import GatewayMetrics
+from fleetgate.runtime.approvals import ApprovalService
 from fleetgate.runtime.identity import IdentityRegistry
 from fleetgate.runtime.listeners import HttpListener
 from fleetgate.runtime.mcp import McpService
@@ -81,6 +83,8 @@ def pipeline() -> list[Any]:
     mcp = McpService(metrics, admin.routes, shared)  # sessions, pins; /mcp/pins, /mcp/approve
     tracing = Tracing(policies, metrics)  # spans over OTLP, from the decision records
     decisions = DecisionLog(policies, metrics)
+    approvals = ApprovalService(metrics, admin.routes)  # the queue; /v1/approvals
+    approvals.emit.append(decisions.write_event)  # requests, decisions, escalations: audited
     decisions.listeners.append(tracing.on_record)
     recent = RecentSessions()  # recent families in memory: GET /v1/trace/<session>
     depths = DepthTracker()  # A2A hop depths, counted by the gateway (guard and forward)
@@ -108,6 +112,9 @@ def pipeline() -> list[Any]:
         McpGuard(policies, metrics, mcp),  # requests
         McpAnswers(policies, metrics, mcp),  # answers
         McpSharedState(mcp),  # shared state: session owners and pins across gateways
+        # every check allowed it: an action in an approval tier waits for people here,
+        # before limits and budgets (they count what is really forwarded)
+        ApprovalGate(policies, metrics, approvals, kill, shared, admin),
         meter,
         # after the meter: they settle their reservations from the usage the meter recorded.
         # Budgets first: a call a budget refuses takes nothing from the rate limits.

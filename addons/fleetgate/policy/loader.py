@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from fleetgate.approvals.model import Tier
 from fleetgate.errors import ConfigError
 from fleetgate.kill.delegation import DelegationPolicy
 from fleetgate.kill.model import Action
@@ -45,6 +46,7 @@ from fleetgate.policy.model import (
 )
 from fleetgate.policy.parse_a2a import parse_a2a
 from fleetgate.policy.parse_agents import parse_agent, parse_revoked
+from fleetgate.policy.parse_approvals import parse_approvals
 from fleetgate.policy.parse_budgets import parse_budgets
 from fleetgate.policy.parse_credentials import parse_credentials
 from fleetgate.policy.parse_killswitch import parse_delegation, parse_killswitch, parse_killswitch_file
@@ -63,7 +65,7 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "authorization", "agents", "revoked", "llm",
              "destinations", "mcpAuthorization", "mcp", "policies", "budgets",
-             "killswitch", "delegation", "credentials", "a2a"}
+             "killswitch", "delegation", "credentials", "a2a", "approvals"}
 
 
 class PolicyError(ConfigError):
@@ -170,6 +172,7 @@ class _Parts:
     kill_actions: list[Action] = field(default_factory=list)
     kill_triggers: list[TriggerSpec] = field(default_factory=list)
     delegation: DelegationPolicy | None = None
+    approvals: list[Tier] = field(default_factory=list)  # file order: first match wins
     documents: list[tuple[str, str]] = field(default_factory=list)  # (name, text) read
     a2a_agents: list[A2aAgent] = field(default_factory=list)
     a2a_names: set[str] = field(default_factory=set)
@@ -195,6 +198,7 @@ class _Parts:
             delegation=self.delegation or DelegationPolicy(),
             a2a=A2aSettings(tuple(self.a2a_agents),
                             5 if self.a2a_max_depth is None else self.a2a_max_depth),
+            approvals=tuple(self.approvals),
             mcp=McpSettings(servers=tuple(self.mcp_servers), rules=tuple(self.mcp_rules),
                             reveal_denied=self.mcp_flags.get("revealDenied", False),
                             detect=self.mcp_flags.get("detect", True)),
@@ -263,6 +267,9 @@ def _add_document(parts: _Parts, doc: Any, file: Path) -> None:
     if "budgets" in doc:
         parts.budgets += parse_budgets(doc["budgets"], "budgets", report, owner=owner,
                                        ids=ids.limits)
+    if "approvals" in doc:
+        parts.approvals += parse_approvals(doc["approvals"], "approvals", report,
+                                           ids=ids.approvals)
     if "credentials" in doc:
         parts.credentials += parse_credentials(doc["credentials"], "credentials", report,
                                                owner=owner, taken=ids.credentials)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fleetgate.approvals.model import Tier
 from fleetgate.celexpr import Expr
 from fleetgate.kill.delegation import DelegationPolicy
 from fleetgate.kill.model import Action
@@ -213,3 +214,4 @@ class Policy:
     delegation: DelegationPolicy = field(default_factory=DelegationPolicy)
     credentials: tuple[CredentialRoute, ...] = ()  # upstream credential routes, file order
     a2a: A2aSettings = field(default_factory=A2aSettings)  # A2A agents, hop depth
+    approvals: tuple[Tier, ...] = ()  # approval tiers, file order: the first that matches

@@ -145,6 +145,7 @@ class IdSpaces:
         self.rules = Ids()
         self.limits = Ids()
         self.triggers = Ids()
+        self.approvals = Ids()
         self.credentials: set[str] = set()
         self.mcp_servers: set[str] = set()
 

@@ -24,13 +24,15 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
+from fleetgate.approvals.operators import ADMIN, LOCAL, Operator, OperatorTable
 from fleetgate.errors import NotFound, StateError
 from fleetgate.metrics import GatewayMetrics
 
 __all__ = ["HttpListener", "Routes"]
 
 View = Callable[..., dict[str, Any]]
-Action = Callable[[dict[str, Any]], dict[str, Any]]
+Action = Callable[..., dict[str, Any]]
+App = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 class Routes:
@@ -44,6 +46,8 @@ class Routes:
     def __init__(self) -> None:
         self.views: dict[str, View] = {}
         self.actions: dict[str, Action] = {}
+        self.with_operator: set[str] = set()  # actions called as action(args, operator)
+        self.apps: dict[str, App] = {}  # path prefix -> WSGI app doing its own auth (console)
         self._prefixed: dict[str, tuple[str, View]] = {}  # "/v1/trace/" -> ("session", view)
 
     def get(self, path: str, view: View) -> None:
@@ -65,10 +69,26 @@ class Routes:
                 return view, {name: raw.decode("utf-8", "replace")}
         return None
 
-    def post(self, path: str, action: Action) -> None:
+    def post(self, path: str, action: Action, *, operator: bool = False) -> None:
+        """``operator=True``: the action is told who asked (``action(args, operator)``), for
+        decisions people sign (approvals)."""
         if path in self.actions:
             raise ValueError(f"two actions for {path}")
         self.actions[path] = action
+        if operator:
+            self.with_operator.add(path)
+
+    def call(self, path: str, args: dict[str, Any], operator: Operator) -> dict[str, Any]:
+        """Run the action at ``path`` as ``operator`` (the admin API and the console)."""
+        action = self.actions[path]
+        if path in self.with_operator:
+            return action(args, operator)
+        return action(args)
+
+    def mount(self, prefix: str, app: App) -> None:
+        """Serve ``prefix`` (and below) with a WSGI ``app`` that authenticates on its own
+        (with :meth:`HttpListener.authenticate`): the console's HTML pages."""
+        self.apps[prefix] = app
 
     def paths(self) -> list[str]:
         return sorted({*self.views, *self.actions})
@@ -93,6 +113,7 @@ class HttpListener:
         self.admin = admin
         self.routes = Routes()
         self.admin_token = ""
+        self.operators = OperatorTable()  # personal admin tokens (fleetgate_admin_users_file)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -134,19 +155,37 @@ class HttpListener:
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics or /healthz/ready\n"]
 
+    def authenticate(self, token: str | None, peer: str = "") -> Operator | None:
+        """Who presents ``token``: the shared admin token is ``admin``, a personal token of
+        ``fleetgate_admin_users_file`` its operator; with neither configured, a loopback
+        client is ``local``. ``None``: not an operator."""
+        if token:
+            if self.admin_token and hmac.compare_digest(token.encode(),
+                                                        self.admin_token.encode()):
+                return ADMIN
+            found = self.operators.authenticate(token)
+            if found is not None:
+                return found
+            return None
+        if not self.admin_token and not len(self.operators) and _is_loopback(peer):
+            return LOCAL
+        return None
+
     def _admin(self, path: str, environ: dict[str, Any],
                start_response: Callable[..., Any]) -> Iterable[bytes]:
+        for prefix, app in self.routes.apps.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return app(environ, start_response)
         auth = environ.get("HTTP_AUTHORIZATION", "")
         peer = environ.get("REMOTE_ADDR", "")
-        if self.admin_token:
-            ok = hmac.compare_digest(auth.encode(), f"Bearer {self.admin_token}".encode())
-        else:
-            ok = _is_loopback(peer)
-        if not ok:
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        operator = self.authenticate(token, peer)
+        if operator is None:
+            configured = self.admin_token or len(self.operators)
             return _answer(start_response, "401 Unauthorized", {
                 "error": "the admin API needs 'Authorization: Bearer <admin token>' (see "
-                         "fleetgate_admin_token_file)" if self.admin_token else
-                         "no admin token is configured: the admin API answers loopback "
+                         "fleetgate_admin_token_file, fleetgate_admin_users_file)" if configured
+                         else "no admin token is configured: the admin API answers loopback "
                          "clients only"})
         method = environ.get("REQUEST_METHOD")
         actions = self.routes.actions
@@ -161,7 +200,8 @@ class HttpListener:
                 args = json.loads(raw or b"{}")
                 if not isinstance(args, dict):
                     raise ValueError("the body must be a JSON object")
-                return _answer(start_response, "200 OK", actions[path](args))
+                return _answer(start_response, "200 OK",
+                               self.routes.call(path, args, operator))
         except (ValueError, TypeError) as exc:
             return _answer(start_response, "400 Bad Request", {"error": str(exc)})
         except NotFound as exc:

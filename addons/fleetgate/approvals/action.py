@@ -1,0 +1,110 @@
+"""What an action is, for approvals: its digest (to know a retry of it) and its summary
+(what a human reads before approving).
+
+The digest covers who asks (the agent id, not the session: an agent restarted after asking
+retries with a new session), the tier, the HTTP method and the full target URL, and the body
+in a canonical form: JSON is re-serialised with sorted keys, and the parts a client
+regenerates on every send are dropped (JSON-RPC ``id``, MCP ``_meta``, A2A ``messageId``),
+so the SDK's retry of the same call matches while any change of arguments, model or
+recipient does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+__all__ = ["action_digest", "action_summary", "canonical_body", "mask_secrets"]
+
+_SECRETS = re.compile(
+    r"eyJ[\w-]+\.[\w-]+\.[\w-]*"  # JWT
+    r"|\b(?:sk|rk|pk)-(?:[A-Za-z0-9_-]{2,}-)?[A-Za-z0-9_-]{16,}"  # OpenAI/Anthropic/Stripe
+    r"|\bAKIA[0-9A-Z]{16}\b"  # AWS access key id
+    r"|\bAIza[0-9A-Za-z_-]{35}\b"  # Google API key
+    r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b"  # GitHub tokens
+    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
+    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{16,}")
+_SECRET_KEYS = re.compile(r"(?i)pass(word)?|secret|token|api[_-]?key|authorization|credential|"
+                          r"private[_-]?key|cookie")
+_VOLATILE = frozenset({"id", "_meta", "messageId", "message_id"})
+EXCERPT_BYTES = 2048
+
+
+def mask_secrets(value: Any) -> Any:
+    """``value`` with secrets masked: strings that look like keys or tokens, and the value
+    of any key whose name says it is a secret."""
+    if isinstance(value, str):
+        return _SECRETS.sub("***", value)
+    if isinstance(value, dict):
+        return {k: ("***" if isinstance(k, str) and _SECRET_KEYS.search(k)
+                    and not isinstance(v, dict | list) else mask_secrets(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    return value
+
+
+def _strip(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip(v, depth + 1) for k, v in value.items()
+                if not (k in _VOLATILE and depth <= 3)}
+    if isinstance(value, list):
+        return [_strip(v, depth + 1) for v in value]
+    return value
+
+
+def canonical_body(body: bytes) -> bytes:
+    """The body as the digest sees it: canonical JSON without per-send ids; other bytes as
+    they are."""
+    if not body:
+        return b""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return body
+    return json.dumps(_strip(doc), sort_keys=True, separators=(",", ":")).encode()
+
+
+def action_digest(agent: str, tier: str, method: str, url: str, body: bytes) -> str:
+    h = hashlib.sha256()
+    for part in (agent.encode(), tier.encode(), method.upper().encode(), url.encode()):
+        h.update(len(part).to_bytes(4, "big") + part)
+    h.update(canonical_body(body))
+    return h.hexdigest()
+
+
+def _excerpt(body: bytes) -> str:
+    text = body[:EXCERPT_BYTES * 2].decode("utf-8", "replace")
+    text = _SECRETS.sub("***", text)
+    if len(text) > EXCERPT_BYTES:
+        text = text[:EXCERPT_BYTES] + "…"
+    return text
+
+
+def action_summary(method: str, url: str, host: str, body: bytes, *,
+                   llm: dict[str, Any] | None = None, mcp: dict[str, Any] | None = None,
+                   a2a: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the approver sees: the request line, the tool and its arguments, the model, the
+    A2A recipient, and an excerpt of the body, secrets masked."""
+    out: dict[str, Any] = {"kind": "http", "method": method, "url": _SECRETS.sub("***", url),
+                           "host": host, "excerpt": _excerpt(body)}
+    if llm and llm.get("is_llm"):
+        out["kind"] = "llm"
+        out["model"] = llm.get("model") or ""
+        out["provider"] = llm.get("provider") or ""
+    if mcp and mcp.get("method"):
+        out["kind"] = "mcp"
+        out["mcp_method"] = mcp.get("method")
+        out["server"] = (mcp.get("server") or {}).get("name", "")
+        tool = mcp.get("tool") or {}
+        if tool.get("name"):
+            out["tool"] = tool["name"]
+            out["arguments"] = mask_secrets(tool.get("arguments") or {})
+    if a2a and a2a.get("is_a2a"):
+        out["kind"] = "a2a"
+        out["a2a_method"] = a2a.get("method") or ""
+        out["to"] = a2a.get("target") or ""
+        out["context"] = a2a.get("context_id") or ""
+    return out
