@@ -228,7 +228,8 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
           f"{len(policy.revoked.agents) + len(policy.revoked.tokens)} revocation(s), "
           f"{len(policy.mcp.servers)} MCP server(s), "
           f"{len(policy.mcp.rules) + sum(len(s.rules) for s in policy.mcp.servers)
-             + sum(len(a.mcp_rules) for a in policy.agents)} MCP rule(s)")
+             + sum(len(a.mcp_rules) for a in policy.agents)} MCP rule(s), "
+          f"{len(policy.approvals)} approval tier(s), {len(policy.a2a.agents)} A2A agent(s)")
     return 0
 
 

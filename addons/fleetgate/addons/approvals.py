@@ -47,7 +47,7 @@ from fleetgate.addons.state import (
     record_decision,
 )
 from fleetgate.approvals.action import action_digest, action_summary
-from fleetgate.approvals.model import Approval, Status, Tier
+from fleetgate.approvals.model import Approval, Status, Tier, select_tier
 from fleetgate.approvals.operators import Operator
 from fleetgate.celexpr import CelError
 from fleetgate.durations import seconds
@@ -187,14 +187,7 @@ class ApprovalGate:
         is held whole when one of its calls needs approval)."""
         activation = flow_activation(flow)
         activation.set("a2a", _a2a_facts(flow))
-        variants = self._mcp_variants(flow)
-        for tier in policy.approvals:
-            for mcp in (variants or [None]):  # type: ignore[list-item]
-                if mcp is not None:
-                    activation.set("mcp", mcp)
-                if tier.when.evaluate(activation):
-                    return tier, mcp or {}
-        return None, {}
+        return select_tier(policy.approvals, activation, self._mcp_variants(flow))
 
     @staticmethod
     def _mcp_variants(flow: http.HTTPFlow) -> list[dict[str, Any]]:

@@ -23,10 +23,10 @@ from enum import StrEnum
 from typing import Any
 
 from fleetgate.approvals.operators import Operator
-from fleetgate.celexpr import Expr
+from fleetgate.celexpr import Activation, Expr
 from fleetgate.errors import FleetgateError
 
-__all__ = ["Approval", "ApprovalConflict", "NotAllowed", "Status", "Tier", "Vote"]
+__all__ = ["Approval", "ApprovalConflict", "NotAllowed", "Status", "Tier", "Vote", "select_tier"]
 
 
 class ApprovalConflict(FleetgateError, ValueError):
@@ -59,6 +59,28 @@ class Tier:
     hold: float = 30.0  # how long the agent's request waits open for a decision
     reason: str = ""
     source: str = ""
+
+
+def select_tier(tiers: tuple[Tier, ...], activation: Activation,
+                mcp_messages: list[dict[str, Any]]) -> tuple[Tier | None, dict[str, Any]]:
+    """The tier that decides a request, and the MCP message it decided for.
+
+    Each message gets the first tier whose ``when`` holds for it (file order). A request of
+    several messages (an MCP batch) is decided by its strictest message: the one whose tier
+    needs the most people, so a call that needs approval cannot ride along with a read-only
+    one. ``mcp_messages``: the facts of every message of an MCP request; empty for other
+    traffic, whose ``mcp`` in ``activation`` stays as built. A ``when`` that cannot be
+    evaluated raises :class:`~fleetgate.celexpr.CelError`: the caller denies (never "no
+    tier, forward")."""
+    variants: list[dict[str, Any] | None] = list(mcp_messages) or [None]
+    chosen: tuple[Tier | None, dict[str, Any]] = (None, {})
+    for mcp in variants:
+        if mcp is not None:
+            activation.set("mcp", mcp)
+        tier = next((t for t in tiers if t.when.evaluate(activation)), None)
+        if tier is not None and (chosen[0] is None or tier.approvers > chosen[0].approvers):
+            chosen = (tier, mcp or {})
+    return chosen
 
 
 @dataclass(frozen=True)
