@@ -395,3 +395,49 @@ def test_webhook_events_are_signed_retried_and_escalate(start, webhook: Webhook)
     assert act(gw, "alice", "approve", a["id"]).json()["status"] == "approved"
     assert wait_until(lambda: webhook.of("approval.approved"), 10)
     assert 'fleetgate_approvals_total{event="escalated",tier="llm-big-model"}' in gw.metrics()
+
+
+def test_replicas_share_one_queue_and_an_approval_passes_once_fleet_wide(
+        start, llm: Upstream, redis_server) -> None:  # type: ignore[no-untyped-def]
+    a = start(hold="1s", fleetgate_state=redis_server.url)
+    b = start(hold="1s", fleetgate_state=redis_server.url)
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        chat(agent_openai(a))
+    approval_id = exc.value.response.headers["fleetgate-approval-id"]
+    # the other replica knows it: the same action through b joins the same approval
+    with pytest.raises(openai.PermissionDeniedError) as via_b:
+        chat(agent_openai(b))
+    assert via_b.value.response.headers["fleetgate-approval-id"] == approval_id
+    assert [x["id"] for x in pending(b)] == [approval_id]
+    act(b, "alice", "approve", approval_id)
+    # two retries at once, one per replica: exactly one is forwarded
+    results = [in_thread(lambda gw=gw: chat(agent_openai(gw))) for gw in (a, b)]
+    for t, _ in results:
+        t.join(30)
+    outcomes = sorted("ok" if "value" in out else type(out["error"]).__name__
+                      for _, out in results)
+    assert outcomes == ["PermissionDeniedError", "ok"], outcomes
+    assert chat_calls(llm) == 1
+    record = a.admin(f"/v1/approvals/{approval_id}").json()
+    assert record["status"] == "consumed" and record["consumed_by_decision"]
+
+
+def test_stopping_an_agent_ends_its_held_request_and_keeps_the_action_queued(
+        start, llm: Upstream) -> None:
+    gw = start(hold="30s")
+    client = agent_openai(gw, sub="rogue-1")
+    t, out = in_thread(lambda: chat(client))
+    [a] = pending(gw)
+    started = time.monotonic()
+    r = gw.admin("/v1/actions", {"verb": "stop", "scope": "agent:rogue-1",
+                                 "reason": "went rogue while waiting"})
+    assert r.status_code == 200, r.text
+    t.join(10)
+    assert time.monotonic() - started < 5  # not at the end of the 30 s hold
+    err = out.get("error")
+    # the stop cuts the agent's connections (its held request with them), or, when the hold
+    # saw the stop first, refuses it: either way at once, never forwarded
+    assert isinstance(err, openai.APIConnectionError) or (
+        isinstance(err, openai.InternalServerError) and "killswitch.stop" in str(err)), err
+    assert chat_calls(llm) == 0
+    assert [x["id"] for x in pending(gw)] == [a["id"]]  # still queued for people

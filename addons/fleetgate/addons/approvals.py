@@ -52,6 +52,8 @@ from fleetgate.approvals.operators import Operator
 from fleetgate.celexpr import CelError
 from fleetgate.durations import seconds
 from fleetgate.errors import StateError
+from fleetgate.kill.board import Verdict
+from fleetgate.kill.model import Verb
 from fleetgate.mcp.facts import mcp_facts
 from fleetgate.mcp.messages import McpError, parse_messages
 from fleetgate.metrics import GatewayMetrics
@@ -244,15 +246,20 @@ class ApprovalGate:
         add_comment(flow, f"held for approval {a.id} ({a.tier})")
         _update(flow)
         started = time.monotonic()
-        latest = await self.service.wait(a.id, tier.hold)
+        subject = subject_of(flow)
+
+        def stopped() -> Verdict | None:
+            verdict = self.kill.verdict(subject) if subject is not None else None
+            return verdict if verdict is not None and verdict.action.verb is Verb.STOP else None
+        latest = await self.service.wait(a.id, tier.hold,
+                                         lambda: stopped() is not None or not flow.live)
         flow.marked = previous
         flow.metadata[APPROVAL]["held_ms"] = round((time.monotonic() - started) * 1000, 1)
         if not flow.live or flow.error is not None:
             return latest or a  # the agent hung up: the action stays queued
-        subject = subject_of(flow)
-        verdict = self.kill.verdict(subject) if subject is not None else None
-        if verdict is not None and verdict.action.verb.value == "stop":
-            refuse_stop(flow, verdict, self.metrics)  # stopped while it waited
+        verdict = stopped()
+        if verdict is not None:
+            refuse_stop(flow, verdict, self.metrics)  # stopped while it waited: still queued
         return latest or a
 
     async def _settle(self, flow: http.HTTPFlow, a: Approval) -> None:

@@ -142,8 +142,11 @@ class ApprovalService:
         self._audit("approval.consumed", used, decision_id=decision_id)
         return used
 
-    async def wait(self, approval_id: str, timeout: float) -> Approval | None:
-        """Hold until the approval is decided or ``timeout`` passes; the latest record."""
+    async def wait(self, approval_id: str, timeout: float,
+                   interrupt: Callable[[], bool] | None = None) -> Approval | None:
+        """Hold until the approval is decided, ``timeout`` passes or ``interrupt()`` says to
+        stop waiting (checked every ``poll`` seconds: the agent was stopped); the latest
+        record."""
         event = asyncio.Event()
         self._waiters.setdefault(approval_id, set()).add(event)
         deadline = time.monotonic() + timeout
@@ -153,7 +156,7 @@ class ApprovalService:
                 if current is None or current.status is not Status.PENDING:
                     return current
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or (interrupt is not None and interrupt()):
                     return current
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(self.poll, left))
