@@ -21,6 +21,7 @@ test:
 	@./scripts/bootstrap.sh test lint deploy
 	@./scripts/bootstrap.sh --env .venv-mcp1 mcp1
 	@./scripts/need-redis.sh
+	@./scripts/need-chromium.sh
 	.venv/bin/ruff check addons tests scripts
 	.venv/bin/mypy
 	.venv/bin/lint-imports --no-cache
