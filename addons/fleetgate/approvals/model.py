@@ -29,6 +29,11 @@ from fleetgate.errors import FleetgateError
 __all__ = ["Approval", "ApprovalConflict", "NotAllowed", "Status", "Tier", "Vote", "select_tier"]
 
 
+# the shared admin token's operator (and ``local``): may decide any tier, as one person
+# (break-glass; two-person tiers still need a second, different operator)
+ADMIN_GROUP = "admin"
+
+
 class ApprovalConflict(FleetgateError, ValueError):
     """The approval is not in a state that allows this (already decided, same person twice).
     A ``ValueError``: the admin API answers 400 with this message."""
@@ -126,9 +131,10 @@ class Approval:
 
     def may_decide(self, op: Operator) -> bool:
         """Whether ``op`` may approve or deny now: one of ``approved_by`` (anyone when the
-        tier names no one), or, once the window has passed, one of ``escalate_to``. A second
+        tier names no one), the group ``admin`` (the shared admin token), or, once the window
+        has passed, one of ``escalate_to``. A second
         approval must also come from ``secondary`` when the tier names it (:meth:`approve`)."""
-        if not self.approved_by or op.is_in(self.approved_by):
+        if not self.approved_by or op.is_in(self.approved_by) or ADMIN_GROUP in op.groups:
             return True
         return self.escalations > 0 and op.is_in(self.escalate_to)
 
@@ -141,7 +147,8 @@ class Approval:
                                    f"{self.tier!r} needs {self.needed} distinct people")
         second = len(self.votes) >= 1
         if second and self.secondary:
-            ok = op.is_in(self.secondary) or (self.escalations > 0 and op.is_in(self.escalate_to))
+            ok = (op.is_in(self.secondary) or ADMIN_GROUP in op.groups
+                  or (self.escalations > 0 and op.is_in(self.escalate_to)))
             if not ok:
                 raise NotAllowed(f"{op.name} may not give the secondary review of {self.id} "
                                  f"(tier {self.tier!r}: {', '.join(self.secondary)})")
