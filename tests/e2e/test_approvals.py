@@ -297,15 +297,16 @@ def test_an_mcp_tool_call_needs_two_distinct_people(start, mcp_server: McpUpstre
     assert a["action"]["tool"] == "terraform_apply" and a["action"]["arguments"] == {
         "workspace": "prod"}
     assert a["needed"] == 2
-    first = act(gw, "alice", "approve", a["id"])
-    assert first.status_code == 200 and first.json()["status"] == "pending"
-    twice = act(gw, "alice", "approve", a["id"])
-    assert twice.status_code == 400 and "distinct" in twice.json()["error"]
+    first = cli(gw, "alice", "approve", a["id"])  # from the CLI, while the call is held
+    assert first.returncode == 0 and "1 of 2" in first.stdout and "another person" in first.stdout
+    twice = cli(gw, "alice", "approve", a["id"])
+    assert twice.returncode != 0 and "distinct" in twice.stderr
     wrong = act(gw, "carol", "approve", a["id"])  # oncall, not the secondary (security)
     assert wrong.status_code == 400 and "secondary" in wrong.json()["error"]
     time.sleep(0.5)
     assert mcp_server.call_names() == []  # one approval is not enough
-    assert act(gw, "bob", "approve", a["id"]).json()["status"] == "approved"
+    second = cli(gw, "bob", "approve", a["id"])
+    assert second.returncode == 0 and "approved (alice, bob)" in second.stdout, second
     t.join(30)
     assert "error" not in out, out
     assert not out["value"].is_error
