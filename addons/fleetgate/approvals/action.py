@@ -28,7 +28,7 @@ _SECRETS = re.compile(
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{16,}")
 _SECRET_KEYS = re.compile(r"(?i)pass(word)?|secret|token|api[_-]?key|authorization|credential|"
                           r"private[_-]?key|cookie")
-_VOLATILE = frozenset({"id", "_meta", "messageId", "message_id"})
+_VOLATILE_MSG = frozenset({"messageId", "message_id"})
 EXCERPT_BYTES = 2048
 
 
@@ -38,21 +38,44 @@ def mask_secrets(value: Any) -> Any:
     if isinstance(value, str):
         return _SECRETS.sub("***", value)
     if isinstance(value, dict):
-        return {k: ("***" if isinstance(k, str) and _SECRET_KEYS.search(k)
-                    and not isinstance(v, dict | list) else mask_secrets(v))
+        return {k: (_mask_all(v) if isinstance(k, str) and _SECRET_KEYS.search(k)
+                    else mask_secrets(v))
                 for k, v in value.items()}
     if isinstance(value, list):
         return [mask_secrets(v) for v in value]
     return value
 
 
-def _strip(value: Any, depth: int = 0) -> Any:
+def _mask_all(value: Any) -> Any:
+    """Every value under a secret-named key, its shape kept (``{"password": ["x"]}``)."""
     if isinstance(value, dict):
-        return {k: _strip(v, depth + 1) for k, v in value.items()
-                if not (k in _VOLATILE and depth <= 3)}
+        return {k: _mask_all(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_strip(v, depth + 1) for v in value]
-    return value
+        return [_mask_all(v) for v in value]
+    return None if value is None else "***"
+
+
+def _strip_message(msg: Any) -> Any:
+    """A JSON-RPC message without what its sender regenerates on every send: the envelope's
+    ``id``, ``params._meta`` (MCP) and ``params.message.messageId`` (A2A). Only there: an
+    argument, a task or a record that happens to be called ``id`` is part of the action."""
+    if not isinstance(msg, dict) or "jsonrpc" not in msg:
+        return msg
+    out = {k: v for k, v in msg.items() if k != "id"}
+    params = out.get("params")
+    if isinstance(params, dict):
+        params = {k: v for k, v in params.items() if k != "_meta"}
+        message = params.get("message")
+        if isinstance(message, dict):
+            params["message"] = {k: v for k, v in message.items() if k not in _VOLATILE_MSG}
+        out["params"] = params
+    return out
+
+
+def _strip(doc: Any) -> Any:
+    if isinstance(doc, list):  # a JSON-RPC batch
+        return [_strip_message(m) for m in doc]
+    return _strip_message(doc)
 
 
 def canonical_body(body: bytes) -> bytes:
@@ -76,7 +99,10 @@ def action_digest(agent: str, tier: str, method: str, url: str, body: bytes) -> 
 
 
 def _excerpt(body: bytes) -> str:
-    text = body[:EXCERPT_BYTES * 2].decode("utf-8", "replace")
+    try:  # JSON: masked like the arguments (a "password" key), not only by pattern
+        text = json.dumps(mask_secrets(json.loads(body)), ensure_ascii=False)[:EXCERPT_BYTES * 2]
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        text = body[:EXCERPT_BYTES * 2].decode("utf-8", "replace")
     text = _SECRETS.sub("***", text)
     if len(text) > EXCERPT_BYTES:
         text = text[:EXCERPT_BYTES] + "…"
