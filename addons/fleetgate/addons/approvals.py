@@ -14,7 +14,10 @@ people. The request is held open (``hold``) while they decide:
   once. Past the tier's window it escalates (notified again; ``escalateTo`` may approve).
 
 Held flows are marked in mitmweb (``:hourglass:``) with the approval id in the comment;
-``fleetgate.approve @focus`` / ``fleetgate.deny @focus REASON`` decide from there.
+``fleetgate.approve FLOWS`` / ``fleetgate.deny FLOWS REASON`` decide from there, the flows
+named by id (``@<flow id>``) or by a filter (``~comment apr_...``). Not ``@focus`` in mitmweb:
+the flow selected in its page is not known to the server, whose focus is the first flow seen.
+Each command says what it decided; naming no held flow is an error, not a silent no-op.
 """
 
 from __future__ import annotations
@@ -364,32 +367,45 @@ class ApprovalGate:
         return known or Operator(name, frozenset())
 
     @command.command("fleetgate.approve")
-    def approve_cmd(self, flows: Sequence[flow.Flow]) -> None:
+    def approve_cmd(self, flows: Sequence[flow.Flow]) -> str:
         """Approve the approvals the given flows are held on (or were answered pending)."""
+        op, done = self._operator(), []
         for a_id in _approval_ids(flows):
             try:
-                a = self.service.approve(a_id, self._operator(), "from mitmweb")
-                log.info("fleetgate: %s approved %s (%s)", self._operator().name, a_id,
-                         a.status.value)
+                a = self.service.approve(a_id, op, "from mitmweb")
+                log.info("fleetgate: %s approved %s (%s)", op.name, a_id, a.status.value)
+                done.append(f"{a_id}: {a.status.value} ({op.name})")
             except Exception as exc:
                 log.warning("fleetgate: cannot approve %s: %s", a_id, exc)
+                done.append(f"{a_id}: NOT approved: {exc}")
+        return "; ".join(done)
 
     @command.command("fleetgate.deny")
-    def deny_cmd(self, flows: Sequence[flow.Flow], reason: str) -> None:
+    def deny_cmd(self, flows: Sequence[flow.Flow], reason: str) -> str:
         """Deny (final) the approvals the given flows are held on, saying why."""
+        op, done = self._operator(), []
         for a_id in _approval_ids(flows):
             try:
-                self.service.deny(a_id, self._operator(), reason)
+                self.service.deny(a_id, op, reason)
+                done.append(f"{a_id}: denied ({op.name})")
             except Exception as exc:
                 log.warning("fleetgate: cannot deny %s: %s", a_id, exc)
+                done.append(f"{a_id}: NOT denied: {exc}")
+        return "; ".join(done)
 
 
 def _approval_ids(flows: Sequence[flow.Flow]) -> list[str]:
+    """The approvals the flows are held on; none is an error the command bar shows."""
     out = []
     for f in flows:
         meta = f.metadata.get(APPROVAL)
         if isinstance(meta, dict) and isinstance(meta.get("id"), str):
             out.append(meta["id"])
+    if not out:
+        raise exceptions.CommandError(
+            f"none of the {len(flows)} flow(s) named is held for approval; name a held flow "
+            "by id (@<flow id>) or with ~comment apr_... (in mitmweb @focus is not the flow "
+            "selected in the page)")
     return list(dict.fromkeys(out))
 
 
