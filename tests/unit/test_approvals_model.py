@@ -422,3 +422,11 @@ def test_summary_names_the_model_and_the_a2a_recipient() -> None:
     plain = action_summary("GET", "https://x.example.com/", "x.example.com", b"",
                            llm={"is_llm": False}, a2a={"is_a2a": False}, mcp={})
     assert plain["kind"] == "http" and "model" not in plain and "tool" not in plain
+
+
+def test_secret_named_keys_are_masked_and_lookalikes_kept() -> None:
+    from fleetgate.approvals.action import mask_secrets
+    masked = mask_secrets({"max_tokens": 5, "bypass": "x", "access_token": "t", "token": "t",
+                           "passwd": "p", "client_secret": "s"})
+    assert masked == {"max_tokens": 5, "bypass": "x", "access_token": "***", "token": "***",
+                      "passwd": "***", "client_secret": "***"}

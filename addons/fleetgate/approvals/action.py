@@ -26,8 +26,10 @@ _SECRETS = re.compile(
     r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b"  # GitHub tokens
     r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{16,}")
-_SECRET_KEYS = re.compile(r"(?i)pass(word)?|secret|token|api[_-]?key|authorization|credential|"
-                          r"private[_-]?key|cookie")
+# a key that names a secret: "password", "client_secret", "api_key", "access_token", "token";
+# not "max_tokens" or "bypass"
+_SECRET_KEYS = re.compile(r"(?i)passw(or)?d|secret|api[_-]?key|authorization|credential|"
+                          r"private[_-]?key|cookie|(^|[_-])token$")
 _VOLATILE_MSG = frozenset({"messageId", "message_id"})
 EXCERPT_BYTES = 2048
 
