@@ -80,7 +80,9 @@ class KillCommands:
 
     @command.command("fleetgate.stop.flows")
     def cmd_stop_flows(self, flows: Sequence[mflow.Flow], reason: str) -> str:
-        """Stop the session (and its sub-agents) of each selected flow, e.g. @focus."""
+        """Stop the session (and its sub-agents) of each selected flow: a filter such as
+        ``~comment '^rogue-1 /'`` or ``@<flow id>`` (``@focus`` only in mitmproxy's console
+        UI: mitmweb does not send the browser's selection)."""
         done = set()
         for f in flows:
             ident = identity_of(f)
