@@ -233,6 +233,8 @@ class Layout:
     extra_rules: Callable[[Layout], dict[str, str]] | None = None
     # the password the local redis-server requires (fleetgate_state_password_file's content)
     redis_password: str | None = None
+    # personal admin tokens of the operators file made here (fleetgate_admin_users_file): name -> token
+    operator_tokens: dict[str, str] = field(default_factory=dict)
 
     def option_paths(self, argv: list[str]) -> dict[str, str]:
         """Container paths named by ``--set k=/path`` (and ``confdir``) in argv -> option."""
@@ -365,6 +367,15 @@ class Layout:
             value = (secrets.token_hex(32) + "\n").encode()
         elif option == "fleetgate_admin_token_file":
             value = (secrets.token_urlsafe(24) + "\n").encode()
+        elif option == "fleetgate_admin_users_file":
+            # as an operator writes it: the SHA-256 of each person's token, never the token
+            token = secrets.token_urlsafe(24)
+            self.operator_tokens["e2e-oncall"] = token
+            value = yaml.safe_dump({"operators": [{
+                "name": "e2e-oncall", "groups": ["oncall"],
+                "tokenSha256": hashlib.sha256(token.encode()).hexdigest()}]}).encode()
+        elif option == "fleetgate_approval_webhook_secret_file":
+            value = (secrets.token_hex(32) + "\n").encode()
         elif option == "fleetgate_state_password_file":
             assert self.redis_password, f"{file} is mounted but the command line sets no redis:// state"
             value = (self.redis_password + "\n").encode()
@@ -784,6 +795,8 @@ def test_container_command_line(overlay: Path | None, upstream: Upstream) -> Non
                          timeout=5).status_code in (401, 403)
         ok = httpx.get(admin + "/v1/status", headers={"Authorization": f"Bearer {admin_token}"}, timeout=5)
         assert ok.status_code == 200, ok.text
+        if "fleetgate_admin_users_file" in c.opts:  # components/approvals
+            operators(c, admin)
         # a stop through it is written to the state volume and refuses the agent at once
         r = httpx.post(admin + "/v1/actions", headers={"Authorization": f"Bearer {admin_token}"},
                        json={"verb": "stop", "scope": {"kind": "agent", "value": "e2e-agent"},
@@ -806,6 +819,22 @@ def test_container_command_line(overlay: Path | None, upstream: Upstream) -> Non
             assert (state / "killswitch.sqlite").is_file() and (state / "budgets.sqlite").is_file(), \
                 sorted(p.name for p in state.iterdir())
         print(f"isolated (read-only root file system): {c.isolated}")
+
+
+def operators(c: Container, admin: str) -> None:
+    """The mounted operators file is honoured: a person's token from it authenticates at the
+    admin API and signs in to the console as that person; an unknown token does neither."""
+    assert c.layout.operator_tokens, "fleetgate_admin_users_file is set but no operators file was made"
+    name, token = next(iter(c.layout.operator_tokens.items()))
+    r = httpx.get(admin + "/v1/approvals", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+    assert r.status_code == 200, r.text
+    r = httpx.get(admin + "/v1/approvals", headers={"Authorization": "Bearer unknown-token-0123456789"},
+                  timeout=5)
+    assert r.status_code == 401, r.text
+    with httpx.Client(base_url=admin, timeout=5, follow_redirects=True) as browser:
+        assert browser.post("/console/login", data={"token": "unknown-token-0123456789"}).status_code == 401
+        page = browser.post("/console/login", data={"token": token})
+        assert page.status_code == 200 and name in page.text, page.text[:500]
 
 
 def _redis_values(r: redis_lib.Redis, key: bytes) -> list[object]:

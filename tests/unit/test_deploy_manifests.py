@@ -748,3 +748,65 @@ def test_no_redis_password_in_deploy_files() -> None:
             if not re.fullmatch(r"<[^>]*>|\*+|PASSWORD|\$\{?\w+\}?", m.group(1)):
                 bad.append(f"{dc.rel(f)}: password in {m.group(0)}")
     assert not bad, bad
+
+
+# -- human approval (issue 19): components/approvals ------------------------------------------
+
+EXAMPLE = DEPLOY / "kubernetes" / "overlays" / "example"
+APPROVALS_DIR = "/etc/fleetgate/approvals"
+
+
+@pytest.mark.parametrize("build", GATEWAY_BUILDS)
+def test_every_mounted_file_volume_is_used(build: Path | None) -> None:
+    """Every ConfigMap/Secret volume the gateway mounts is named by an option or by the rules: a
+    mount whose option was dropped (an overlay that restates the args) would go unread."""
+    docs = render(build)
+    for _dep, pod, c in gateway(build, docs):
+        volumes = {v["name"]: v for v in pod.get("volumes") or []}
+        paths = [v for v in options(argv_of(c)).values() if v.startswith("/")]
+        paths += [str(v) for d in docs if d.get("kind") == "ConfigMap"
+                  for v in (d.get("data") or {}).values()]
+        for m in c.get("volumeMounts") or []:
+            if not any(k in volumes[m["name"]] for k in ("configMap", "secret", "projected")):
+                continue
+            mount = m["mountPath"].rstrip("/")
+            assert any(mount == p or mount + "/" in p for p in paths), (
+                f"volume {m['name']} ({mount}) is mounted but no option or rules file names it")
+
+
+@pytest.mark.parametrize("build", [b for b in GATEWAY_BUILDS if b.values[0] is not None
+                                   and "fleetgate-approvals" in str(render(b.values[0]))])
+def test_approvals_read_the_operators_and_webhook_secret(build: Path) -> None:
+    """components/approvals: both options name the keys of the fleetgate-approvals Secret,
+    mounted read-only; the webhook URL, a secret, is never a literal in the args."""
+    docs = render(build)
+    for _dep, pod, c in gateway(build, docs):
+        opts = options(argv_of(c))
+        assert opts.get("fleetgate_admin_users_file") == f"{APPROVALS_DIR}/operators.yaml", opts
+        assert opts.get("fleetgate_approval_webhook_secret_file") == f"{APPROVALS_DIR}/webhook-secret", opts
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"].rstrip("/") == APPROVALS_DIR)
+        assert mount.get("readOnly") is True
+        vol = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert vol["secret"]["secretName"].startswith("fleetgate-approvals")
+        assert {(i["key"], i["path"]) for i in vol["secret"]["items"]} == {
+            ("operators.yaml", "operators.yaml"), ("webhook-secret", "webhook-secret")}
+        hook = opts.get("fleetgate_approval_webhook", "")
+        ref = re.fullmatch(r"\$\((\w+)\)", hook)
+        assert not hook or ref, f"fleetgate_approval_webhook is a literal URL in the args: {hook}"
+        if ref:
+            env = next(e for e in c.get("env") or [] if e["name"] == ref.group(1))
+            assert "secretKeyRef" in env.get("valueFrom", {}), env
+
+
+def test_example_approvals_placeholders() -> None:
+    """The example's placeholder operators file parses and lists nobody; its webhook secret is
+    too short for the gateway to start with (as every other placeholder)."""
+    from fleetgate.approvals.operators import parse_operators
+
+    docs = render(EXAMPLE)
+    secret = next(d for d in docs if d.get("kind") == "Secret"
+                  and d["metadata"]["name"].startswith("fleetgate-approvals"))
+    assert secret["metadata"]["labels"].get("fleetgate.io/placeholder") == "true"
+    data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    assert len(parse_operators(data["operators.yaml"].decode())) == 0
+    assert len(data["webhook-secret"].strip()) < 16
