@@ -26,6 +26,7 @@ from fleetgate.cli_policytest import add_rules_test_command
 from fleetgate.cli_trace import add_trace_command
 from fleetgate.demo import add_demo_command
 from fleetgate.identity.mint import mint_token, parse_ttl
+from fleetgate.identity.tokens import parse_secrets
 
 DEV_DIR = Path("certs/dev")
 CA_BASENAME = "mitmproxy"  # the names mitmproxy looks for in its confdir
@@ -235,17 +236,23 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 
 
 def cmd_token_mint(args: argparse.Namespace) -> int:
+    # a secret file may list several secrets (rotation): tokens are signed with the first
     if args.secret_file:
-        secret = Path(args.secret_file).read_bytes().strip()
+        source, data = args.secret_file, Path(args.secret_file).read_bytes()
     elif os.environ.get("FLEETGATE_JWT_SECRET"):
-        secret = os.environ["FLEETGATE_JWT_SECRET"].encode()
+        source, data = "FLEETGATE_JWT_SECRET", os.environ["FLEETGATE_JWT_SECRET"].encode()
     else:
         default = DEV_DIR / "jwt-hs256.secret"
         if not default.exists():
             print(f"fleetgate: no secret: pass --secret-file, set FLEETGATE_JWT_SECRET, or run "
                   f"'make run' once to create {default}", file=sys.stderr)
             return 2
-        secret = default.read_bytes().strip()
+        source, data = str(default), default.read_bytes()
+    try:
+        secret = parse_secrets(data)[0]
+    except ValueError as exc:
+        print(f"fleetgate: {source}: {exc}", file=sys.stderr)
+        return 2
     claims: dict[str, object] = {}
     for item in args.claim:
         key, sep, value = item.partition("=")

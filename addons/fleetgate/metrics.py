@@ -52,6 +52,19 @@ class GatewayMetrics:
         self.identity_failures = Counter(
             "fleetgate_identity_failures", "Proxy credentials refused, by reason code.",
             ["code"], registry=r)
+        self.jwks_fetches = Counter(
+            "fleetgate_jwks_fetches", "Fetches of the JWKS URL (fleetgate_jwks_url), by result.",
+            ["result"], registry=r)
+        self.jwks_last_success = Gauge(
+            "fleetgate_jwks_last_success_timestamp_seconds",
+            "When the JWKS URL was last fetched successfully (Unix time; 0: never).", registry=r)
+        self.jwks_keys = Gauge(
+            "fleetgate_jwks_keys", "Keys in the last good JWKS fetched from the URL.", registry=r)
+        self.jwks_usable = Gauge(
+            "fleetgate_jwks_usable", "1 while the JWKS URL's keys are fresh enough to use "
+            "(fleetgate_jwks_max_stale), 0 while its tokens are refused; 1 without a URL.",
+            registry=r)
+        self.jwks_usable.set(1)
         self.reloads = Counter(
             "fleetgate_policy_reloads", "Rules (re)load attempts by result.", ["result"],
             registry=r)

@@ -60,11 +60,11 @@ def test_jwks_file_is_reloaded_when_keys_rotate(tmp_path: Path,
         tmp = tmp_path / "jwks.tmp"
         tmp.write_text(json.dumps({"keys": [jwk(new, "k2")]}))
         tmp.replace(jwks)  # rotate atomically, as a Secret update does
-        ident._jwks_checked = 0.0  # skip the once-a-second throttle
+        ident._files_checked = 0.0  # skip the once-a-second throttle
         f = connect_flow(new_token)
         ident.http_connect(f)
         assert f.response is None and f.metadata[IDENTITY]["agent"] == "rs-agent"
-        ident._jwks_checked = 0.0
+        ident._files_checked = 0.0
         f = connect_flow(old_token)
         ident.http_connect(f)
         assert f.response is not None and f.response.status_code == 407

@@ -308,15 +308,24 @@ def test_no_kid_with_a_single_matching_key(jwks: dict[str, Any],
     assert v.verify(jwt.encode(claims(), rsa_key, algorithm="RS256")).agent == "agent-1"
 
 
-def test_no_kid_with_several_matching_keys_is_refused(rsa_key: rsa.RSAPrivateKey) -> None:
+def test_no_kid_tries_each_compatible_key(rsa_key: rsa.RSAPrivateKey) -> None:
+    """Several keys at once (a rotation): a token without ``kid`` verifies with whichever
+    compatible key signed it; one signed by none of them is a bad signature."""
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     v = Verifier(VerifierConfig(jwks={"keys": [
         _jwk(RSAAlgorithm, rsa_key.public_key(), "a", "RS256"),
         _jwk(RSAAlgorithm, other.public_key(), "b", "RS256"),
     ]}))
-    assert code_of(v, jwt.encode(claims(), rsa_key, algorithm="RS256")) == "unknown_key"
+    first = v.verify(jwt.encode(claims(), rsa_key, algorithm="RS256"))
+    second = v.verify(jwt.encode(claims(), other, algorithm="RS256"))
+    assert first.agent == second.agent == "agent-1"
+    assert first.key != second.key  # which key verified it is remembered
+    assert code_of(v, jwt.encode(claims(), stranger, algorithm="RS256")) == "bad_signature"
     good = jwt.encode(claims(), other, algorithm="RS256", headers={"kid": "b"})
     assert v.verify(good).agent == "agent-1"
+    wrong_kid = jwt.encode(claims(), other, algorithm="RS256", headers={"kid": "a"})
+    assert code_of(v, wrong_kid) == "bad_signature"  # a kid picks its key: no fallback
 
 
 def test_rs256_token_rejected_by_secret_only_gateway(rsa_key: rsa.RSAPrivateKey) -> None:

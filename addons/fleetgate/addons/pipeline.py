@@ -73,6 +73,7 @@ def pipeline() -> list[Any]:
     kill = kill_service(metrics, identities, shared)  # kill decisions, live flows, sweeps
     policies.subscribe(kill.on_policy)
     policies.add_status("killswitch", kill.store_status)  # /healthz/ready state.killswitch
+    policies.add_status("jwks", identities.jwks_status)  # the JWKS URL: unready until fetched
     # rate limits and budgets: reserved by the limiter and the budget guard, checked by the
     # meter while an answer streams, settled from the meter's usage
     # spend in memory until fleetgate_state_dir; rate buckets in Redis when shared

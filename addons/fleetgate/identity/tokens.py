@@ -6,28 +6,43 @@ algorithms only ever use the shared secret, asymmetric ones only keys from the J
 RS256 public key can never be used as an HS256 secret and ``alg: none`` is never accepted.
 Every failure maps to one :class:`IdentityError` code with a sentence an operator (and the
 agent's developer) can act on.
+
+Keys rotate, so several are trusted at once: HS256 tokens verify against the current secret or
+any previous one (``hs_previous``), asymmetric tokens against the JWKS file's keys and the keys
+last fetched from the JWKS URL (:class:`~fleetgate.identity.remote_keys.RemoteKeys`). A token
+with a ``kid`` uses the keys of that id; one without tries each compatible key. The verified
+:class:`Identity` remembers *which* key signed it (``Identity.key``, a fingerprint), so a
+tunnel opened with a key that is later retired can be refused on its next request
+(:meth:`Verifier.check_key`), and URL keys older than their staleness bound are not used.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
 from jwt import PyJWK, PyJWKSet
 
 from fleetgate.errors import FleetgateError
+from fleetgate.identity.remote_keys import RemoteKeys
 
 __all__ = [
     "Identity",
     "IdentityError",
     "Verifier",
     "VerifierConfig",
+    "jwk_keys",
+    "key_fingerprint",
     "parse_proxy_authorization",
+    "parse_secrets",
 ]
 
 HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
@@ -56,6 +71,9 @@ class Identity:
     session: str | None
     jti: str | None
     exp: float
+    # fingerprint of the key that verified the token (:func:`key_fingerprint`); ``None``
+    # for identities built from claims alone
+    key: str | None = None
 
     @classmethod
     def from_claims(cls, claims: Mapping[str, Any]) -> Identity:
@@ -80,10 +98,15 @@ class Identity:
 
 @dataclass(frozen=True)
 class VerifierConfig:
-    """How tokens are verified. ``hs_secret`` and/or ``jwks`` must be given."""
+    """How tokens are verified. ``hs_secret`` and/or ``jwks`` (or a remote JWKS) must be given.
+
+    ``hs_secret`` is the current HS256 secret (the one tokens are signed with);
+    ``hs_previous`` are older ones still accepted while agents' tokens signed with them live.
+    """
 
     hs_secret: bytes | None = None
     jwks: Mapping[str, Any] | None = None
+    hs_previous: tuple[bytes, ...] = ()
     issuer: tuple[str, ...] = ()
     audience: str | None = None
     leeway: float = 30.0
@@ -94,26 +117,33 @@ class VerifierConfig:
 
 
 class Verifier:
-    """Verifies tokens against one :class:`VerifierConfig`. Build a new one to change keys."""
+    """Verifies tokens against one :class:`VerifierConfig` and one snapshot of the JWKS URL's
+    keys. Immutable: build a new one when keys change (file re-read, URL refreshed)."""
 
-    def __init__(self, config: VerifierConfig) -> None:
-        if not config.hs_secret and not config.jwks:
-            raise ValueError("no verification key: give an HS256 secret or a JWKS")
-        if config.hs_secret is not None and len(config.hs_secret) < 32:
-            raise ValueError("HS256 secret must be at least 32 bytes")
+    def __init__(self, config: VerifierConfig, remote: RemoteKeys | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        if config.hs_previous and config.hs_secret is None:
+            raise ValueError("previous HS256 secrets need a current one")
+        if not config.hs_secret and not config.jwks and remote is None:
+            raise ValueError("no verification key: give an HS256 secret, a JWKS file or a "
+                             "JWKS URL")
+        secrets = ([config.hs_secret] if config.hs_secret is not None else [])
+        secrets += list(config.hs_previous)
+        for s in secrets:
+            if len(s) < 32:
+                raise ValueError("HS256 secret must be at least 32 bytes")
         self.config = config
-        self._keys: list[PyJWK] = []
-        if config.jwks:
-            try:
-                self._keys = list(PyJWKSet.from_dict(dict(config.jwks)).keys)
-            except jwt.PyJWTError as exc:
-                raise ValueError(f"JWKS is invalid: {exc}") from None
-            for key in self._keys:
-                if key.algorithm_name in HMAC_ALGS:
-                    raise ValueError("JWKS must hold public keys only, not symmetric ('oct') keys")
+        self.remote = remote
+        self.clock = clock
+        self._secrets = [(s, key_fingerprint(s)) for s in secrets]
+        self._file_keys = jwk_keys(config.jwks) if config.jwks else []
+        self._remote_keys = jwk_keys(remote.jwks) if remote is not None and remote.jwks else []
+        self._hs_fps = frozenset(fp for _, fp in self._secrets)
+        self._file_fps = frozenset(fp for _, fp in self._file_keys)
+        self._remote_fps = frozenset(fp for _, fp in self._remote_keys)
 
     def verify(self, token: str) -> Identity:
-        """Return the identity in ``token`` or raise :class:`IdentityError` (wall clock)."""
+        """Return the identity in ``token`` or raise :class:`IdentityError`."""
         if len(token) > self.config.max_bytes:
             raise _too_large(self.config.max_bytes)
         try:
@@ -123,19 +153,50 @@ class Verifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.config.algorithms:
             raise IdentityError("algorithm_not_allowed", f"token algorithm {alg!r} is not allowed")
-        key: Any
+        candidates: list[tuple[Any, str]]
         if alg in HMAC_ALGS:
-            if not self.config.hs_secret or len(self.config.hs_secret) < _HMAC_MIN_KEY[alg]:
-                # no secret, or one too short for this hash (RFC 7518 3.2)
+            # no secret, or one too short for this hash (RFC 7518 3.2): the secret never
+            # verifies a token of another kind, and a JWKS key never verifies an HMAC one
+            candidates = [(s, fp) for s, fp in self._secrets if len(s) >= _HMAC_MIN_KEY[alg]]
+            if not candidates:
                 raise IdentityError(
                     "algorithm_not_allowed", f"{alg} tokens are not accepted by this gateway"
                 )
-            key = self.config.hs_secret
         else:
-            key = self._pick_key(alg, header.get("kid"))
+            candidates = self._pick_keys(alg, header.get("kid"))
+        for i, (key, fp) in enumerate(candidates):
+            try:
+                claims = self._decode(token, key, alg)
+            except IdentityError as err:
+                # a signature that does not verify may verify with the next key; any other
+                # failure means this key verified the signature: it is the answer
+                if err.code == "bad_signature" and i + 1 < len(candidates):
+                    continue
+                raise
+            return replace(Identity.from_claims(claims), key=fp)
+        raise AssertionError("unreachable: candidates is never empty")  # pragma: no cover
+
+    def check_key(self, ident: Identity) -> None:
+        """Raise :class:`IdentityError` unless the key that verified ``ident`` is still trusted
+        (a tunnel bound to it is re-checked on each request): ``key_retired`` when rotated out,
+        the remote's error when it came from a JWKS URL that is now too stale."""
+        fp = ident.key
+        if fp is None or fp in self._hs_fps or fp in self._file_fps:
+            return
+        if fp in self._remote_fps:
+            assert self.remote is not None
+            err = self.remote.unusable(self.clock())
+            if err is not None:
+                raise IdentityError(*err)
+            return
+        raise IdentityError(
+            "key_retired", "the key that signed this tunnel's token is no longer trusted "
+                           "(rotated out); reconnect with a token signed by a current key")
+
+    def _decode(self, token: str, key: Any, alg: str) -> dict[str, Any]:
         cfg = self.config
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
                 algorithms=[alg],
@@ -167,17 +228,64 @@ class Verifier:
         if cfg.issuer and "iss" not in claims:
             raise IdentityError("missing_claim", "token has no 'iss' claim")
         # jwt.decode's leeway applies to exp; our Identity keeps exp for per-request checks.
-        return Identity.from_claims(claims)
+        return claims
 
-    def _pick_key(self, alg: str, kid: object) -> Any:
-        candidates = [k for k in self._keys if _compatible(k, alg)]
+    def _pick_keys(self, alg: str, kid: object) -> list[tuple[Any, str]]:
+        """The keys that may verify an ``alg`` token with ``kid`` (every compatible one when
+        the token names none), file keys first. Raises ``unknown_key``, or the JWKS URL's
+        error when only its (unusable) keys could have matched."""
+        keys = list(self._file_keys)
+        remote_error = None
+        if self.remote is not None:
+            remote_error = self.remote.unusable(self.clock())
+            if remote_error is None:
+                keys += self._remote_keys
+        candidates = [(k, fp) for k, fp in keys if _compatible(k, alg)]
         if kid is not None:
-            candidates = [k for k in candidates if k.key_id == kid]
-        elif len(candidates) > 1:
-            raise IdentityError("unknown_key", "token has no 'kid' and several keys could match")
+            candidates = [(k, fp) for k, fp in candidates if k.key_id == kid]
         if not candidates:
+            if remote_error is not None:
+                raise IdentityError(*remote_error)
             raise IdentityError("unknown_key", f"no trusted {alg} key for kid {kid!r}")
-        return candidates[0].key
+        return [(k.key, fp) for k, fp in candidates]
+
+
+def jwk_keys(jwks: Mapping[str, Any]) -> list[tuple[PyJWK, str]]:
+    """The public keys of a JWKS document with their fingerprints; ``ValueError`` when it is
+    invalid or holds a symmetric key (a JWKS is public: an ``oct`` key in it is a leak)."""
+    try:
+        keys = list(PyJWKSet.from_dict(dict(jwks)).keys)
+    except jwt.PyJWTError as exc:
+        raise ValueError(f"JWKS is invalid: {exc}") from None
+    for key in keys:
+        if key.algorithm_name in HMAC_ALGS:
+            raise ValueError("JWKS must hold public keys only, not symmetric ('oct') keys")
+    return [(k, key_fingerprint(k)) for k in keys]
+
+
+def key_fingerprint(key: bytes | PyJWK) -> str:
+    """A short, non-reversible name for a key: which one verified a tunnel's token (logged
+    and compared, never the key). SHA-256 of the secret, or of the public key's DER."""
+    if isinstance(key, bytes):
+        return "hs:" + hashlib.sha256(key).hexdigest()[:16]
+    try:
+        der = key.key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    except (AttributeError, ValueError):  # pragma: no cover - every PyJWK public key has it
+        der = json.dumps(getattr(key, "_jwk_data", {}), sort_keys=True).encode()
+    return "pk:" + hashlib.sha256(der).hexdigest()[:16]
+
+
+def parse_secrets(data: bytes) -> tuple[bytes, ...]:
+    """The HS256 secrets in a secret file (or variable): one per line, the first is the
+    current one (tokens are signed with it), the others previous ones (still accepted).
+    Blank lines and lines starting with ``#`` are skipped; surrounding spaces are not part
+    of a secret. ``ValueError`` when there is none."""
+    out = tuple(s for line in data.splitlines()
+                if (s := line.strip()) and not s.startswith(b"#"))
+    if not out:
+        raise ValueError("no HS256 secret in it (one secret per line, the current one first)")
+    return out
 
 
 def _compatible(key: PyJWK, alg: str) -> bool:

@@ -50,7 +50,8 @@ class PolicyService:
         leaves it ready: what depends on that part is refused by its own addon, and taking
         the only replica out of service would refuse every other agent too. A ``required``
         check (the shared Redis state: other replicas may still have it) also makes the
-        gateway unready while it fails."""
+        gateway unready while it fails, and so does any check answering ``"ready": False``
+        (the JWKS URL before its first good fetch)."""
         self._checks[name] = check
         if required:
             self._required.add(name)
@@ -110,5 +111,7 @@ class PolicyService:
             out["state"] = state
             out["degraded"] = not all(s.get("ok", True) for s in state.values())
             if any(not state[n].get("ok", True) for n in self._required if n in state):
+                out["ready"] = False
+            if any(s.get("ready") is False for s in state.values()):  # a check's own say
                 out["ready"] = False
         return out
