@@ -23,6 +23,7 @@ import fleetgate
 from fleetgate.cli_approvals import add_approvals_command
 from fleetgate.cli_kill import DEFAULT_ADMIN, add_kill_commands, admin_call
 from fleetgate.cli_policytest import add_rules_test_command
+from fleetgate.cli_pricing import add_pricing_command
 from fleetgate.cli_trace import add_trace_command
 from fleetgate.demo import add_demo_command
 from fleetgate.identity.mint import mint_token, parse_ttl
@@ -384,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_approvals_command(sub)  # fleetgate approvals list|show|approve|deny
     add_demo_command(sub)  # fleetgate demo: see fleetgate.demo
     add_trace_command(sub)  # fleetgate trace SESSION: see fleetgate.cli_trace
+    add_pricing_command(sub)  # fleetgate pricing check: see fleetgate.cli_pricing
 
     ca = sub.add_parser("ca", help="certificate authority").add_subparsers(
         dest="ca_cmd", required=True)

@@ -252,9 +252,21 @@ def test_unreadable_llm_bodies_are_refused_not_forwarded(llm_gateway: Gateway,
 def test_unknown_model_is_counted_as_unpriced_not_free(llm_gateway: Gateway,
                                                        upstream: Upstream) -> None:
     client = anthropic_client(llm_gateway, upstream, "new-model-agent")
-    client.messages.create(model="claude-opus-4-6", max_tokens=64,
+    client.messages.create(model="claude-nobody-prices-9", max_tokens=64,
                            messages=[{"role": "user", "content": "hi"}])
     llm = llm_decision(llm_gateway, "new-model-agent")
     assert llm["tokens"]["input"] == 115 and llm["cost_usd"] is None and llm["priced"] is False
     assert metric(llm_gateway, "fleetgate_gen_ai_calls_total", agent="new-model-agent",
                   priced="false", usage="reported") == 1
+
+
+def test_model_newer_than_the_rules_is_priced_by_the_shipped_list(llm_gateway: Gateway,
+                                                                  upstream: Upstream) -> None:
+    """rules/pricing.yaml names no claude-opus-4-6; llm.pricing.source: litellm prices it."""
+    client = anthropic_client(llm_gateway, upstream, "listed-model-agent")
+    client.messages.create(model="claude-opus-4-6", max_tokens=64,
+                           messages=[{"role": "user", "content": "hi"}])
+    llm = llm_decision(llm_gateway, "listed-model-agent")
+    # ANTHROPIC_USAGE at the list's 5 / 25 / 0.50 (cache read) / 6.25 (cache write) per MTok
+    assert llm["priced"] is True
+    assert llm["cost_usd"] == pytest.approx((12 * 5 + 100 * 0.5 + 3 * 6.25 + 15 * 25) / 1e6)

@@ -1,10 +1,12 @@
-"""Dollar cost of a call, from a pricing table that ships as data in ``rules/``.
+"""Dollar cost of a call, from the rules' prices (``llm.pricing``) over a public price list.
 
 Prices are USD per million tokens for input, output, cache reads and cache writes. Model
 names resolve through: exact name -> operator aliases -> the name without a date suffix
 (``claude-sonnet-4-5-20250929``, ``gpt-4o-2024-08-06``) or ``-latest`` -> ``models/`` prefix
-stripped. A model the table does not know is reported ``unpriced`` (cost ``None``), never
-silently as zero dollars.
+stripped. That walk runs over the rules' own prices first and only then over the price list
+(``llm.pricing.source``, :mod:`fleetgate.llm.pricelist`): a price the operator wrote covers the
+model's whole family, dated versions included, even where the list has a dated entry. A model
+neither knows is reported ``unpriced`` (cost ``None``), never silently as zero dollars.
 """
 
 from __future__ import annotations
@@ -57,18 +59,28 @@ def price_from_dict(model: str, entry: Any) -> Price:
 
 
 class PricingTable:
+    """``prices``: the rules' own (``models`` and ``overrides``); ``listed``: a price list's
+    (``llm.pricing.source``), named ``listed_from`` (``litellm 1.110.2 (...)`` or a path)."""
+
     def __init__(self, prices: Mapping[str, Price] | None = None,
-                 aliases: Mapping[str, str] | None = None) -> None:
+                 aliases: Mapping[str, str] | None = None,
+                 listed: Mapping[str, Price] | None = None, listed_from: str = "") -> None:
         self.prices = {k.lower(): v for k, v in (prices or {}).items()}
         self.aliases = {k.lower(): v.lower() for k, v in (aliases or {}).items()}
+        self.listed = {k.lower(): v for k, v in (listed or {}).items()}
+        self.listed_from = listed_from
 
     def resolve(self, model: str | None) -> str | None:
-        """The table key ``model`` is priced under, or ``None``."""
+        """The key ``model`` is priced under (in :attr:`prices`, else :attr:`listed`), or
+        ``None``."""
         if not model:
             return None
         name = model.strip().lower()
+        return self._walk(name, self.prices) or self._walk(name, self.listed)
+
+    def _walk(self, name: str, table: Mapping[str, Price]) -> str | None:
         for _ in range(4):
-            if name in self.prices:
+            if name in table:
                 return name
             if name in self.aliases:
                 name = self.aliases[name]
@@ -79,8 +91,17 @@ class PricingTable:
             if stripped == name:
                 return None
             name = stripped
-        return name if name in self.prices else None
+        return name if name in table else None
+
+    def price(self, model: str | None) -> tuple[str, Price, str] | None:
+        """(key, price, where from: ``rules`` or the list's name) for ``model``, or ``None``."""
+        key = self.resolve(model)
+        if key is None:
+            return None
+        if key in self.prices:
+            return key, self.prices[key], "rules"
+        return key, self.listed[key], self.listed_from or "price list"
 
     def cost(self, model: str | None, usage: Usage) -> float | None:
-        key = self.resolve(model)
-        return None if key is None else self.prices[key].cost(usage)
+        found = self.price(model)
+        return None if found is None else found[1].cost(usage)

@@ -51,7 +51,7 @@ from fleetgate.policy.parse_budgets import parse_budgets
 from fleetgate.policy.parse_credentials import parse_credentials
 from fleetgate.policy.parse_killswitch import parse_delegation, parse_killswitch, parse_killswitch_file
 from fleetgate.policy.parse_limits import parse_policies
-from fleetgate.policy.parse_llm import LlmSection, alias_problems, parse_llm
+from fleetgate.policy.parse_llm import LlmSection, alias_problems, load_source, parse_llm
 from fleetgate.policy.parse_mcp import parse_mcp, parse_mcp_authorization
 from fleetgate.policy.parse_rules import parse_authorization, parse_destinations
 from fleetgate.policy.report import IdSpaces, LineMap, Problem, Reporter, as_list, check_keys
@@ -96,11 +96,12 @@ def policy_files(path: Path) -> list[Path]:
 
 def _watched_files(path: Path) -> list[Path]:
     """What a change to must reload the rules: the rules files and, in a rules directory,
-    the documents they refer to (KILLSWITCH.md files sit next to them)."""
+    the documents they refer to (KILLSWITCH.md files and price lists sit next to them)."""
     files = policy_files(path)
     if path.is_dir():
         files += sorted(p for p in path.iterdir()
-                        if not p.name.startswith(".") and p.suffix == ".md" and p.is_file())
+                        if not p.name.startswith(".") and p.suffix in (".md", ".json")
+                        and p.is_file())
     return files
 
 
@@ -144,6 +145,11 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         _add_file(parts, str(f), text)
     for name, text in parts.documents:  # referenced KILLSWITCH.md files are policy too
         digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+    listed = load_source(parts.llm)  # llm.pricing.source: the price list, read once
+    if listed is not None:
+        parts.report.problems.append(listed)
+    elif parts.llm.price_list is not None:
+        digest.update(b"price-list\0" + parts.llm.price_list.digest.encode() + b"\0")
     for key_path, message in alias_problems(parts.llm):
         parts.report.error_at(parts.report.file, None, key_path, message)
     if parts.report.problems:
