@@ -255,6 +255,16 @@ class GatewayMetrics:
             "fleetgate_approval_webhooks", "Approval webhook deliveries: delivered, retried, "
             "failed (given up), dropped (queue full).", ["outcome"], registry=r)
 
+        # report mode and the canary policy (addons/report_mode.py, addons/canary.py)
+        self.would_deny = Counter(
+            "fleetgate_would_deny", "Denials a report-mode element (rule, profile, limit, "
+            "budget, MCP server, trigger) would have enforced, by its id; the flow went on.",
+            ["rule"], registry=r)
+        self.canary_disagreements = Counter(
+            "fleetgate_canary_disagreements", "Requests the canary policy "
+            "(fleetgate_canary_rules) judged otherwise than the enforcing policy, by the rule "
+            "that decided in the canary.", ["rule"], registry=r)
+
     def set_revision(self, revision: str) -> None:
         self.policy_revision.clear()
         self.policy_revision.labels(revision=revision).set(1)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 import time
 import weakref
@@ -36,8 +37,10 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 
 from fleetgate.addons.flowtools import deny, fail_closed, settled
+from fleetgate.addons.report_mode import CANARY, note_would_deny
 from fleetgate.addons.state import (
     a2a_of,
+    add_comment,
     llm_request_of,
     record_decision,
     set_comment,
@@ -45,17 +48,22 @@ from fleetgate.addons.state import (
 )
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.netaddr import Endpoint, internal_reason, parse_resolve_overrides
-from fleetgate.normalize import normalize_host, request_facts
-from fleetgate.policy.decide import decide, private_destination_reason
+from fleetgate.normalize import RequestFacts, normalize_host, request_facts
+from fleetgate.policy.decide import Decision, decide, private_destination_reason
+from fleetgate.runtime.canary import CanaryService
 from fleetgate.runtime.listeners import HttpListener
 from fleetgate.runtime.policy import PolicyService
+
+log = logging.getLogger(__name__)
 
 
 class HttpAuthorization:
     def __init__(self, store: PolicyService, metrics: GatewayMetrics,
-                 servers: list[HttpListener] | None = None) -> None:
+                 servers: list[HttpListener] | None = None,
+                 canary: CanaryService | None = None) -> None:
         self.store = store
         self.metrics = metrics
+        self.canary = canary  # fleetgate_canary_rules: judged beside, never enforced
         self.servers = servers or []  # our own listeners (metrics, admin): never proxied to
         # (host, port) pairs a request on this client connection was allowed to reach.
         # server_connect dials nothing else: not a raw-TCP tunnel, not a destination
@@ -115,6 +123,34 @@ class HttpAuthorization:
                               list(req.headers.items(multi=True)))
         decision = decide(policy, claims, facts, llm_request_of(flow), a2a_of(flow))
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
+        self._apply(flow, decision, policy.revision)
+        if decision.would_deny:  # after the answer: a denial's comment keeps the report
+            note_would_deny(flow, self.metrics, decision.would_deny)
+        if self.canary is not None and self.canary.policy is not None:
+            self._compare(flow, claims, facts, decision)
+
+    def _compare(self, flow: http.HTTPFlow, claims: dict[str, Any], facts: RequestFacts,
+                 enforced: Decision) -> None:
+        """Judge the request with the canary policy too; record where it disagrees. Never
+        changes the flow's fate: a canary that crashes is logged, not failed closed."""
+        canary = self.canary.policy if self.canary is not None else None
+        if canary is None:
+            return
+        try:
+            verdict = decide(canary, claims, facts, llm_request_of(flow), a2a_of(flow))
+        except Exception:  # decide is total; a bug in it must still not touch traffic
+            log.exception("fleetgate: the canary policy failed to judge a request")
+            return
+        if verdict.allow == enforced.allow:
+            return
+        flow.metadata[CANARY] = {"allow": verdict.allow, "rule": verdict.rule,
+                                 "reason": verdict.reason, "revision": canary.revision}
+        self.metrics.canary_disagreements.labels(rule=verdict.rule).inc()
+        add_comment(flow, f"canary: would {'allow' if verdict.allow else 'deny'} by "
+                    f"{verdict.rule}: {verdict.reason}")
+
+    def _apply(self, flow: http.HTTPFlow, decision: Decision, revision: str) -> None:
+        req = flow.request
         dest = (req.host, req.port)
         if (decision.allow and not decision.named
                 and dest in self.internal_dials.get(flow.client_conn, ())):
@@ -126,7 +162,7 @@ class HttpAuthorization:
             return
         if decision.allow:
             record_decision(flow, True, decision.rule, decision.reason,
-                            profiles=list(decision.profiles), revision=policy.revision)
+                            profiles=list(decision.profiles), revision=revision)
             self.approved.setdefault(flow.client_conn, set()).add(dest)
             named = self.named_egress.setdefault(flow.client_conn, {})
             named[dest] = named.get(dest, True) and decision.named

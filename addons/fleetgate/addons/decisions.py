@@ -28,6 +28,7 @@ from fleetgate.a2a.facts import log_view
 from fleetgate.addons.budgets import BUDGETS
 from fleetgate.addons.flowtools import deny, fail_closed, settled
 from fleetgate.addons.limits import LIMITS
+from fleetgate.addons.report_mode import canary_of, would_deny_of
 from fleetgate.addons.state import (
     HEADER,
     a2a_of,
@@ -274,6 +275,12 @@ class DecisionLog:
         credential = flow.metadata.get("fleetgate.credential")
         if isinstance(credential, str):
             extra["credential"] = credential  # the route id, never the secret
+        would = would_deny_of(flow)
+        if would is not None:  # report mode: what was not enforced (rule, reason, status)
+            extra["would_deny"] = would
+        canary = canary_of(flow)
+        if canary is not None:  # the canary policy's verdict, where it differs
+            extra["canary"] = canary
         decision = decision_of(flow)
         if decision is not None and decision.get("action"):
             extra["killswitch_action"] = decision["action"]

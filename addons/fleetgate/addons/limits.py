@@ -14,6 +14,11 @@ With ``fleetgate_state=redis://…`` the buckets are the fleet's, in Redis: ``re
 one script (bounded by ``fleetgate_state_wait_ms``) and a Redis that fails or is slower refuses
 the rate-limited call with 503 ``ratelimit.state``; settlements run as tasks. The embedded
 default never awaits anything here.
+
+A limit in report mode (``mode: report``, or one of a report-mode profile) counts in buckets
+of its own, in this gateway's memory (even with Redis), never in the enforcing ones: when it
+runs out the call goes on, and the decision record's ``would_deny`` names it with the 429 it
+would have been (:mod:`fleetgate.addons.report_mode`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import allowed, deny, fail_closed, metered_tokens
 from fleetgate.addons.limit_facts import limit_activation, llm_facts, reserved_tokens
+from fleetgate.addons.report_mode import note_would_deny
 from fleetgate.addons.state import (
     HEADER,
     agent_of,
@@ -38,10 +44,15 @@ from fleetgate.addons.state import (
 from fleetgate.limits.bucket import Buckets, LimitKind, Take
 from fleetgate.metrics import GatewayMetrics, LabelBudget
 from fleetgate.policy.model import RateLimit
+from fleetgate.rule import Mode, WouldDeny
 from fleetgate.runtime.listeners import HttpListener
 from fleetgate.runtime.policy import PolicyService
 from fleetgate.runtime.reservations import ReservationBook
-from fleetgate.runtime.reservations_rate import applicable_limits, duration_text
+from fleetgate.runtime.reservations_rate import (
+    RateReservations,
+    applicable_limits,
+    duration_text,
+)
 from fleetgate.wire import jsonrpc_error
 
 LIMITS = "fleetgate.limits"
@@ -58,6 +69,9 @@ class RateLimiter:
         self.rates = book.rates
         self.rates.on_level = self._gauge  # a settlement on Redis reports its level later
         self.key_labels = LabelBudget(1000)
+        # report-mode limits: their own buckets (memory, this gateway), never the real ones
+        self.report_rates = RateReservations(book.rates.clock)
+        self._report_holds: dict[str, list[str]] = {}  # flow id -> report reservation keys
         if health is not None:
             health.routes.get("/limits", self.rates.snapshot)
 
@@ -90,11 +104,42 @@ class RateLimiter:
         decision = allowed(flow)
         if policy is None or decision is None:
             return
-        limits = applicable_limits(policy, list(decision.get("profiles") or ()))
-        if not limits:
+        every = applicable_limits(policy, list(decision.get("profiles") or ()))
+        if not every:
             return
+        limits = [lim for lim in every if lim.mode is Mode.ENFORCE]
+        report = [lim for lim in every if lim.mode is Mode.REPORT]
         llm = llm_facts(flow)
         tokens = None if llm is None else sum(reserved_tokens(llm))
+        if limits:
+            await self._enforce(flow, limits, tokens)
+        if report and allowed(flow) is not None:  # what a limit refused counts nowhere
+            self._report(flow, report, tokens)
+
+    def _report(self, flow: http.HTTPFlow, limits: list[RateLimit], tokens: int | None) -> None:
+        """Each report-mode limit on its own: take from its own bucket, report a refusal."""
+        act = limit_activation(flow, limits)
+        keys = self._report_holds.setdefault(flow.id, [])
+        would: list[WouldDeny] = []
+        for lim in limits:
+            key = f"{flow.id}|{lim.id}"
+            outcome = self.report_rates.reserve(key, [lim], agent=agent_of(flow),
+                                                llm_tokens=tokens, act=act)
+            if outcome.failed is not None and outcome.error is not None:
+                would.append(WouldDeny(lim.id, f"rate limit {lim.id} could not be evaluated "
+                                       f"({outcome.error})", 500))
+            elif outcome.failed is not None and outcome.take is not None:
+                reason, _ = refusal_text(lim, outcome.key, outcome.needed, outcome.take)
+                would.append(WouldDeny(lim.id, reason, 429))
+            elif outcome.held:
+                keys.append(key)
+                records = flow.metadata.setdefault(LIMITS, [])
+                records.extend({**h.as_dict(), "mode": "report"} for h in outcome.held)
+        if would:
+            note_would_deny(flow, self.metrics, would)
+
+    async def _enforce(self, flow: http.HTTPFlow, limits: list[RateLimit],
+                       tokens: int | None) -> None:
         if self.rates.on_redis:
             outcome = await self.rates.reserve_shared(
                 flow.id, limits, agent=agent_of(flow), llm_tokens=tokens,
@@ -137,17 +182,7 @@ class RateLimiter:
     def _refuse(self, flow: http.HTTPFlow, lim: RateLimit, key: str, n: int, take: Take) -> None:
         self.metrics.ratelimit_rejections.labels(limit=lim.id).inc()
         spec = lim.spec
-        unit = "requests" if spec.kind is LimitKind.REQUESTS else "tokens"
-        every = f"{spec.tokens_per_fill} {unit} every {duration_text(spec.fill_interval)}"
-        if take.never:
-            reason = (f"rate limit {lim.id} ({spec.max_tokens} {unit} max, {every}) can never "
-                      f"allow this request: it needs {n} {unit}")
-            hint = "lower max_tokens or the prompt size, or ask an operator to raise the limit"
-        else:
-            reason = (f"rate limit {lim.id} for {key!r} is exhausted: {take.remaining} of "
-                      f"{spec.max_tokens} {unit} left, this request needs {n}; {every}, next "
-                      f"fill in {math.ceil(take.reset_after)} s")
-            hint = f"retry after {math.ceil(take.retry_after)} s"
+        reason, hint = refusal_text(lim, key, n, take)
         retry = max(1, math.ceil(take.retry_after))
         headers = {
             "Retry-After": str(retry),
@@ -190,6 +225,8 @@ class RateLimiter:
 
     def _settle(self, flow: http.HTTPFlow) -> None:
         used = metered_tokens(flow)
+        for key in self._report_holds.pop(flow.id, ()):
+            self.report_rates.settle(key, used)
         settled = self.rates.settle(flow.id, used)
         if settled is None:
             return  # nothing held, or no usage known: the reservation stands
@@ -199,3 +236,18 @@ class RateLimiter:
         for rec in flow.metadata.get(LIMITS) or []:
             if rec.get("type") == "tokens":
                 rec["used"] = used
+
+
+def refusal_text(lim: RateLimit, key: str, n: int, take: Take) -> tuple[str, str]:
+    """Why ``lim`` refuses a call needing ``n`` (the reason), and what the agent can do."""
+    spec = lim.spec
+    unit = "requests" if spec.kind is LimitKind.REQUESTS else "tokens"
+    every = f"{spec.tokens_per_fill} {unit} every {duration_text(spec.fill_interval)}"
+    if take.never:
+        return (f"rate limit {lim.id} ({spec.max_tokens} {unit} max, {every}) can never "
+                f"allow this request: it needs {n} {unit}",
+                "lower max_tokens or the prompt size, or ask an operator to raise the limit")
+    return (f"rate limit {lim.id} for {key!r} is exhausted: {take.remaining} of "
+            f"{spec.max_tokens} {unit} left, this request needs {n}; {every}, next "
+            f"fill in {math.ceil(take.reset_after)} s",
+            f"retry after {math.ceil(take.retry_after)} s")

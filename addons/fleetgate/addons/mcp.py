@@ -26,6 +26,7 @@ from mitmproxy import ctx, http
 
 from fleetgate.addons.flowtools import allowed, fail_closed
 from fleetgate.addons.mcp_flow import has_body, mcp_scope, mcp_server
+from fleetgate.addons.report_mode import note_would_deny
 from fleetgate.addons.state import (
     HEADER,
     agent_of,
@@ -131,6 +132,7 @@ class McpGuard:
         if sid and legacy:  # the answers will come on the session's GET stream
             self.mcp.sessions.expect(server.name, sid, plan.methods, plan.substitutions)
         self._apply(flow, plan, server.name)
+        self._report(flow, plan)
 
     def _record(self, flow: http.HTTPFlow, plan: RequestPlan, meta: dict[str, Any],
                 server: str, agent: str) -> None:
@@ -142,6 +144,13 @@ class McpGuard:
                 agent=self.agent_labels(agent)).inc()
         meta["methods"], meta["substitutions"] = plan.methods, plan.substitutions
         meta["facts"] = plan.facts
+
+    def _report(self, flow: http.HTTPFlow, plan: RequestPlan) -> None:
+        """Report-mode MCP rules that would have denied a message (after the comment a
+        denial writes, so both show)."""
+        would = [w for rec in plan.records for w in rec.would_deny]
+        if would:
+            note_would_deny(flow, self.metrics, would)
 
     @staticmethod
     def _apply(flow: http.HTTPFlow, plan: RequestPlan, server: str) -> None:

@@ -20,6 +20,7 @@ from fleetgate.addons.ambiguity import AmbiguityGuard
 from fleetgate.addons.approvals import ApprovalGate
 from fleetgate.addons.authorization import HttpAuthorization
 from fleetgate.addons.budgets import BudgetGuard
+from fleetgate.addons.canary import CanaryRules
 from fleetgate.addons.control import ControlEndpoint
 from fleetgate.addons.credentials import CredentialInjector
 from fleetgate.addons.decisions import DecisionLog
@@ -50,6 +51,7 @@ from fleetgate.console import Console
 from fleetgate.llm.ledger import Ledger
 from fleetgate.metrics import GatewayMetrics
 from fleetgate.runtime.approvals import ApprovalService
+from fleetgate.runtime.canary import CanaryService
 from fleetgate.runtime.identity import IdentityRegistry
 from fleetgate.runtime.listeners import HttpListener
 from fleetgate.runtime.mcp import McpService
@@ -64,6 +66,7 @@ from fleetgate.telemetry.recent import RecentSessions
 def pipeline() -> list[Any]:
     metrics = GatewayMetrics()
     policies = PolicyService(metrics)  # the running policy; PolicyStore loads and reloads it
+    canary = CanaryService()  # fleetgate_canary_rules: judged beside the rules, not enforced
     shared = SharedState(metrics)  # Redis, when fleetgate_state names one (StateBackend)
     health = HttpListener(metrics, policies.status)
     admin = HttpListener(metrics, policies.status, admin=True)
@@ -99,6 +102,7 @@ def pipeline() -> list[Any]:
         AmbiguityGuard(),  # before identity: a doubled Host or path trick needs no token to refuse
         StateBackend(shared, policies),  # before every addon that opens a store
         PolicyStore(metrics, policies),
+        CanaryRules(canary, policies),
         AgentIdentity(metrics, identities),
         KillSwitch(kill, metrics),  # the gate
         KillCommands(kill, admin.routes),  # mitmweb commands, /v1/... admin API
@@ -108,7 +112,7 @@ def pipeline() -> list[Any]:
         RequestBodies(policies, mcp, kill),
         LlmInspector(policies, metrics),
         A2aGuard(policies, depths),  # A2A messages: strict body, a2a.* facts, counted depth
-        HttpAuthorization(policies, metrics, [health, admin]),
+        HttpAuthorization(policies, metrics, [health, admin], canary),
         McpOperator(mcp),  # the MCP options and commands
         McpGuard(policies, metrics, mcp),  # requests
         McpAnswers(policies, metrics, mcp),  # answers

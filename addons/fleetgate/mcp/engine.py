@@ -31,7 +31,7 @@ from fleetgate.mcp.messages import FORBIDDEN, HEADER_MISMATCH, McpError, Message
 from fleetgate.mcp.mode import McpMode
 from fleetgate.mcp.policy import LIST_VARS, McpVerdict, fast_listing, may_call, may_deny, may_list
 from fleetgate.mcp.vetting import Vetting
-from fleetgate.rule import Rule
+from fleetgate.rule import Rule, WouldDeny
 from fleetgate.wire import jsonrpc_error
 
 __all__ = ["CallRecord", "McpScope", "RequestPlan", "check_headers", "id_key", "judge_request",
@@ -77,10 +77,14 @@ class CallRecord:
     rule: str
     reason: str
     id: Any = None
+    would_deny: tuple[WouldDeny, ...] = ()  # report-mode rules that would have denied it
 
     def as_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "target": self.target, "allow": self.allow,
-                "rule": self.rule, "reason": self.reason}
+        out = {"method": self.method, "target": self.target, "allow": self.allow,
+               "rule": self.rule, "reason": self.reason}
+        if self.would_deny:
+            out["would_deny"] = [w.as_dict() for w in self.would_deny]
+        return out
 
 
 @dataclass
@@ -177,7 +181,7 @@ def _judge(msg: Message, scope: McpScope, act: Activation) -> tuple[CallRecord, 
             verdict = McpVerdict(False, "mcp.vetting", f"{why}; an operator must review it "
                                  "(fleetgate mcp pending / approve)")
     return CallRecord(method, _target(facts, kind), verdict.allow, verdict.rule, verdict.reason,
-                      msg.id), kind
+                      msg.id, verdict.would_deny), kind
 
 
 def judge_request(messages: list[Message], batch: bool, scope: McpScope,

@@ -13,6 +13,12 @@ Deny by default. Two questions, one rule set:
 * :func:`may_list` — for a list result entry, when the call's arguments are not known yet:
   a deny that is true hides the entry; a deny that cannot be judged without arguments
   (an evaluation error) is left to call time; an allow must be true.
+
+Report mode (``mode: report`` on a rule, or on its server or profile): a report-mode deny
+that is true (or errors, at call time) is recorded in :attr:`McpVerdict.would_deny` and the
+next rule decides; it never hides a list entry. A report-mode allow grants only when every
+rule in force is report-mode; then ``mcp.default-deny`` is reported too, and the call is
+allowed as ``report-mode``. With no rule at all, the default deny is enforced.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetgate.celexpr import Activation, CelError, Expr, compile_expr, rename_fields
-from fleetgate.rule import Effect, Rule
+from fleetgate.rule import Effect, Mode, Rule, WouldDeny, parse_mode
 
 __all__ = ["MCP_ROOTS", "McpVerdict", "compile_capability", "compile_mcp_entry", "compile_mcp_rules",
            "glob_to_cel", "may_call", "may_deny", "may_list"]
@@ -57,6 +63,7 @@ class McpVerdict:
     allow: bool
     rule: str
     reason: str
+    would_deny: tuple[WouldDeny, ...] = ()
 
 
 def glob_to_cel(pattern: str) -> str:
@@ -76,6 +83,7 @@ def glob_to_cel(pattern: str) -> str:
 def compile_mcp_entry(entry: Any, rule_id: str) -> Rule:
     """One ``mcpAuthorization.rules`` entry: a CEL string (allow), or a mapping with
     ``allow`` or ``deny`` (+ optional ``id``, ``reason``). Raises ``ValueError``."""
+    mode = Mode.ENFORCE
     if isinstance(entry, str):
         effect, source, reason = Effect.ALLOW, entry, None
     elif isinstance(entry, Mapping) and len({"allow", "deny"} & set(entry)) == 1:
@@ -85,17 +93,21 @@ def compile_mcp_entry(entry: Any, rule_id: str) -> Rule:
             source = "true" if source else "false"
         rule_id = str(entry.get("id", rule_id))
         reason = entry.get("reason") if isinstance(entry.get("reason"), str) else None
-        unknown = set(entry) - {"allow", "deny", "id", "reason"}
+        unknown = set(entry) - {"allow", "deny", "id", "reason", "mode"}
         if unknown:
             raise ValueError(f"{rule_id}: unknown key(s) {sorted(unknown)}; expected allow or "
-                             "deny, id, reason")
+                             "deny, id, reason, mode")
+        try:
+            mode = parse_mode(entry.get("mode", "enforce"))
+        except ValueError as exc:
+            raise ValueError(f"{rule_id}: {exc}") from None
     else:
         raise ValueError(f"{rule_id}: a rule is a CEL string, or a mapping with 'allow' or 'deny'")
     try:
         expr = compile_expr(str(source), MCP_ROOTS)
     except CelError as exc:
         raise ValueError(f"{rule_id}: CEL: {exc}") from None
-    return Rule(rule_id, effect, expr, reason, list_expr=list_variant(expr.source))
+    return Rule(rule_id, effect, expr, reason, list_expr=list_variant(expr.source), mode=mode)
 
 
 def compile_capability(kind: str, pattern: str, rule_id: str, match: str | None = None) -> Rule:
@@ -124,31 +136,49 @@ def compile_mcp_rules(owner: str, entries: Iterable[Any], allowed_tools: Iterabl
     return rules
 
 
+def all_report(rules: list[Rule]) -> bool:
+    """Every rule in force is report-mode: the default deny is reported, not enforced."""
+    return bool(rules) and all(r.report for r in rules)
+
+
 def may_call(rules: Iterable[Rule], activation: Activation | Mapping[str, Any]) -> McpVerdict:
     """Judge a call whose target and arguments are known."""
     act = activation if isinstance(activation, Activation) else Activation(activation)
     rules = list(rules)
+    would: list[WouldDeny] = []
     for r in rules:
         if r.effect is Effect.DENY:
             try:
                 hit = r.expr.evaluate(act)
+                reason = r.reason or f"denied by {r.id}"
             except CelError as exc:
-                return McpVerdict(False, r.id, f"deny rule could not be evaluated ({exc})")
-            if hit:
-                return McpVerdict(False, r.id, r.reason or f"denied by {r.id}")
-    allowed_by = _first_allow(rules, act)
+                hit, reason = True, f"deny rule could not be evaluated ({exc})"
+            if not hit:
+                continue
+            if r.report:
+                would.append(WouldDeny(r.id, reason))
+                continue
+            return McpVerdict(False, r.id, reason, tuple(would))
+    reporting = all_report(rules)
+    allowed_by = _first_allow(rules, act, granting=reporting)
     if allowed_by is not None:
-        return McpVerdict(True, allowed_by.id, "allowed")
-    return McpVerdict(False, "mcp.default-deny", "no mcpAuthorization rule allows it")
+        return McpVerdict(True, allowed_by.id, "allowed", tuple(would))
+    why = "no mcpAuthorization rule allows it"
+    if reporting:
+        would.append(WouldDeny("mcp.default-deny", why))
+        return McpVerdict(True, "report-mode", "allowed: only report-mode rules apply and "
+                          "they would deny it", tuple(would))
+    return McpVerdict(False, "mcp.default-deny", why, tuple(would))
 
 
 def _first_true(rules: Iterable[Rule], effect: Effect, act: Activation,
-                listing: bool = False) -> Rule | None:
+                listing: bool = False, report: bool = False) -> Rule | None:
     """The first rule of ``effect`` whose expression is true; one that fails to evaluate is
     skipped (an allow that errors does not allow; a deny that errors on a protocol message or
-    a list entry reads a call's fields and is judged at call time)."""
+    a list entry reads a call's fields and is judged at call time). ``report``: report-mode
+    rules count too (otherwise they are skipped: they never hide nor grant)."""
     for r in rules:
-        if r.effect is effect:
+        if r.effect is effect and (report or not r.report):
             expr = r.list_expr if listing and r.list_expr is not None else r.expr
             try:
                 if expr.evaluate(act):
@@ -158,8 +188,10 @@ def _first_true(rules: Iterable[Rule], effect: Effect, act: Activation,
     return None
 
 
-def _first_allow(rules: list[Rule], act: Activation, listing: bool = False) -> Rule | None:
-    return _first_true(rules, Effect.ALLOW, act, listing)
+def _first_allow(rules: list[Rule], act: Activation, listing: bool = False,
+                 granting: bool = False) -> Rule | None:
+    """``granting``: report-mode allows grant (every rule in force is report-mode)."""
+    return _first_true(rules, Effect.ALLOW, act, listing, report=granting)
 
 
 def fast_listing(rules: Iterable[Rule]) -> bool:
@@ -170,6 +202,7 @@ def fast_listing(rules: Iterable[Rule]) -> bool:
 def may_list(rules: Iterable[Rule], activation: Activation | Mapping[str, Any],
              listing: bool = False) -> bool:
     """Whether a list entry is shown: some allow is true and no deny is surely true.
+    Report-mode denies never hide an entry (the call is reported when it is made).
 
     ``listing``: evaluate the rules' list variants (the activation then holds the entry's
     name in the :data:`LIST_VARS` variables; every rule must have a variant)."""
@@ -177,14 +210,26 @@ def may_list(rules: Iterable[Rule], activation: Activation | Mapping[str, Any],
     rules = list(rules)
     if _first_true(rules, Effect.DENY, act, listing) is not None:
         return False
-    return _first_allow(rules, act, listing) is not None
+    reporting = all_report(rules)
+    return reporting or _first_allow(rules, act, listing, granting=reporting) is not None
 
 
 def may_deny(rules: Iterable[Rule], activation: Activation) -> McpVerdict:
     """Methods that act on no tool, prompt or resource (``initialize``, ``ping``, list calls,
     notifications): allowed unless a deny rule is true. A deny rule that cannot be evaluated
     here reads a call's fields (``mcp.tool.arguments``...) and is about calls, not these."""
-    r = _first_true(rules, Effect.DENY, activation)
-    if r is not None:
-        return McpVerdict(False, r.id, r.reason or f"denied by {r.id}")
-    return McpVerdict(True, "mcp.protocol", "protocol message")
+    would: list[WouldDeny] = []
+    for r in rules:
+        if r.effect is not Effect.DENY:
+            continue
+        try:
+            hit = r.expr.evaluate(activation)
+        except CelError:
+            continue
+        if not hit:
+            continue
+        if r.report:
+            would.append(WouldDeny(r.id, r.reason or f"denied by {r.id}"))
+            continue
+        return McpVerdict(False, r.id, r.reason or f"denied by {r.id}", tuple(would))
+    return McpVerdict(True, "mcp.protocol", "protocol message", tuple(would))

@@ -21,6 +21,27 @@ Order, cheapest and most absolute first:
 
 Every :class:`Decision` carries the id of the rule that decided it and a sentence for the
 agent's developer.
+
+Report mode (``mode: report`` on a rule or a profile): evaluation is exactly the same, but
+a report-mode element that would deny adds a :class:`~fleetgate.rule.WouldDeny` to
+:attr:`Decision.would_deny` and the evaluation goes on as if it had not denied (the next
+element decides). Report-mode elements only ever withhold denials; they never grant what the
+enforcing elements alone would refuse:
+
+* a report-mode ``deny``/``require`` rule (or one of a report-mode profile) that is true /
+  false, or fails to evaluate, is reported;
+* a report-mode ``allow`` rule allows only when the default deny itself is reported (below);
+* a report-mode profile selects like any other. Its egress list admits only when no
+  enforcing profile selects the identity; when none of the selected profiles admits the
+  destination and all of them are report-mode, ``egress`` is reported;
+* when every selected profile is report-mode and no rule allows, ``default-deny`` is
+  reported and the request is allowed as ``report-mode``. As soon as one enforcing profile
+  selects the identity, the default deny is enforced (a report-mode profile beside it
+  changes nothing);
+* a report-mode profile's ``match`` that fails to evaluate is reported and does not select.
+
+``revoked``, internal destinations (``destinations.private``, ``egress.private``) and
+``no-profile`` have no mode: they are always enforced.
 """
 
 from __future__ import annotations
@@ -35,7 +56,7 @@ from fleetgate.celexpr import Activation, CelError, MissingField
 from fleetgate.netaddr import internal_reason
 from fleetgate.normalize import RequestFacts
 from fleetgate.policy.model import AgentProfile, Policy
-from fleetgate.rule import Effect, Rule
+from fleetgate.rule import Effect, Mode, Rule, WouldDeny
 
 __all__ = ["Decision", "decide", "private_destination_reason"]
 
@@ -53,11 +74,13 @@ class Decision:
     # of a selected profile admitted the destination: only then may it be dialled at an
     # internal address that destinations.allowPrivate admits.
     named: bool = False
+    # what report-mode elements would have denied on the way to this decision (in order)
+    would_deny: tuple[WouldDeny, ...] = ()
 
     @classmethod
     def deny(cls, rule: str, reason: str, status: int = 403,
-             profiles: tuple[str, ...] = ()) -> Decision:
-        return cls(False, rule, reason, status, profiles)
+             profiles: tuple[str, ...] = (), would_deny: tuple[WouldDeny, ...] = ()) -> Decision:
+        return cls(False, rule, reason, status, profiles, would_deny=would_deny)
 
 
 def private_destination_reason(policy: Policy, address: str, *, named: bool) -> str | None:
@@ -121,6 +144,7 @@ def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts,
     activation = Activation(data)
     profiles: list[AgentProfile] = []
     lacking: list[str] = []  # selectors that read a claim this token does not carry
+    reported: list[WouldDeny] = []
     for profile in policy.agents:
         try:
             if profile.match.evaluate(activation):
@@ -128,65 +152,81 @@ def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts,
         except MissingField as exc:
             lacking.append(f"{profile.name} ({exc})")  # does not select; said if none does
         except CelError as exc:
-            return Decision.deny(
-                f"{profile.name}.match",
-                f"agent selector {profile.name!r} could not be evaluated ({exc}); "
-                "denied rather than guessed",
-            )
+            why = (f"agent selector {profile.name!r} could not be evaluated ({exc}); "
+                   "denied rather than guessed")
+            if profile.mode is Mode.REPORT:
+                reported.append(WouldDeny(f"{profile.name}.match", why))
+                continue
+            return Decision.deny(f"{profile.name}.match", why, would_deny=tuple(reported))
     names = tuple(p.name for p in profiles)
+    wd = tuple(reported)
     if not profiles:
         detail = (f" (the token lacks a claim read by {', '.join(lacking[:3])}"
                   f"{', ...' if len(lacking) > 3 else ''})" if lacking else "")
         return Decision.deny("no-profile",
-                             f"no agent profile selects identity {agent!r}{detail}")
-
-    admitting = [h for p in profiles for h in p.egress if h.matches(facts.host, facts.port)]
+                             f"no agent profile selects identity {agent!r}{detail}",
+                             would_deny=wd)
+    # enforcing: some selected profile enforces; then report-mode profiles grant nothing
+    enforcing = any(p.mode is Mode.ENFORCE for p in profiles)
+    granting = [p for p in profiles if p.mode is Mode.ENFORCE] if enforcing else profiles
+    admitting = [h for p in granting for h in p.egress if h.matches(facts.host, facts.port)]
     if not admitting:
-        return Decision.deny(
-            "egress",
-            f"{facts.host}:{facts.port} is not in the egress allow-list of {', '.join(names)}",
-            profiles=names,
-        )
+        why = f"{facts.host}:{facts.port} is not in the egress allow-list of {', '.join(names)}"
+        if enforcing:
+            return Decision.deny("egress", why, profiles=names, would_deny=wd)
+        reported.append(WouldDeny("egress", why))
     named = any(not h.wildcard for h in admitting)
     why_private = private_destination_reason(policy, facts.host, named=named)
     if why_private:
         return Decision.deny("egress.private", f"{why_private}; {', '.join(names)} reach "
                              f"{facts.host}:{facts.port} only through a wildcard",
-                             profiles=names)
+                             profiles=names, would_deny=tuple(reported))
 
     rules: list[Rule] = [r for r in policy.rules if r.applies_to(facts.host, facts.port)]
     for p in profiles:
         rules.extend(r for r in p.rules if r.applies_to(facts.host, facts.port))
+
+    def denied(rule: Rule, reason: str) -> Decision | None:
+        """Enforce the denial, or report it (``None``: the next element decides)."""
+        if rule.report:
+            reported.append(WouldDeny(rule.id, reason))
+            return None
+        return Decision.deny(rule.id, reason, profiles=names, would_deny=tuple(reported))
 
     for rule in rules:
         if rule.effect is Effect.DENY:
             try:
                 hit = rule.expr.evaluate(activation)
             except CelError as exc:
-                return Decision.deny(rule.id, f"deny rule failed to evaluate ({exc}); "
-                                     "failing closed", profiles=names)
-            if hit:
-                return Decision.deny(rule.id, rule.reason or f"denied by rule {rule.id}: "
-                                     f"{rule.expr.source}", profiles=names)
+                hit, reason = True, f"deny rule failed to evaluate ({exc}); failing closed"
+            else:
+                reason = rule.reason or f"denied by rule {rule.id}: {rule.expr.source}"
+            if hit and (out := denied(rule, reason)) is not None:
+                return out
     for rule in rules:
         if rule.effect is Effect.REQUIRE:
             try:
                 ok = rule.expr.evaluate(activation)
             except CelError as exc:
-                return Decision.deny(rule.id, f"required condition failed to evaluate ({exc})",
-                                     profiles=names)
-            if not ok:
-                return Decision.deny(rule.id, rule.reason or f"required condition not met: "
-                                     f"{rule.expr.source}", profiles=names)
+                ok, reason = False, f"required condition failed to evaluate ({exc})"
+            else:
+                reason = rule.reason or f"required condition not met: {rule.expr.source}"
+            if not ok and (out := denied(rule, reason)) is not None:
+                return out
     errors: list[str] = []
     for rule in rules:
-        if rule.effect is Effect.ALLOW:
+        if rule.effect is Effect.ALLOW and not (enforcing and rule.report):
             try:
                 if rule.expr.evaluate(activation):
                     return Decision(True, rule.id, rule.reason or "allowed", 200, names,
-                                    named=named)
+                                    named=named, would_deny=tuple(reported))
             except CelError as exc:
                 errors.append(f"{rule.id}: {exc}")
     detail = f" (rules that failed to evaluate: {'; '.join(errors)})" if errors else ""
-    return Decision.deny("default-deny", f"no rule allows {facts.method} {facts.host}"
-                         f"{facts.path}{detail}", profiles=names)
+    why = f"no rule allows {facts.method} {facts.host}{facts.path}{detail}"
+    if not enforcing:  # only report-mode profiles select: their default deny is reported
+        reported.append(WouldDeny("default-deny", why))
+        return Decision(True, "report-mode", "allowed: only report-mode profiles select this "
+                        "identity and they would deny it", 200, names, named=named,
+                        would_deny=tuple(reported))
+    return Decision.deny("default-deny", why, profiles=names, would_deny=tuple(reported))

@@ -21,7 +21,7 @@ from fleetgate.llm.providers import ProviderTable
 from fleetgate.mcp.mode import McpMode
 from fleetgate.netaddr import HostPattern, IPNetwork
 from fleetgate.policy.credentials import CredentialRoute
-from fleetgate.rule import Rule
+from fleetgate.rule import Mode, Rule
 
 __all__ = [
     "A2aAgent",
@@ -46,6 +46,7 @@ class RateLimit:
     key: Expr | None = None
     when: Expr | None = None
     source: str = ""
+    mode: Mode = Mode.ENFORCE  # report: counts in its own bucket, reports, never refuses
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Budget:
     key: Expr | None = None
     when: Expr | None = None
     source: str = ""
+    mode: Mode = Mode.ENFORCE  # report: spend is recorded and reported, never refused
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class AgentProfile:
     limits: tuple[RateLimit, ...] = ()
     budgets: tuple[Budget, ...] = ()
     capture: Capture | None = None  # telemetry.capture: None, nothing captured
+    # report: its rules, limits and budgets report, and so do its egress list and the
+    # default deny when only report-mode profiles select the identity (policy.decide)
+    mode: Mode = Mode.ENFORCE
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class McpServer:
     rules: tuple[Rule, ...] = ()
     source: str = ""
     declared: bool = True  # False: found by its MCP headers, not listed in the rules
+    mode: Mode = Mode.ENFORCE  # report: every rule of this server reports (rules carry it)
 
     def matches(self, host: str, port: int, path: str) -> bool:
         if not any(h.matches(host, port) for h in self.hosts):
@@ -215,3 +221,6 @@ class Policy:
     credentials: tuple[CredentialRoute, ...] = ()  # upstream credential routes, file order
     a2a: A2aSettings = field(default_factory=A2aSettings)  # A2A agents, hop depth
     approvals: tuple[Tier, ...] = ()  # approval tiers, file order: the first that matches
+    # what `fleetgate rules check` prints and a reload logs: legal, probably not meant
+    # (fleetgate.policy.lint), one "file:line at path: message" line each
+    warnings: tuple[str, ...] = ()

@@ -8,6 +8,7 @@ default ids (``<name>.authorization[0]``...).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from fleetgate.celexpr import CelError, compile_expr
@@ -16,14 +17,15 @@ from fleetgate.policy.model import AgentProfile, Capture, Revocations
 from fleetgate.policy.parse_budgets import parse_budgets
 from fleetgate.policy.parse_limits import parse_policies
 from fleetgate.policy.parse_mcp import parse_capabilities, parse_mcp_authorization
-from fleetgate.policy.parse_rules import host_patterns, parse_authorization
+from fleetgate.policy.parse_rules import host_patterns, mode_of, parse_authorization
 from fleetgate.policy.report import IdSpaces, Reporter, check_keys, str_list
+from fleetgate.rule import Mode
 
 __all__ = ["MATCH_ROOTS", "parse_agent", "parse_revoked"]
 
 MATCH_ROOTS = ("jwt",)
 _AGENT_KEYS = {"name", "match", "egress", "authorization", "description", "mcpAuthorization",
-               "allowed_tools", "denied_tools", "policies", "budgets", "telemetry"}
+               "allowed_tools", "denied_tools", "policies", "budgets", "telemetry", "mode"}
 _CAPTURE_MAX = 1 << 20  # a span attribute past 1 MiB is a collector's problem, not insight
 
 
@@ -68,9 +70,16 @@ def parse_agent(node: Any, where: str, report: Reporter, *, ids: IdSpaces) -> Ag
                if "budgets" in node else [])
     capture = (parse_telemetry(node["telemetry"], f"{where}.telemetry", report)
                if "telemetry" in node else None)
+    mode = mode_of(node, where, report)
+    if mode is Mode.REPORT:  # every element of a report-mode profile reports, none enforces
+        rules = [replace(r, mode=mode) for r in rules]
+        mcp_rules = [replace(r, mode=mode) for r in mcp_rules]
+        limits = [replace(lim, mode=mode) for lim in limits]
+        budgets = [replace(b, mode=mode) for b in budgets]
     return AgentProfile(name=name, match=match, egress=tuple(egress), rules=tuple(rules),
                         source=report.source(where), mcp_rules=tuple(mcp_rules),
-                        limits=tuple(limits), budgets=tuple(budgets), capture=capture)
+                        limits=tuple(limits), budgets=tuple(budgets), capture=capture,
+                        mode=mode)
 
 
 def parse_telemetry(node: Any, where: str, report: Reporter) -> Capture | None:

@@ -10,13 +10,15 @@ from fleetgate.celexpr import CelError, Expr, compile_expr
 from fleetgate.durations import seconds
 from fleetgate.limits.bucket import BucketSpec, LimitKind
 from fleetgate.policy.model import RateLimit
+from fleetgate.policy.parse_rules import mode_of
 from fleetgate.policy.report import Ids, Reporter, as_list, check_keys
 
 __all__ = ["LIMIT_ROOTS", "key_and_when", "limit_id", "parse_policies", "parse_rate_limit"]
 
 # what a limit's key / when may read: the request, and what it asks of an LLM or MCP server
 LIMIT_ROOTS = ("jwt", "request", "llm", "mcp")
-_LIMIT_KEYS = {"maxTokens", "tokensPerFill", "fillInterval", "type", "id", "key", "when"}
+_LIMIT_KEYS = {"maxTokens", "tokensPerFill", "fillInterval", "type", "id", "key", "when",
+               "mode"}
 
 
 def limit_id(node: dict[str, Any], where: str, report: Reporter, *, default_id: str,
@@ -97,4 +99,5 @@ def parse_rate_limit(node: Any, where: str, report: Reporter, *, default_id: str
     if exprs is None or lid is None:
         return None
     spec = BucketSpec(nums["maxTokens"], nums["tokensPerFill"], fill, kind)
-    return RateLimit(lid, spec, exprs.get("key"), exprs.get("when"), report.source(where))
+    return RateLimit(lid, spec, exprs.get("key"), exprs.get("when"), report.source(where),
+                     mode=mode_of(node, where, report))

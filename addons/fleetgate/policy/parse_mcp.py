@@ -15,14 +15,14 @@ from typing import Any
 from fleetgate.mcp.mode import McpMode
 from fleetgate.mcp.policy import compile_capability, compile_mcp_entry
 from fleetgate.policy.model import McpServer
-from fleetgate.policy.parse_rules import host_patterns, parse_rules_section
+from fleetgate.policy.parse_rules import host_patterns, mode_of, parse_rules_section
 from fleetgate.policy.report import Ids, Reporter, as_list, check_keys, str_list
-from fleetgate.rule import Rule
+from fleetgate.rule import Mode, Rule
 
 __all__ = ["McpSection", "compile_registered", "parse_capabilities", "parse_mcp",
            "parse_mcp_authorization"]
 
-_SERVER_KEYS = {"name", "hosts", "path", "poisoning", "pins", "mcpAuthorization"}
+_SERVER_KEYS = {"name", "hosts", "path", "poisoning", "pins", "mcpAuthorization", "mode"}
 
 
 def compile_registered(rule_id: str, where: str, report: Reporter, ids: Ids,
@@ -130,5 +130,9 @@ def parse_server(node: Any, where: str, report: Reporter, *, ids: Ids,
     rules = (parse_mcp_authorization(node["mcpAuthorization"], f"{where}.mcpAuthorization",
                                      report, owner=name, ids=ids)
              if "mcpAuthorization" in node else [])
+    mode = mode_of(node, where, report)
+    if mode is Mode.REPORT:  # every rule of a report-mode server reports
+        rules = [replace(r, mode=mode) for r in rules]
     return McpServer(name=name, hosts=tuple(hosts), path=mpath, poisoning=modes["poisoning"],
-                     pins=modes["pins"], rules=tuple(rules), source=report.source(where))
+                     pins=modes["pins"], rules=tuple(rules), source=report.source(where),
+                     mode=mode)

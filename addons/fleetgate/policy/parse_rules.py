@@ -14,13 +14,13 @@ from typing import Any
 from fleetgate.celexpr import CelError, compile_expr
 from fleetgate.netaddr import HostPattern, IPNetwork, parse_networks
 from fleetgate.policy.report import Ids, Reporter, as_list, check_keys, str_list
-from fleetgate.rule import Effect, Rule
+from fleetgate.rule import Effect, Mode, Rule, parse_mode
 
-__all__ = ["REQUEST_ROOTS", "parse_authorization", "parse_destinations", "parse_rule",
+__all__ = ["REQUEST_ROOTS", "mode_of", "parse_authorization", "parse_destinations", "parse_rule",
            "parse_rules_section"]
 
 REQUEST_ROOTS = ("jwt", "request", "llm", "a2a")
-_RULE_KEYS = {"allow", "deny", "require", "id", "reason", "hosts"}
+_RULE_KEYS = {"allow", "deny", "require", "id", "reason", "hosts", "mode"}
 
 
 def parse_rules_section(node: Any, where: str, report: Reporter, *,
@@ -73,6 +73,7 @@ def parse_rule(node: Any, where: str, report: Reporter, *, default_id: str,
     if reason is not None and not isinstance(reason, str):
         report.error(f"{where}.reason", "reason must be a string")
     hosts = host_patterns(node.get("hosts"), f"{where}.hosts", report)
+    mode = mode_of(node, where, report)
     try:
         expr = compile_expr(node[effect.value], REQUEST_ROOTS)
     except CelError as exc:
@@ -80,7 +81,20 @@ def parse_rule(node: Any, where: str, report: Reporter, *, default_id: str,
         return None
     return Rule(id=rule_id, effect=effect, expr=expr,
                 reason=reason if isinstance(reason, str) else None, source=report.source(where),
-                hosts=tuple(hosts))
+                hosts=tuple(hosts), mode=mode)
+
+
+def mode_of(node: dict[str, Any], where: str, report: Reporter,
+            default: Mode = Mode.ENFORCE) -> Mode:
+    """The optional ``mode: enforce | report`` of a rule, profile, limit, budget, MCP server
+    or trigger (``default`` when absent: a profile's rules inherit the profile's)."""
+    if "mode" not in node:
+        return default
+    try:
+        return parse_mode(node["mode"])
+    except ValueError as exc:
+        report.error(f"{where}.mode", str(exc))
+        return default
 
 
 def host_patterns(node: Any, where: str, report: Reporter, *,
