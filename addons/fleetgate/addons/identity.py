@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 REALM = 'Basic realm="fleetgate", Bearer realm="fleetgate"'
 # the errors a fresh fetch of the JWKS URL may cure
 REFETCHABLE = frozenset({"unknown_key", "jwks_unavailable", "jwks_stale"})
+# the errors a key file written a moment ago may cure
+KEY_MISSES = frozenset({"bad_signature", "unknown_key", "algorithm_not_allowed"})
 URL_OPTIONS = frozenset({"fleetgate_jwks_url", "fleetgate_jwks_refresh",
                          "fleetgate_jwks_max_stale", "fleetgate_jwks_kid_refetch",
                          "fleetgate_jwks_ca_file"})
@@ -193,23 +195,26 @@ class AgentIdentity:
             max_bytes=o.fleetgate_jwt_max_bytes,
         ), remote=source.schedule.keys if source is not None else None, clock=self.clock)
 
-    def _maybe_reload_files(self) -> None:
-        """Pick up a rotated secret or JWKS file (checked at most once a second)."""
+    def _maybe_reload_files(self, now_please: bool = False) -> bool:
+        """Pick up a rotated secret or JWKS file (checked at most once a second, or at once
+        when a token failed to verify: it may be signed with a key just written). True when
+        new keys were installed."""
         now = time.monotonic()
-        if not self._stats or now - self._files_checked < 1.0:
-            return
+        if not self._stats or (now - self._files_checked < 1.0 and not now_please):
+            return False
         self._files_checked = now
         try:
             if all(_stat(p) == st for p, st in self._stats.items()):
-                return
+                return False
             self._read_files()
             self._install()
         except (OSError, ValueError) as exc:
             log.error("fleetgate: key files %s could not be reloaded (%s); keeping the previous "
                       "keys", ", ".join(self._stats), exc)
-            return
+            return False
         log.info("fleetgate: keys reloaded from %s (%d HS256 secret(s))",
                  ", ".join(self._stats), len(self._secrets))
+        return True
 
     # -- the background refresh ---------------------------------------------------------
 
@@ -257,7 +262,12 @@ class AgentIdentity:
             self._refuse(flow, err)
             return None
         try:
-            ident = self._verifier().verify(token)
+            try:
+                ident = self._verifier().verify(token)
+            except IdentityError as err:
+                if err.code not in KEY_MISSES or not self._maybe_reload_files(now_please=True):
+                    raise
+                ident = self._verifier().verify(token)  # the key files changed: once more
         except IdentityError as err:
             if self.registry.jwks is not None and err.code in REFETCHABLE:
                 return self._judge_after_fetch(flow, token, admit)
