@@ -29,6 +29,7 @@ Two properties matter for a gateway and are enforced here, not left to the engin
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import re
 import sys
@@ -71,7 +72,8 @@ cel = _import_engine()
 from cel import stdlib as _cel_stdlib  # noqa: E402  (after the engine, on purpose)
 
 __all__ = ["Activation", "CelError", "Expr", "MissingField", "TooSlow", "compile_expr",
-           "has_unguarded_access", "over_budget_count", "rename_fields"]
+           "field_reads", "has_unguarded_access", "over_budget_count", "rename_fields",
+           "string_literals"]
 
 log = logging.getLogger("fleetgate.rules")
 
@@ -229,6 +231,7 @@ def compile_expr(source: str, roots: Iterable[str]) -> Expr:
     if unknown_vars:
         raise CelError(
             f"unknown variable {', '.join(unknown_vars)}; available: {', '.join(sorted(allowed))}"
+            + _suggest(unknown_vars[0], allowed)
         )
     unknown_fns = sorted(
         f for f in refs["functions"]
@@ -236,13 +239,23 @@ def compile_expr(source: str, roots: Iterable[str]) -> Expr:
         and f not in _KNOWN_FUNCTIONS
     )
     if unknown_fns:
-        raise CelError(f"unknown function {', '.join(unknown_fns)}")
+        raise CelError(f"unknown function {', '.join(unknown_fns)}"
+                       + _suggest(unknown_fns[0], _KNOWN_FUNCTIONS))
     try:
         celcost.check(source)
     except celcost.CostError as exc:
         raise CelError(str(exc)) from None
     _trial(program, tuple(sorted(allowed)))
     return Expr(source=source, _program=program, variables=frozenset(refs["variables"]))
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean startsWith?"``: the choice equal to ``word`` but for case (CEL is
+    camelCase: ``startswith``), else the closest by spelling; ``""`` when none is close."""
+    choices = sorted(choices)
+    folded = [c for c in choices if c.lower() == word.lower()]
+    close = folded or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 _TRIAL_CONTEXTS: dict[tuple[str, ...], Any] = {}
@@ -342,6 +355,41 @@ def rename_fields(source: str, renames: Mapping[str, str],
 _PLACEHOLDER = re.compile(r"__S(\d+)__")
 
 
+def string_literals(source: str) -> tuple[str, list[str]]:
+    """``source`` with each string literal replaced by ``__S<i>__``, and the literals' values
+    (quotes and raw prefix removed; escapes kept as written). What the textual checks below
+    and the rules lint (:mod:`fleetgate.policy.lint`) read, so a ``jwt.x`` inside a string
+    is never taken for code."""
+    literals: list[str] = []
+
+    def stash(m: re.Match[str]) -> str:
+        text = m.group(0)
+        text = text[1:] if text[:1] in "rR" else text
+        quote = 3 if text[:3] in (_TRIPLE_1, _TRIPLE_2) else 1
+        literals.append(text[quote:-quote])
+        return f"__S{len(literals) - 1}__"
+
+    return _CEL_STRING.sub(stash, source), literals
+
+
+def field_reads(source: str, root: str = "jwt") -> list[str]:
+    """The top-level fields of ``root`` that ``source`` names (``jwt.team``,
+    ``jwt["team"]``, also inside ``has()``), in order of first appearance. Textual: for
+    warnings only, never for a decision."""
+    code, literals = string_literals(source)
+    return _field_reads(code, literals, root)
+
+
+def _field_reads(code: str, literals: list[str], root: str) -> list[str]:
+    r = re.escape(root)
+    reads: list[str] = []
+    for m in re.finditer(rf"(?<![\w.]){r}\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*__S(\d+)__\s*\])", code):
+        name = m.group(1) if m.group(1) is not None else literals[int(m.group(2))]
+        if name not in reads:
+            reads.append(name)
+    return reads
+
+
 def has_unguarded_access(source: str, root: str = "jwt") -> list[str]:
     """The top-level fields of ``root`` that ``source`` reads without a presence test.
 
@@ -352,27 +400,10 @@ def has_unguarded_access(source: str, root: str = "jwt") -> list[str]:
     ``jwt.team != "x"`` (a token without ``team`` is *not* selected). A textual check, for a
     warning only: it never decides a request.
     """
-    literals: list[str] = []
-
-    def stash(m: re.Match[str]) -> str:
-        literals.append(m.group(0))
-        return f"__S{len(literals) - 1}__"
-
-    code = _CEL_STRING.sub(stash, source)
-
-    def literal_value(index: str) -> str:
-        text = literals[int(index)]
-        text = text[1:] if text[:1] in "rR" else text
-        quote = 3 if text[:3] in (_TRIPLE_1, _TRIPLE_2) else 1
-        return text[quote:-quote]
-
+    code, literals = string_literals(source)
     r = re.escape(root)
-    reads: list[str] = []
-    for m in re.finditer(rf"(?<![\w.]){r}\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*__S(\d+)__\s*\])", code):
-        name = m.group(1) if m.group(1) is not None else literal_value(m.group(2))
-        if name not in reads:
-            reads.append(name)
+    reads = _field_reads(code, literals, root)
     guarded = set(re.findall(rf"(?<![\w.])has\s*\(\s*{r}\s*\.\s*([A-Za-z_]\w*)\s*\)", code))
-    guarded.update(literal_value(i) for i in
+    guarded.update(literals[int(i)] for i in
                    re.findall(rf"__S(\d+)__\s+in\s+{r}(?![\w.\[])", code))
     return [name for name in reads if name not in guarded]

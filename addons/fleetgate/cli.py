@@ -208,7 +208,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
-    from fleetgate.celexpr import has_unguarded_access
     from fleetgate.policy.loader import PolicyError, iter_problems, load_policy
 
     try:
@@ -218,14 +217,13 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         print(f"{len(exc.problems)} problem(s); the rules would be rejected", file=sys.stderr)
         return 1
-    # Warnings, not errors: a selector that reads a claim the token lacks does not select.
-    # Right for `jwt.agent_role == "x"`, a surprise for `jwt.team != "x"`; has() says which.
-    for profile in policy.agents:
-        for claim in has_unguarded_access(profile.match.source):
-            where = f"{profile.source}: " if profile.source else ""
-            print(f"warning: {where}agent profile {profile.name!r}: match reads jwt.{claim} "
-                  f"without has(jwt.{claim}); a token without that claim is not selected "
-                  "by this profile", file=sys.stderr)
+    # Warnings, not errors (fleetgate.policy.lint): legal rules that are probably not meant,
+    # such as a claim no token carries or a comparison that can never be true.
+    for warning in policy.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if policy.warnings and args.strict:
+        print(f"{len(policy.warnings)} warning(s); --strict fails on warnings", file=sys.stderr)
+        return 1
     print(f"ok: revision {policy.revision}, {len(policy.files)} file(s), "
           f"{len(policy.agents)} agent profile(s), {len(policy.rules)} global rule(s), "
           f"{len(policy.revoked.agents) + len(policy.revoked.tokens)} revocation(s), "
@@ -233,6 +231,13 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
           f"{len(policy.mcp.rules) + sum(len(s.rules) for s in policy.mcp.servers)
              + sum(len(a.mcp_rules) for a in policy.agents)} MCP rule(s), "
           f"{len(policy.approvals)} approval tier(s), {len(policy.a2a.agents)} A2A agent(s)")
+    return 0
+
+
+def cmd_rules_schema(args: argparse.Namespace) -> int:
+    from fleetgate.policy.schema import schema_text
+
+    sys.stdout.write(schema_text())
     return 0
 
 
@@ -351,8 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     rules = sub.add_parser("rules", help="work with rules files").add_subparsers(
         dest="rules_cmd", required=True)
     check = rules.add_parser("check", help="validate rules offline, as a reload would")
-    check.add_argument("path")
+    check.add_argument("path", help="rules file or directory")
+    check.add_argument("--strict", action="store_true",
+                       help="exit 1 when there are warnings too (for CI)")
     check.set_defaults(func=cmd_rules_check)
+    schema = rules.add_parser("schema", help="print the JSON Schema of the rules format "
+                              "(rules/fleetgate-rules.schema.json), for editors")
+    schema.set_defaults(func=cmd_rules_schema)
     add_rules_test_command(rules)  # fleetgate rules test: see fleetgate.cli_policytest
 
     token = sub.add_parser("token", help="development tokens").add_subparsers(

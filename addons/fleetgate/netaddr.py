@@ -67,6 +67,31 @@ def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(out)
 
 
+def _refuse_url(text: str) -> None:
+    """A URL where a host belongs (``https://api.github.com/``) is refused with the host
+    name to write instead, not with whatever the host parser trips on first (the ``:`` of
+    the scheme read as a port separator)."""
+    from urllib.parse import urlsplit
+
+    if "://" in text:
+        try:
+            parts = urlsplit(text)
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            host, port = None, None
+        if host:
+            name = f"[{host}]" if ":" in host else host
+            hint = f"{name}:{port}" if port else name
+            raise ValueError(f"{text!r} is a URL: write the host name {hint!r} (a port as "
+                             f"host:port; paths are matched by rules, not here)")
+        raise ValueError(f"{text!r} is a URL: write the host name only (api.example.com)")
+    head, sep, _ = text.partition("/")
+    if sep and head and not head.startswith("[") and any(c.isalpha() for c in head) \
+            and not all(c in "0123456789abcdefABCDEF:." for c in head):
+        raise ValueError(f"{text!r} has a path: write the host name {head!r} (paths are "
+                         "matched by rules, not here)")
+
+
 class HostPattern:
     """One egress allow-list entry: ``api.openai.com``, ``*.example.com``, ``*``, an IP
     address, a CIDR (``10.96.0.0/12``, ``[fd00::/8]``), or any of these with ``:port``.
@@ -90,6 +115,7 @@ class HostPattern:
         text = str(source).strip()
         if not text:
             raise ValueError("empty host pattern")
+        _refuse_url(text)
         host, port = text, None
         if text.startswith("["):
             end = text.find("]")

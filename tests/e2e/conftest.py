@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import trustme
 
 from fleetgate.cli import ca_init
+from fleetgate.policy.loader import PolicyError, load_policy
 from harness import Gateway, Upstream, write_rules
 
 
@@ -59,6 +61,8 @@ def make_gateway(tmp_path: Path, confdir: Path, upstream_ca_file: Path) -> Itera
         gw = Gateway(rules=rules, workdir=workdir, confdir=confdir,
                      upstream_ca=upstream_ca_file, options=options, tool=tool)
         started.append(gw)
+        with contextlib.suppress(PolicyError):  # in-process: the schema audit sees them
+            load_policy(rules)
         return gw.start() if start else gw
 
     yield make

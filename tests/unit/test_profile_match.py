@@ -57,6 +57,7 @@ agents:
 - name: guarded
   match: 'has(jwt.agent_role) && jwt.agent_role == "x"'
   egress: {hosts: [api.example.com]}
+claims: [sub, agent_role, team]
 """
 
 
@@ -67,5 +68,5 @@ def test_rules_check_warns_but_passes(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "ok: revision" in out.out
     warnings = [ln for ln in out.err.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 1, out.err
-    assert "r.yaml:3" in warnings[0] and "'by-team'" in warnings[0]
+    assert "r.yaml:4 at agents[0].match" in warnings[0] and "'by-team'" in warnings[0]
     assert "has(jwt.team)" in warnings[0]

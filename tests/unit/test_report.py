@@ -83,7 +83,8 @@ def test_check_keys_reports_unknown_and_misplaced_keys() -> None:
     report = Reporter("r.yaml")
     check_keys({"rules": [], "rulez": 1, "localRateLimit": []}, "authorization", {"rules"}, report)
     assert [(p.path, p.message) for p in report.problems] == [
-        ("authorization.rulez", "unknown key 'rulez'; expected one of ['rules']"),
+        ("authorization.rulez",
+         "unknown key 'rulez'; expected one of ['rules']; did you mean 'rules'?"),
         ("authorization.localRateLimit",
          "localRateLimit goes under 'policies:' (policies: {localRateLimit: [...]})"),
     ]

@@ -33,6 +33,7 @@ from fleetgate.kill.triggers import TriggerSpec
 from fleetgate.llm.providers import ProviderTable
 from fleetgate.netaddr import IPNetwork
 from fleetgate.policy.credentials import CredentialRoute
+from fleetgate.policy.lint import Lint
 from fleetgate.policy.model import (
     A2aAgent,
     A2aSettings,
@@ -54,7 +55,16 @@ from fleetgate.policy.parse_limits import parse_policies
 from fleetgate.policy.parse_llm import LlmSection, alias_problems, load_source, parse_llm
 from fleetgate.policy.parse_mcp import parse_mcp, parse_mcp_authorization
 from fleetgate.policy.parse_rules import parse_authorization, parse_destinations
-from fleetgate.policy.report import IdSpaces, LineMap, Problem, Reporter, as_list, check_keys
+from fleetgate.policy.report import (
+    IdSpaces,
+    LineMap,
+    Problem,
+    Reporter,
+    as_list,
+    check_keys,
+    str_list,
+)
+from fleetgate.policy.schema import keys
 from fleetgate.rule import Rule
 
 __all__ = ["API_VERSION", "PolicyError", "Problem", "load_policy", "policy_files"]
@@ -63,9 +73,7 @@ API_VERSION = "fleetgate/v1"
 # libyaml's loader when PyYAML was built with it: ~8x faster on large rule sets (bench (g)).
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-_TOP_KEYS = {"apiVersion", "kind", "metadata", "authorization", "agents", "revoked", "llm",
-             "destinations", "mcpAuthorization", "mcp", "policies", "budgets",
-             "killswitch", "delegation", "credentials", "a2a", "approvals"}
+_TOP_KEYS = keys("Policy")
 
 
 class PolicyError(ConfigError):
@@ -154,6 +162,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         parts.report.error_at(parts.report.file, None, key_path, message)
     if parts.report.problems:
         raise PolicyError(parts.report.problems)
+    parts.lint.finish(parts.report)
     return parts.build(digest.hexdigest()[:12], tuple(str(f) for f in files))
 
 
@@ -163,6 +172,7 @@ class _Parts:
     their problems."""
 
     report: Reporter = field(default_factory=Reporter)
+    lint: Lint = field(default_factory=Lint)
     ids: IdSpaces = field(default_factory=IdSpaces)
     rules: list[Rule] = field(default_factory=list)
     agents: list[AgentProfile] = field(default_factory=list)
@@ -188,6 +198,7 @@ class _Parts:
         return Policy(
             revision=revision,
             files=files,
+            warnings=tuple(str(w) for w in self.report.warnings),
             rules=tuple(self.rules),
             agents=tuple(self.agents),
             revoked=Revocations(*(frozenset().union(*(getattr(r, k) for r in self.revoked))
@@ -255,6 +266,8 @@ def _add_document(parts: _Parts, doc: Any, file: Path) -> None:
     if doc.get("kind", "Policy") != "Policy":
         report.error("kind", "kind must be 'Policy'")
     check_keys(doc, "", _TOP_KEYS, report)
+    str_list(doc.get("claims"), "claims", report)  # read by the lint (parts.lint)
+    parts.lint.document(doc, report)
     if "authorization" in doc:
         parts.rules += parse_authorization(doc["authorization"], "authorization", report,
                                            owner=owner, ids=ids.rules)

@@ -23,10 +23,11 @@ from urllib.parse import urlsplit
 from fleetgate.netaddr import HostPattern
 from fleetgate.policy.model import A2aAgent
 from fleetgate.policy.report import Reporter, as_list, check_keys
+from fleetgate.policy.schema import keys
 
 __all__ = ["A2aSection", "parse_a2a"]
 
-_AGENT_KEYS = {"name", "url"}
+_AGENT_KEYS = keys("A2aAgent")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def parse_a2a(node: Any, where: str, report: Reporter, *, names: set[str]) -> A2
     if not isinstance(node, dict):
         report.error(where, "a2a must be a mapping with 'agents' and 'maxDepth'")
         return None
-    check_keys(node, where, {"agents", "maxDepth"}, report)
+    check_keys(node, where, keys("A2a"), report)
     max_depth = None
     if "maxDepth" in node:
         value = node["maxDepth"]

@@ -19,13 +19,13 @@ from fleetgate.policy.parse_limits import parse_policies
 from fleetgate.policy.parse_mcp import parse_capabilities, parse_mcp_authorization
 from fleetgate.policy.parse_rules import host_patterns, mode_of, parse_authorization
 from fleetgate.policy.report import IdSpaces, Reporter, check_keys, str_list
+from fleetgate.policy.schema import keys
 from fleetgate.rule import Mode
 
 __all__ = ["MATCH_ROOTS", "parse_agent", "parse_revoked"]
 
 MATCH_ROOTS = ("jwt",)
-_AGENT_KEYS = {"name", "match", "egress", "authorization", "description", "mcpAuthorization",
-               "allowed_tools", "denied_tools", "policies", "budgets", "telemetry", "mode"}
+_AGENT_KEYS = keys("Agent")
 _CAPTURE_MAX = 1 << 20  # a span attribute past 1 MiB is a collector's problem, not insight
 
 
@@ -53,7 +53,7 @@ def parse_agent(node: Any, where: str, report: Reporter, *, ids: IdSpaces) -> Ag
     if not isinstance(eg, dict):
         report.error(f"{where}.egress", "egress must be a mapping with a 'hosts' list")
     else:
-        check_keys(eg, f"{where}.egress", {"hosts"}, report)
+        check_keys(eg, f"{where}.egress", keys("Egress"), report)
         egress = host_patterns(eg.get("hosts"), f"{where}.egress.hosts", report)
     rules = (parse_authorization(node["authorization"], f"{where}.authorization", report,
                                  owner=name, ids=ids.rules)
@@ -89,7 +89,7 @@ def parse_telemetry(node: Any, where: str, report: Reporter) -> Capture | None:
         report.error(where, "telemetry must be a mapping such as {capture: [prompts, "
                      "completions], maxBytes: 4096}")
         return None
-    check_keys(node, where, {"capture", "maxBytes"}, report)
+    check_keys(node, where, keys("Telemetry"), report)
     raw = node.get("capture", False)
     if raw is True:
         parts = {"prompts", "completions"}
@@ -120,6 +120,6 @@ def parse_revoked(node: Any, where: str, report: Reporter) -> Revocations | None
         report.error(where, "revoked must be a mapping with 'agents', 'tokens', 'roles' "
                      "and/or 'sessions'")
         return None
-    check_keys(node, where, {"agents", "tokens", "roles", "sessions"}, report)
+    check_keys(node, where, keys("Revoked"), report)
     return Revocations(*(frozenset(str_list(node.get(k), f"{where}.{k}", report))
                          for k in ("agents", "tokens", "roles", "sessions")))

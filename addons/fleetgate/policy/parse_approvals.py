@@ -16,12 +16,12 @@ from fleetgate.approvals.model import Tier
 from fleetgate.celexpr import CelError, compile_expr
 from fleetgate.durations import seconds
 from fleetgate.policy.report import Ids, Reporter, as_list, check_keys, str_list
+from fleetgate.policy.schema import keys
 
 __all__ = ["APPROVAL_ROOTS", "MAX_HOLD", "parse_approvals"]
 
 APPROVAL_ROOTS = ("jwt", "request", "llm", "mcp", "a2a")
-_KEYS = {"id", "when", "approvers", "approvedBy", "secondary", "escalateTo", "window", "hold",
-         "reason"}
+_KEYS = keys("Approval")
 # a held request keeps the agent's connection (and an SDK timeout) open: beyond a few
 # minutes the agent should be told "pending" and retry
 MAX_HOLD = 600.0

@@ -10,10 +10,11 @@ from fleetgate.limits.budget import BudgetSpec, Period
 from fleetgate.policy.model import Budget
 from fleetgate.policy.parse_limits import key_and_when, limit_id
 from fleetgate.policy.report import Ids, Reporter, as_list, check_keys
+from fleetgate.policy.schema import keys
 
 __all__ = ["parse_budget", "parse_budgets"]
 
-_BUDGET_KEYS = {"id", "per", "key", "when", "period", "rolling", "usd", "tokens"}
+_BUDGET_KEYS = keys("Budget")
 _BUDGET_PER = ("agent", "role", "session", "fleet")
 
 
@@ -62,7 +63,7 @@ def _amounts(node: dict[str, Any], where: str, report: Reporter) -> dict[str, fl
         if not isinstance(section, dict):
             report.error(f"{where}.{unit}", f"{unit} must be a mapping {{soft, hard}}")
             return None
-        check_keys(section, f"{where}.{unit}", {"soft", "hard"}, report)
+        check_keys(section, f"{where}.{unit}", keys("BudgetAmounts"), report)
         for level in ("soft", "hard"):
             v = section.get(level)
             if v is None:

@@ -15,12 +15,12 @@ from typing import Any
 from fleetgate.netaddr import HostPattern
 from fleetgate.normalize import normalize_path
 from fleetgate.policy.credentials import CONTROL, DEFAULT_HEADER, DEFAULT_TEMPLATE, SLOT, CredentialRoute
-from fleetgate.policy.report import Reporter
+from fleetgate.policy.report import Reporter, check_keys
+from fleetgate.policy.schema import keys
 
 __all__ = ["parse_credentials", "parse_route"]
 
-_KEYS = frozenset({"id", "hosts", "ports", "pathPrefix", "header", "value", "secretFile",
-                   "secretEnv", "remove"})
+_KEYS = keys("Credential")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110 token)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ID = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it ends up in a header, a metric label
@@ -57,9 +57,7 @@ def parse_route(node: Any, where: str, report: Reporter, *, default_id: str,
                      "header, value, ...}")
         return None
     before = len(report.problems)
-    for key in node:
-        if key not in _KEYS:
-            report.error(f"{where}.{key}", f"unknown key {key!r}; expected one of {sorted(_KEYS)}")
+    check_keys(node, where, _KEYS, report)
     rid = _route_id(node, where, report, default_id, taken)
     hosts = _hosts(node.get("hosts"), f"{where}.hosts", report)
     ports = _ports(node, f"{where}.ports", report)

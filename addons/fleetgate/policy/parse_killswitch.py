@@ -43,6 +43,7 @@ from fleetgate.policy.parse_mcp import compile_registered
 from fleetgate.policy.parse_rules import parse_rule
 from fleetgate.policy.parse_triggers import parse_triggers
 from fleetgate.policy.report import Ids, Reporter, check_keys, str_list
+from fleetgate.policy.schema import keys
 from fleetgate.rule import Rule
 
 __all__ = ["KillswitchFile", "KillswitchSection", "parse_delegation", "parse_kill_actions",
@@ -50,8 +51,7 @@ __all__ = ["KillswitchFile", "KillswitchSection", "parse_delegation", "parse_kil
 
 _SCOPE_KEYS = {"agent": ScopeKind.AGENT, "token": ScopeKind.TOKEN, "session": ScopeKind.SESSION,
                "role": ScopeKind.ROLE, "user": ScopeKind.USER, "all": ScopeKind.GLOBAL}
-_ACTION_KEYS = {*_SCOPE_KEYS, "cascade", "reason", "requests", "per"}
-_KILLSWITCH_KEYS = {"stop", "pause", "throttle", "triggers", "files"}
+_KILLSWITCH_KEYS = keys("Killswitch")
 
 
 def _duration(value: Any) -> float:
@@ -109,10 +109,8 @@ def _action(verb: Verb, node: Any, where: str, source: str, report: Reporter) ->
     if not isinstance(node, dict):
         report.error(where, "an entry is a mapping such as {agent: rogue-agent, reason: ...}")
         return None
-    bad = [k for k in node if k not in _ACTION_KEYS or
-           (verb is not Verb.THROTTLE and k in ("requests", "per"))]
-    for k in bad:
-        report.error(f"{where}.{k}", f"unknown key {k!r}")
+    check_keys(node, where, keys("ThrottleAction" if verb is Verb.THROTTLE else "KillAction"),
+               report)
     scopes = [k for k in node if k in _SCOPE_KEYS]
     if len(scopes) != 1:
         report.error(where, "name exactly one scope: agent, token, session, role, user or all")
@@ -195,10 +193,7 @@ def parse_delegation(node: Any, where: str, report: Reporter) -> DelegationPolic
         report.error(where, "delegation must be a mapping with 'roles' and optional 'maxDepth', "
                      "'maxChildren', 'maxTtl'")
         return None
-    for k in node:
-        if k not in {"roles", "maxDepth", "maxChildren", "maxTtl"}:
-            report.error(f"{where}.{k}", f"unknown key {k!r}; expected roles, maxDepth, "
-                         "maxChildren, maxTtl")
+    check_keys(node, where, keys("Delegation"), report)
     roles: dict[str, frozenset[str]] = {}
     raw = node.get("roles", {})
     if not isinstance(raw, dict):

@@ -12,13 +12,13 @@ from fleetgate.limits.bucket import BucketSpec, LimitKind
 from fleetgate.policy.model import RateLimit
 from fleetgate.policy.parse_rules import mode_of
 from fleetgate.policy.report import Ids, Reporter, as_list, check_keys
+from fleetgate.policy.schema import keys
 
 __all__ = ["LIMIT_ROOTS", "key_and_when", "limit_id", "parse_policies", "parse_rate_limit"]
 
 # what a limit's key / when may read: the request, and what it asks of an LLM or MCP server
 LIMIT_ROOTS = ("jwt", "request", "llm", "mcp")
-_LIMIT_KEYS = {"maxTokens", "tokensPerFill", "fillInterval", "type", "id", "key", "when",
-               "mode"}
+_LIMIT_KEYS = keys("RateLimit")
 
 
 def limit_id(node: dict[str, Any], where: str, report: Reporter, *, default_id: str,
@@ -55,7 +55,7 @@ def parse_policies(node: Any, where: str, report: Reporter, *, owner: str,
     if not isinstance(node, dict):
         report.error(where, "policies must be a mapping with a 'localRateLimit' list")
         return []
-    check_keys(node, where, {"localRateLimit"}, report)
+    check_keys(node, where, keys("Policies"), report)
     out = []
     for i, entry in enumerate(as_list(node.get("localRateLimit"), f"{where}.localRateLimit",
                                       report)):

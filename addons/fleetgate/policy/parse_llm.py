@@ -22,6 +22,7 @@ from fleetgate.llm.pricelist import PriceList, read_price_list
 from fleetgate.llm.pricing import Price, PricingTable, price_from_dict
 from fleetgate.llm.providers import Provider, provider_from_dict
 from fleetgate.policy.report import Problem, Reporter, as_list, check_keys
+from fleetgate.policy.schema import keys
 
 __all__ = ["LlmSection", "alias_problems", "load_source", "parse_llm"]
 
@@ -63,7 +64,7 @@ def parse_llm(node: Any, where: str, report: Reporter, *,
     if not isinstance(node, dict):
         report.error(where, "llm must be a mapping with 'providers' and/or 'pricing'")
         return None
-    check_keys(node, where, {"providers", "pricing"}, report)
+    check_keys(node, where, keys("Llm"), report)
     out = LlmSection()
     names = {p.name for p in seen.providers}
     for i, entry in enumerate(as_list(node.get("providers"), f"{where}.providers", report)):
@@ -84,7 +85,7 @@ def _provider(node: Any, where: str, report: Reporter) -> Provider | None:
     if not isinstance(node, dict):
         report.error(where, "a provider is a mapping {name, api, hosts, pathPrefix}")
         return None
-    check_keys(node, where, {"name", "api", "hosts", "pathPrefix"}, report)
+    check_keys(node, where, keys("Provider"), report)
     try:
         return provider_from_dict(node)
     except ValueError as exc:
@@ -100,7 +101,7 @@ def _pricing(node: Any, where: str, report: Reporter, seen: LlmSection,
         report.error(where, "pricing must be a mapping with 'source', 'models', 'overrides' "
                      "and/or 'aliases'")
         return
-    check_keys(node, where, {"source", "models", "overrides", "aliases"}, report)
+    check_keys(node, where, keys("Pricing"), report)
     if "source" in node:
         _source(node["source"], f"{where}.source", report, seen, out)
     for key, before, table in (("models", seen.prices, out.prices),
@@ -112,6 +113,8 @@ def _pricing(node: Any, where: str, report: Reporter, seen: LlmSection,
         for model, entry in models.items():
             at = f"{where}.{key}.{model}"
             name = str(model).lower()
+            if isinstance(entry, dict) and not check_keys(entry, at, keys("Price"), report):
+                continue
             try:
                 price = price_from_dict(str(model), entry)
             except ValueError as exc:

@@ -17,12 +17,13 @@ from fleetgate.mcp.policy import compile_capability, compile_mcp_entry
 from fleetgate.policy.model import McpServer
 from fleetgate.policy.parse_rules import host_patterns, mode_of, parse_rules_section
 from fleetgate.policy.report import Ids, Reporter, as_list, check_keys, str_list
+from fleetgate.policy.schema import keys
 from fleetgate.rule import Mode, Rule
 
 __all__ = ["McpSection", "compile_registered", "parse_capabilities", "parse_mcp",
            "parse_mcp_authorization"]
 
-_SERVER_KEYS = {"name", "hosts", "path", "poisoning", "pins", "mcpAuthorization", "mode"}
+_SERVER_KEYS = keys("McpServer")
 
 
 def compile_registered(rule_id: str, where: str, report: Reporter, ids: Ids,
@@ -44,9 +45,16 @@ def parse_mcp_authorization(node: Any, where: str, report: Reporter, *, owner: s
                             ids: Ids) -> list[Rule]:
     """The seed's ``mcpAuthorization: rules: [...]``: CEL strings allow; fleetgate adds
     ``{deny: CEL}`` entries (argument-aware exceptions) with optional id and reason."""
-    return parse_rules_section(node, where, report, build=lambda entry, at, i: compile_registered(
-        f"{owner}.mcpAuthorization[{i}]", at, report, ids,
-        lambda rid: compile_mcp_entry(entry, rid)))
+    def build(entry: Any, at: str, i: int) -> Rule | None:
+        # keys first (with "did you mean"); an entry with neither allow nor deny is
+        # explained by compile_mcp_entry ("a rule is a CEL string, or ... allow or deny")
+        if isinstance(entry, dict) and {"allow", "deny"} & set(entry) \
+                and not check_keys(entry, at, keys("McpRule"), report):
+            return None
+        return compile_registered(f"{owner}.mcpAuthorization[{i}]", at, report, ids,
+                                  lambda rid: compile_mcp_entry(entry, rid))
+
+    return parse_rules_section(node, where, report, build=build, section="McpAuthorization")
 
 
 def parse_capabilities(node: dict[str, Any], where: str, report: Reporter, *, owner: str,
@@ -81,7 +89,7 @@ def parse_mcp(node: Any, where: str, report: Reporter, *, ids: Ids,
     if not isinstance(node, dict):
         report.error(where, "mcp must be a mapping with 'servers', 'revealDenied', 'detect'")
         return None
-    check_keys(node, where, {"servers", "revealDenied", "detect"}, report)
+    check_keys(node, where, keys("Mcp"), report)
     flags: dict[str, bool] = {}
     for key in ("revealDenied", "detect"):
         if key in node:

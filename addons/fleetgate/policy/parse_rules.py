@@ -14,22 +14,25 @@ from typing import Any
 from fleetgate.celexpr import CelError, compile_expr
 from fleetgate.netaddr import HostPattern, IPNetwork, parse_networks
 from fleetgate.policy.report import Ids, Reporter, as_list, check_keys, str_list
+from fleetgate.policy.schema import keys
 from fleetgate.rule import Effect, Mode, Rule, parse_mode
 
 __all__ = ["REQUEST_ROOTS", "mode_of", "parse_authorization", "parse_destinations", "parse_rule",
            "parse_rules_section"]
 
 REQUEST_ROOTS = ("jwt", "request", "llm", "a2a")
-_RULE_KEYS = {"allow", "deny", "require", "id", "reason", "hosts", "mode"}
+_RULE_KEYS = keys("Rule")
 
 
 def parse_rules_section(node: Any, where: str, report: Reporter, *,
-                        build: Callable[[Any, str, int], Rule | None]) -> list[Rule]:
-    """``{rules: [...]}``, each entry built by ``build(entry, key path, index)``."""
+                        build: Callable[[Any, str, int], Rule | None],
+                        section: str = "Authorization") -> list[Rule]:
+    """``{rules: [...]}``, each entry built by ``build(entry, key path, index)``; ``section``:
+    its object in :data:`fleetgate.policy.schema.MODEL` (the keys it accepts)."""
     if not isinstance(node, dict):
         report.error(where, "must be a mapping with a 'rules' list")
         return []
-    check_keys(node, where, {"rules"}, report)
+    check_keys(node, where, keys(section), report)
     rules = []
     for i, entry in enumerate(as_list(node.get("rules"), f"{where}.rules", report)):
         rule = build(entry, f"{where}.rules[{i}]", i)
@@ -116,7 +119,7 @@ def parse_destinations(node: Any, where: str, report: Reporter) -> list[IPNetwor
     if not isinstance(node, dict):
         report.error(where, "destinations must be a mapping")
         return None
-    check_keys(node, where, {"allowPrivate"}, report)
+    check_keys(node, where, keys("Destinations"), report)
     out: list[IPNetwork] = []
     for i, cidr in enumerate(str_list(node.get("allowPrivate"), f"{where}.allowPrivate", report)):
         try:

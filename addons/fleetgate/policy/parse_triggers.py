@@ -13,12 +13,12 @@ from typing import Any
 from fleetgate.durations import seconds
 from fleetgate.kill.model import ScopeKind, Throttle, Verb
 from fleetgate.kill.triggers import Metric, TriggerSpec
-from fleetgate.policy.report import Reporter
+from fleetgate.policy.report import Reporter, check_keys
+from fleetgate.policy.schema import keys
 
 __all__ = ["parse_trigger", "parse_triggers"]
 
-_YAML_KEYS = {"id", "metric", "above", "window", "per", "roles", "agents", "ladder", "throttle",
-              "hold", "cooldown", "minRequests"}
+_YAML_KEYS = keys("Trigger")
 
 
 def _seconds(value: Any, allow_zero: bool = False) -> float:
@@ -83,9 +83,7 @@ def parse_trigger(node: Any, where: str, report: Reporter) -> TriggerSpec | None
     def bad(key: str, message: str) -> None:
         report.error(f"{where}.{key}" if key else where, message)
 
-    for key in node:
-        if key not in _YAML_KEYS:
-            bad(str(key), f"unknown key {key!r}; expected one of {sorted(_YAML_KEYS)}")
+    check_keys(node, where, _YAML_KEYS, report)
     kw: dict[str, Any] = {}
     tid = node.get("id")
     if not isinstance(tid, str) or not tid.strip():
@@ -155,7 +153,7 @@ def parse_trigger(node: Any, where: str, report: Reporter) -> TriggerSpec | None
 
 
 def _throttle(thr: Any, kw: dict[str, Any], bad: Callable[[str, str], None]) -> None:
-    if not isinstance(thr, dict) or set(thr) - {"requests", "per"} or "requests" not in thr:
+    if not isinstance(thr, dict) or set(thr) - keys("TriggerThrottle") or "requests" not in thr:
         bad("throttle", "throttle must be a mapping {requests: N, per: duration}")
         return
     n = thr["requests"]

@@ -16,13 +16,16 @@ are the checks every section repeats, written once so they say the same thing ev
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-__all__ = ["IdSpaces", "Ids", "LineMap", "Problem", "Reporter", "as_list", "check_keys", "str_list"]
+__all__ = ["IdSpaces", "Ids", "LineMap", "Problem", "Reporter", "as_list", "check_keys",
+           "did_you_mean", "str_list"]
 
 # Keys from the seed dialect that belong elsewhere: refused with a pointer to their place,
 # so an operator never believes a limit is enforced when it is not.
@@ -151,15 +154,30 @@ class IdSpaces:
 
 
 def check_keys(node: dict[str, Any], where: str, allowed: set[str] | frozenset[str],
-               report: Reporter) -> None:
+               report: Reporter) -> bool:
     """Unknown keys are errors, never ignored: a misspelt ``deny`` must not silently become
-    no rule at all."""
+    no rule at all. The message suggests the closest allowed key (``did you mean 'allow'?``).
+    Returns whether every key was known. ``allowed`` comes from
+    :func:`fleetgate.policy.schema.keys`: the one place the keys of the format are declared."""
+    ok = True
     for key in node:
         path = f"{where}.{key}" if where else str(key)
         if key in _MISPLACED and key not in allowed:
             report.error(path, _MISPLACED[key])
+            ok = False
         elif key not in allowed:
-            report.error(path, f"unknown key {key!r}; expected one of {sorted(allowed)}")
+            report.error(path, f"unknown key {key!r}; expected one of {sorted(allowed)}"
+                         + did_you_mean(str(key), allowed))
+            ok = False
+    return ok
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'allow'?"`` for the choice closest to ``word`` (case first), or ``""``."""
+    choices = list(choices)
+    folded = [c for c in choices if c.lower() == word.lower()]
+    close = folded or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def as_list(node: Any, where: str, report: Reporter) -> list[Any]:

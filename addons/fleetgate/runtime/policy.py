@@ -69,6 +69,8 @@ class PolicyService:
         log.info("fleetgate: policy revision %s loaded from %d file(s): %d agent profiles, "
                  "%d global rules", policy.revision, len(policy.files), len(policy.agents),
                  len(policy.rules))
+        for warning in policy.warnings:  # legal but probably not meant (fleetgate.policy.lint)
+            log.warning("fleetgate: rules warning: %s", warning)
         for listener in self._listeners:
             try:
                 listener(old, policy)
