@@ -24,6 +24,7 @@ from fleetgate.cli_approvals import add_approvals_command
 from fleetgate.cli_kill import DEFAULT_ADMIN, add_kill_commands, admin_call
 from fleetgate.cli_policytest import add_rules_test_command
 from fleetgate.cli_pricing import add_pricing_command
+from fleetgate.cli_replay import add_replay_command
 from fleetgate.cli_trace import add_trace_command
 from fleetgate.demo import add_demo_command
 from fleetgate.identity.mint import mint_token, parse_ttl
@@ -143,6 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"fleetgate_admin_listen={args.admin}",
         f"fleetgate_decision_log={args.decision_log}",
     ]
+    if args.record:
+        opts.append(f"fleetgate_record={args.record}")
     if args.state:
         opts.append(f"fleetgate_state={args.state}")
     if args.state_password_file:
@@ -326,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="host:port of the admin API (kill switch, MCP approvals)")
     run.add_argument("--confdir", default=str(DEV_DIR), help="mitmproxy confdir holding the CA")
     run.add_argument("--decision-log", default="-", help="'-' (stdout), a file, or ''")
+    run.add_argument("--record", default="", metavar="FILE",
+                     help="record every flow to FILE (mitmproxy's flow format, credential "
+                          "headers masked) for 'fleetgate replay'; '+FILE' appends "
+                          "(fleetgate_record)")
     run.add_argument("--jwt-secret-file", default="", help="HS256 secret file")
     run.add_argument("--dev", action="store_true",
                      help="create a development CA and HS256 secret under --confdir if missing")
@@ -395,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_approvals_command(sub)  # fleetgate approvals list|show|approve|deny
     add_demo_command(sub)  # fleetgate demo: see fleetgate.demo
     add_trace_command(sub)  # fleetgate trace SESSION: see fleetgate.cli_trace
+    add_replay_command(sub)  # fleetgate replay FLOWS --rules NEW: see fleetgate.cli_replay
     add_pricing_command(sub)  # fleetgate pricing check: see fleetgate.cli_pricing
 
     ca = sub.add_parser("ca", help="certificate authority").add_subparsers(

@@ -11,8 +11,8 @@ defined beside the code that raises them and hang from the branches here::
     │   ├── CostError                celcost.py: a CEL expression's worst-case cost is over a limit
     │   ├── WorkersError             workers.py: ``--workers`` cannot run as asked (also a ValueError)
     │   ├── OperatorsError           approvals/operators.py: the operators file cannot be used
-    │   ├── RequestSpecError         offline/evaluate.py: an offline request is no request (also a ValueError)
-    │   └── CaseError                offline/cases.py: a rules test case cannot be read or run (also a ValueError)
+    │   ├── RequestSpecError         offline/evaluate.py: no request to judge (also a ValueError)
+    │   └── CaseError                offline/cases.py: a test case cannot be run (also a ValueError)
     ├── RequestError                 a message in transit cannot be judged: answered, never relayed
     │   ├── BodyError                bodies.py: the body cannot be inspected (``status`` 400/413)
     │   ├── PathError                normalize.py: the path does not settle (also a ValueError)

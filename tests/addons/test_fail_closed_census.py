@@ -181,6 +181,8 @@ NOT_ENFORCING: dict[tuple[str, str], str] = {
     ("DecisionLog", "responseheaders"): "logging",
     ("DecisionLog", "response"): "logging",
     ("DecisionLog", "error"): "logging",
+    ("FlowRecorder", "response"): "writes a masked copy of a finished flow (recording)",
+    ("FlowRecorder", "error"): "writes a masked copy of a failed flow (recording)",
     ("DecisionLog", "tcp_start"): "logging (ConnectionGuard refuses raw TCP)",
     ("DecisionLog", "udp_start"): "logging (ConnectionGuard refuses raw UDP)",
 }

@@ -39,6 +39,7 @@ from fleetgate.addons.mcp import McpGuard
 from fleetgate.addons.mcp_answers import McpAnswers
 from fleetgate.addons.mcp_operator import McpOperator
 from fleetgate.addons.mcp_owners import McpSharedState
+from fleetgate.addons.record import FlowRecorder
 from fleetgate.addons.request_bodies import RequestBodies
 from fleetgate.addons.reuse_port import ReusePort
 from fleetgate.addons.rules import PolicyStore
@@ -137,4 +138,5 @@ def pipeline() -> list[Any]:
         # refusal of an A2A request as a JSON-RPC error (before the log records its status)
         A2aForward(policies, depths),
         decisions,
+        FlowRecorder(),  # fleetgate_record: a masked copy of the finished flow, for replay
     ]

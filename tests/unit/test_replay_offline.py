@@ -1,0 +1,60 @@
+"""The replay diff: flows whose decision changes, against OLD rules or the recorded decision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fleetgate.offline.evaluate import OfflineRequest
+from fleetgate.offline.replay import Recorded, replay
+from fleetgate.policy.loader import load_policy
+from fleetgate.policy.model import Policy
+
+BASE = """apiVersion: fleetgate/v1
+agents:
+- name: w
+  match: 'has(jwt.agent_role) && jwt.agent_role == "w"'
+  egress: {{hosts: [example.com]}}
+  authorization:
+    rules:
+    - {{id: w.all, allow: 'true'}}
+{extra}"""
+
+
+def _policy(tmp_path: Path, name: str, extra: str = "") -> Policy:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "rules.yaml").write_text(BASE.format(extra=extra))
+    return load_policy(d)
+
+
+def _rec(i: int, path: str, claims: dict[str, str] | None = None,
+         decision: dict[str, object] | None = None) -> Recorded:
+    return Recorded(str(i), OfflineRequest.from_url("GET", f"https://example.com{path}"),
+                    claims if claims is not None else {"sub": "a", "agent_role": "w"},
+                    timestamp=1000.0 + i, decision=decision)
+
+
+def test_lists_exactly_the_flows_whose_decision_changes(tmp_path: Path) -> None:
+    old = _policy(tmp_path, "old")
+    new = _policy(tmp_path, "new", "    - {id: w.no-admin, deny: 'request.path.startsWith(\"/admin\")'}\n")
+    flows = [_rec(1, "/a"), _rec(2, "/admin/x"), _rec(3, "/b"), _rec(4, "/admin")]
+    report = replay(flows, new, old)
+    assert [(c.flow.id, c.old_rule, c.new.rule) for c in report.changes] == [
+        ("2", "w.all", "w.no-admin"), ("4", "w.all", "w.no-admin")]
+    assert report.judged == 4
+    assert replay(flows, old, old).changes == ()
+
+
+def test_recorded_decisions_are_the_baseline_and_missing_identity_is_reported(
+        tmp_path: Path) -> None:
+    new = _policy(tmp_path, "new")
+    allowed = {"allow": True, "rule": "w.all"}
+    flows = [_rec(1, "/a", decision=allowed),
+             _rec(2, "/b", decision={"allow": False, "rule": "w.old-deny"}),
+             Recorded("3", OfflineRequest.from_url("GET", "https://example.com/"), None),
+             _rec(4, "/c")]
+    report = replay(flows, new)
+    assert [(c.flow.id, c.old_allow, c.new.allow) for c in report.changes] == [("2", False, True)]
+    assert [r.id for r in report.no_identity] == ["3"]
+    assert [r.id for r in report.no_baseline] == ["4"]
+    assert report.changes[0].line() == "GET https://example.com/b: deny (w.old-deny) -> allow (w.all)"
