@@ -178,3 +178,45 @@ def test_invalid_canary_leaves_traffic_unaffected(
     with gw.client(token("t-2")) as c:
         assert c.get(f"{upstream.url}/reports/1").status_code == 200
     assert gw.wait_for_decision(lambda d: d["path"] == "/reports/1")["canary"]["allow"] is False
+
+
+REPORT_BUDGET = """
+budgets:
+- id: fleet.report-cap
+  mode: report
+  per: fleet
+  period: day
+  tokens: {hard: 60}
+"""
+
+
+def test_report_mode_budget_never_refuses_but_reports(
+        make_gateway: GatewayFactory, upstream: Upstream, tmp_path: Path) -> None:
+    import httpx
+    import openai  # the agent's own SDK, as in the budget tests
+    from llm_upstream import install, llm_rules_extra
+
+    from harness import ssl_context
+
+    install(upstream)
+    rules = write_rules(tmp_path / "rules.yaml", [upstream.port],
+                        top=llm_rules_extra(upstream.port) + REPORT_BUDGET)
+    gw = make_gateway(rules)
+    http = httpx.Client(proxy=gw.proxy_url(token("b-1")), verify=ssl_context(gw.ca_cert),
+                        timeout=20)
+    with openai.OpenAI(base_url=upstream.url + "/v1", api_key="sk-test", max_retries=0,
+                       http_client=http) as c:
+        for _ in range(4):  # each reserves its input plus max_tokens 20; the cap is 60
+            c.chat.completions.create(model="gpt-4o", max_tokens=20,
+                                      messages=[{"role": "user", "content": "hi"}])
+    assert sum(1 for s in upstream.seen if s.path.endswith("/chat/completions")) == 4
+    assert wait_until(lambda: len([d for d in gw.decisions()
+                                   if d["path"].endswith("/chat/completions")]) == 4)
+    recs = [d for d in gw.decisions() if d["path"].endswith("/chat/completions")]
+    assert all(r["result"] == "allow" for r in recs)
+    would = [w for r in recs for w in r.get("would_deny", [])]
+    assert would and {w["rule"] for w in would} == {"fleet.report-cap"}
+    assert all(w["status"] == 429 and "would be exceeded" in w["reason"] for w in would)
+    assert recs[0].get("budgets", [{}])[0].get("mode") == "report"
+    assert metric(gw, "fleetgate_would_deny_total", "fleet.report-cap") == len(would)
+    assert 'fleetgate_budget_rejections_total{budget="fleet.report-cap"}' not in gw.metrics()

@@ -39,12 +39,15 @@ from mitmproxy import ctx, exceptions, http
 
 from fleetgate.addons.flowtools import allowed, deny, fail_closed, metered_tokens
 from fleetgate.addons.limit_facts import limit_activation, llm_facts, reserved_tokens
+from fleetgate.addons.report_mode import note_would_deny
 from fleetgate.addons.state import cut_of, decision_of, identity_of, llm_usage_of
+from fleetgate.celexpr import Activation
 from fleetgate.errors import StateError
 from fleetgate.limits.budget import Refusal
 from fleetgate.llm.usage import Usage
 from fleetgate.metrics import GatewayMetrics, LabelBudget
 from fleetgate.policy.model import Budget
+from fleetgate.rule import Mode, WouldDeny
 from fleetgate.runtime.listeners import HttpListener
 from fleetgate.runtime.policy import PolicyService
 from fleetgate.runtime.reservations import ReservationBook
@@ -72,6 +75,7 @@ class BudgetGuard:
         self.book = book
         self.spend = book.spend
         self.key_labels = LabelBudget(1000)
+        self._report_holds: dict[str, list[str]] = {}  # flow id -> report-mode reservations
         if health is not None:
             health.routes.get("/budgets", lambda: self.spend.report(self.store.policy))
         store.add_status("budgets", lambda: self.spend.journal.status())
@@ -161,22 +165,58 @@ class BudgetGuard:
         llm = llm_facts(flow)
         if policy is None or decision is None or llm is None:
             return  # budgets count LLM spend
-        budgets = applicable_budgets(policy, list(decision.get("profiles") or ()))
-        if not budgets:
+        every = applicable_budgets(policy, list(decision.get("profiles") or ()))
+        if not every:
             return
+        budgets = [b for b in every if b.mode is Mode.ENFORCE]
+        report = [b for b in every if b.mode is Mode.REPORT]
         ident = identity_of(flow)
         est_in, max_out = reserved_tokens(llm)
         usd = policy.pricing.cost(str(llm.get("model") or ""), Usage(input=est_in, output=max_out))
         who = ident.as_dict() if ident else {}
-        act = limit_activation(flow, budgets)
+        act = limit_activation(flow, every)
+        if budgets:
+            await self._enforce(flow, budgets, llm, who, usd, est_in + max_out, act)
+        if report and allowed(flow) is not None:  # what a budget refused is spent nowhere
+            self._report(flow, report, llm, who, usd, est_in + max_out, act)
+
+    def _report(self, flow: http.HTTPFlow, budgets: list[Budget], llm: dict[str, Any],
+                who: dict[str, Any], usd: float | None, tokens: int,
+                act: Activation | None) -> None:
+        """Report-mode budgets, each on its own: reserve (their spend is their own, by id),
+        report what would have been refused, never refuse. In this gateway's memory and
+        spend store even with Redis; no write-ahead (a crash loses a report reservation)."""
+        would: list[WouldDeny] = []
+        for b in budgets:
+            key = f"{flow.id}|{b.id}"
+            outcome = self.spend.reserve(key, [b], who=who, usd=usd, tokens=tokens, act=act)
+            if outcome.failed is not None and outcome.error is not None:
+                would.append(WouldDeny(b.id, f"budget {b.id} could not be evaluated "
+                                       f"({outcome.error})", 500))
+            elif outcome.failed is not None and outcome.unpriced:
+                would.append(WouldDeny(b.id, f"model {llm.get('model')!r} has no price in "
+                                       f"llm.pricing, so USD budget {b.id} cannot be enforced"))
+            elif outcome.failed is not None and outcome.refusal is not None:
+                reason, _, _ = refusal_text(b, outcome.key, outcome.refusal, outcome.now)
+                would.append(WouldDeny(b.id, reason, 429))
+            elif outcome.held:
+                self._report_holds.setdefault(flow.id, []).append(key)
+                flow.metadata.setdefault(BUDGETS, []).extend(
+                    {**h.as_dict(), "mode": "report"} for h in outcome.held)
+        if would:
+            note_would_deny(flow, self.metrics, would)
+
+    async def _enforce(self, flow: http.HTTPFlow, budgets: list[Budget], llm: dict[str, Any],
+                       who: dict[str, Any], usd: float | None, tokens: int,
+                       act: Activation | None) -> None:
         outcome: SpendOutcome
         if self.spend.redis is not None:
             outcome = await self.spend.reserve_shared(
-                flow.id, budgets, who=who, usd=usd, tokens=est_in + max_out, act=act,
+                flow.id, budgets, who=who, usd=usd, tokens=tokens, act=act,
                 ttl=self._ttl(), wait=ctx.options.fleetgate_state_wait_ms / 1000)
         else:
             outcome = self.spend.reserve(flow.id, budgets, who=who, usd=usd,
-                                         tokens=est_in + max_out, act=act)
+                                         tokens=tokens, act=act)
         b = outcome.failed
         if b is not None and outcome.state is not None:
             self._state_refuse(flow, b, f"the shared budget state could not record it "
@@ -224,21 +264,7 @@ class BudgetGuard:
     def _refuse(self, flow: http.HTTPFlow, b: Budget, key: str, r: Refusal, now: float) -> None:
         self.metrics.budget_rejections.labels(budget=b.id).inc()
         wait = max(1, math.ceil(r.resets_at - now))
-        if r.unit == "usd":
-            limit = b.spec.hard_usd or 0.0
-            used, asked = r.spent.usd + r.promised.usd, r.asked.usd
-            state = f"${used:.4f} of ${limit:g} spent or reserved, this call may cost up to ${asked:.4f}"
-            left = max(0.0, limit - used)
-            left_s = f"${left:.4f}"
-        else:
-            limit_t = b.spec.hard_tokens or 0
-            used_t = r.spent.tokens + r.promised.tokens
-            state = (f"{used_t:,} of {limit_t:,} tokens spent or reserved, this call may use up "
-                     f"to {r.asked.tokens:,}")
-            left_s = f"{max(0, limit_t - used_t):,} tokens"
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.resets_at))
-        reason = (f"budget {b.id} ({b.spec.describe()}) for {key!r} would be exceeded: {state}; "
-                  f"it refills at {when}")
+        reason, left_s, when = refusal_text(b, key, r, now)
         headers = {"Retry-After": str(wait), "x-ratelimit-remaining": left_s.replace(",", ""),
                    "x-ratelimit-reset": str(wait)}
         if wait > ctx.options.fleetgate_limits_no_retry_after:
@@ -259,6 +285,9 @@ class BudgetGuard:
         cost = (llm_usage_of(flow) or {}).get("cost_usd")
         sent = bool(flow.server_conn and flow.server_conn.timestamp_start)
         refused = not (decision_of(flow) or {}).get("allow", True) and not cut_of(flow)
+        for key in self._report_holds.pop(flow.id, ()):
+            self._record(self.spend.settle(key, used, None if cost is None else float(cost),
+                                           charge=sent and not refused))
         if self.spend.redis is not None and self.spend.holding(flow.id):
             pending = self.spend.settle_shared(flow.id, used, None if cost is None else float(cost),
                                                charge=sent and not refused)
@@ -300,3 +329,22 @@ class BudgetGuard:
                     s.hold.budget.id, s.hold.key,
                     f"${s.after.usd:.4f}" if unit == "usd" else f"{s.after.tokens} tokens",
                     f"${spec.soft_usd:g}" if unit == "usd" else f"{spec.soft_tokens} tokens")
+
+
+def refusal_text(b: Budget, key: str, r: Refusal, now: float) -> tuple[str, str, str]:
+    """Why budget ``b`` refuses a call (the reason), what is left, and when it refills."""
+    if r.unit == "usd":
+        limit = b.spec.hard_usd or 0.0
+        used, asked = r.spent.usd + r.promised.usd, r.asked.usd
+        state = f"${used:.4f} of ${limit:g} spent or reserved, this call may cost up to ${asked:.4f}"
+        left_s = f"${max(0.0, limit - used):.4f}"
+    else:
+        limit_t = b.spec.hard_tokens or 0
+        used_t = r.spent.tokens + r.promised.tokens
+        state = (f"{used_t:,} of {limit_t:,} tokens spent or reserved, this call may use up "
+                 f"to {r.asked.tokens:,}")
+        left_s = f"{max(0, limit_t - used_t):,} tokens"
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.resets_at))
+    reason = (f"budget {b.id} ({b.spec.describe()}) for {key!r} would be exceeded: {state}; "
+              f"it refills at {when}")
+    return reason, left_s, when

@@ -9,6 +9,7 @@ from fleetgate.durations import parse_duration
 from fleetgate.limits.budget import BudgetSpec, Period
 from fleetgate.policy.model import Budget
 from fleetgate.policy.parse_limits import key_and_when, limit_id
+from fleetgate.policy.parse_rules import mode_of
 from fleetgate.policy.report import Ids, Reporter, as_list, check_keys
 from fleetgate.policy.schema import keys
 
@@ -110,4 +111,4 @@ def parse_budget(node: Any, where: str, report: Reporter, *, default_id: str,
                       hard_tokens=None if hard_t is None else int(hard_t),
                       soft_tokens=None if soft_t is None else int(soft_t))
     return Budget(bid, spec, "key" if "key" in node else str(per), exprs.get("key"),
-                  exprs.get("when"), report.source(where))
+                  exprs.get("when"), report.source(where), mode=mode_of(node, where, report))

@@ -269,6 +269,7 @@ MODEL: dict[str, Obj] = {
         "rolling": _duration("a rolling window instead of a period"),
         "usd": _ref("BudgetAmounts", "limits in US dollars"),
         "tokens": _ref("BudgetAmounts", "limits in tokens"),
+        "mode": _mode("this budget (its spend is still recorded)"),
     }),
     "BudgetAmounts": Obj("Soft (warn) and hard (refuse) limits.", {
         "soft": _num("warn above this"),
