@@ -187,3 +187,42 @@ def test_bad_mode_is_refused_with_the_choices(tmp_path: Path, where: str) -> Non
                     f"{pmode}  authorization: {{rules: [{rule}]}}\n")
     with pytest.raises(PolicyError, match="mode must be 'enforce' or 'report'"):
         load_policy(path)
+
+
+# -- MCP rules --------------------------------------------------------------------------
+
+def _mcp(entries: list[object]) -> list[object]:
+    from fleetgate.mcp.policy import compile_mcp_rules
+    return list(compile_mcp_rules("srv", entries))
+
+
+def _call(tool: str) -> dict[str, object]:
+    return {"jwt": {}, "request": {}, "mcp": {"tool": {"name": tool, "arguments": {}}}}
+
+
+def test_mcp_report_mode_deny_is_reported_and_the_allow_decides() -> None:
+    from fleetgate.mcp.policy import may_call, may_list
+    rules = _mcp([{"deny": 'mcp.tool.name == "rm"', "mode": "report", "id": "no-rm"},
+                  'mcp.tool.name in ["rm", "ls"]'])
+    v = may_call(rules, _call("rm"))  # type: ignore[arg-type]
+    assert v.allow and v.rule == "srv.mcpAuthorization[1]"
+    assert [w.rule for w in v.would_deny] == ["no-rm"]
+    assert may_list(rules, _call("rm"))  # type: ignore[arg-type]  # never hidden
+    assert may_call(rules, _call("ls")).would_deny == ()  # type: ignore[arg-type]
+
+
+def test_mcp_report_mode_allow_grants_only_when_every_rule_reports() -> None:
+    from fleetgate.mcp.policy import may_call
+    mixed = _mcp([{"allow": 'mcp.tool.name == "ls"', "mode": "report"},
+                  'mcp.tool.name == "cat"'])
+    assert may_call(mixed, _call("ls")).rule == "mcp.default-deny"  # type: ignore[arg-type]
+    only = _mcp([{"allow": 'mcp.tool.name == "ls"', "mode": "report"}])
+    v = may_call(only, _call("rm"))  # type: ignore[arg-type]
+    assert v.allow and v.rule == "report-mode"
+    assert [w.rule for w in v.would_deny] == ["mcp.default-deny"]
+    assert not may_call([], _call("rm")).allow  # no rule at all: still denied
+
+
+def test_mcp_bad_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="mode must be 'enforce' or 'report'"):
+        _mcp([{"allow": "true", "mode": "dry-run"}])
