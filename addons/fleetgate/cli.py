@@ -21,7 +21,8 @@ from typing import Any
 
 import fleetgate
 from fleetgate.cli_approvals import add_approvals_command
-from fleetgate.cli_kill import DEFAULT_ADMIN, add_kill_commands, admin_call
+from fleetgate.cli_config import add_admin_options
+from fleetgate.cli_kill import add_kill_commands, admin_call, emit
 from fleetgate.cli_policytest import add_rules_test_command
 from fleetgate.cli_pricing import add_pricing_command
 from fleetgate.cli_replay import add_replay_command
@@ -281,12 +282,16 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    return admin_call(url, path, body)
+def _admin(args: argparse.Namespace, path: str, body: dict[str, Any] | None = None
+           ) -> dict[str, Any]:
+    return admin_call(args.admin, path, body, args.token_file)
 
 
 def cmd_mcp_pins(args: argparse.Namespace) -> int:
-    report = _admin(args.admin, "/mcp/pins")
+    report = _admin(args, "/mcp/pins")
+    if args.json:
+        emit([json.dumps(report, indent=2)])
+        return 0
     pending = report.get("pending") or []
     print(f"{sum(len(t) for t in (report.get('pins') or {}).values())} pinned tool(s), "
           f"{len(pending)} pending approval")
@@ -300,8 +305,8 @@ def cmd_mcp_pins(args: argparse.Namespace) -> int:
 
 
 def cmd_mcp_approve(args: argparse.Namespace) -> int:
-    _admin(args.admin, "/mcp/approve", {"server": args.server, "tool": args.tool})
-    print(f"approved {args.tool} of {args.server}")
+    out = _admin(args, "/mcp/approve", {"server": args.server, "tool": args.tool})
+    emit([json.dumps(out, indent=2)] if args.json else [f"approved {args.tool} of {args.server}"])
     return 0
 
 
@@ -315,15 +320,47 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = ("The operator CLI of fleetgate, the egress gateway for a fleet of AI agents: "
+               "run the gateway, check and test rules, mint development tokens, operate the "
+               "kill switch, approvals and MCP pins of a running gateway, trace sessions and "
+               "check LLM pricing.")
+EPILOG = ("Commands that call a running gateway find its admin API and token from --admin / "
+          "--token-file, then $FLEETGATE_ADMIN_URL / $FLEETGATE_ADMIN_TOKEN, then the config "
+          "file ($FLEETGATE_CONFIG or ~/.config/fleetgate/config.toml: admin_url, "
+          "admin_token_file), then state/admin-token. Shell completion: "
+          "fleetgate completion bash|zsh|tcsh.")
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """A static completion script for ``args.shell`` from the parser itself (shtab): new
+    commands and flags are completed without anyone editing a script."""
+    import shtab
+
+    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
+def _add_completion_command(sub: Any) -> None:
+    p = sub.add_parser("completion", help="print a shell completion script",
+                       description="Print a completion script for SHELL. bash: "
+                       "fleetgate completion bash > ~/.local/share/bash-completion/completions/"
+                       "fleetgate; zsh: fleetgate completion zsh > \"${fpath[1]}/_fleetgate\".")
+    p.add_argument("shell", choices=["bash", "zsh", "tcsh"], help="the shell to complete in")
+    p.set_defaults(func=cmd_completion)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fleetgate", description=__doc__.splitlines()[0])
-    p.add_argument("--version", action="version", version=version_text())
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(prog="fleetgate", description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--version", action="version", version=version_text(),
+                   help="print fleetgate's and mitmproxy's versions and exit")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the gateway (mitmdump with fleetgate's addons)")
     run.add_argument("--rules", default="rules", help="rules file or directory (default: rules)")
-    run.add_argument("--listen-host", default="127.0.0.1")
-    run.add_argument("--listen-port", type=int, default=8080)
+    run.add_argument("--listen-host", default="127.0.0.1",
+                     help="address agents connect to (default: %(default)s)")
+    run.add_argument("--listen-port", type=int, default=8080,
+                     help="port agents connect to, as their HTTPS_PROXY (default: %(default)s)")
     run.add_argument("--metrics", default="127.0.0.1:15020", help="host:port for /metrics")
     run.add_argument("--admin", default="127.0.0.1:15021",
                      help="host:port of the admin API (kill switch, MCP approvals)")
@@ -378,25 +415,25 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--sub", required=True, help="agent id")
     mint.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE",
                       help="extra claim (JSON values allowed), repeatable")
-    mint.add_argument("--ttl", default="1h")
-    mint.add_argument("--issuer")
-    mint.add_argument("--audience")
+    mint.add_argument("--ttl", default="1h",
+                      help="lifetime, e.g. 30m, 1h, 7d (default: %(default)s)")
+    mint.add_argument("--issuer", help="the iss claim (when the gateway checks one)")
+    mint.add_argument("--audience", help="the aud claim (when the gateway checks one)")
     mint.add_argument("--secret-file", help=f"default: {DEV_DIR}/jwt-hs256.secret")
     mint.set_defaults(func=cmd_token_mint)
 
     mcp = sub.add_parser("mcp", help="MCP tool pins of a running gateway").add_subparsers(
         dest="mcp_cmd", required=True)
     pins = mcp.add_parser("pins", help="list tools waiting for approval (--all: and pins)")
-    pins.add_argument("--all", action="store_true")
+    pins.add_argument("--all", action="store_true", help="list the approved pins too")
     pins.set_defaults(func=cmd_mcp_pins)
     approve = mcp.add_parser("approve", help="approve a pending tool definition")
-    approve.add_argument("server")
-    approve.add_argument("tool")
+    approve.add_argument("server", help="the MCP server's name (as fleetgate mcp pins shows it)")
+    approve.add_argument("tool", help="the tool whose pending definition to approve")
     approve.set_defaults(func=cmd_mcp_approve)
     for sp in (pins, approve):
-        sp.add_argument("--admin", default=os.environ.get("FLEETGATE_ADMIN_URL", DEFAULT_ADMIN),
-                        help="the gateway's admin API URL (token: $FLEETGATE_ADMIN_TOKEN or "
-                             "state/admin-token)")
+        sp.add_argument("--json", action="store_true", help="print the admin API's JSON")
+        add_admin_options(sp)
 
     add_kill_commands(sub)
     add_approvals_command(sub)  # fleetgate approvals list|show|approve|deny
@@ -408,13 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("ca", help="certificate authority").add_subparsers(
         dest="ca_cmd", required=True)
     init = ca.add_parser("init", help="create a CA in mitmproxy's confdir layout")
-    init.add_argument("--dir", default=str(DEV_DIR))
+    init.add_argument("--dir", default=str(DEV_DIR),
+                      help="the confdir to create it in (default: %(default)s)")
     init.add_argument("--cn", default="fleetgate development CA",
                       help="the CA's common name (agents' TLS errors show it)")
     init.add_argument("--org", default="fleetgate", help="the CA's organization")
     init.add_argument("--days", type=int, default=825,
                       help="lifetime in days (default 825; rotate before it ends)")
     init.set_defaults(func=cmd_ca_init)
+    _add_completion_command(sub)  # fleetgate completion bash|zsh|tcsh
     return p
 
 
@@ -422,7 +461,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "mitmproxy_args", None) and args.mitmproxy_args[0] == "--":
         args.mitmproxy_args = args.mitmproxy_args[1:]
-    return int(args.func(args))
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (fleetgate ... | head -1): what it read is what it wanted.
+        # Python flushes stdout again at exit: point it at /dev/null so that flush succeeds.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    return code
 
 
 if __name__ == "__main__":

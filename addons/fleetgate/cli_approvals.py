@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from typing import Any
 
-from fleetgate.cli_kill import DEFAULT_ADMIN, DEFAULT_TOKEN_FILE, admin_call, emit, span, table, when
+from fleetgate.cli_config import add_admin_options
+from fleetgate.cli_kill import admin_call, emit, span, table, when
 
 __all__ = ["add_approvals_command", "format_list", "format_one"]
 
@@ -97,6 +97,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_approve(args: argparse.Namespace) -> int:
     out = _call(args, "/v1/approvals/approve", {"id": args.id, "note": args.note})
+    if args.json:
+        emit([json.dumps(out, indent=2)])
+        return 0
     votes = len(out.get("votes") or [])
     if out.get("status") == "approved":
         emit([f"{out['id']} approved ({', '.join(v['by'] for v in out['votes'])}): the agent's "
@@ -109,6 +112,9 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 def cmd_deny(args: argparse.Namespace) -> int:
     out = _call(args, "/v1/approvals/deny", {"id": args.id, "reason": args.reason})
+    if args.json:
+        emit([json.dumps(out, indent=2)])
+        return 0
     emit([f"{out['id']} denied by {out.get('denied_by')}: the agent is told, and the action "
           "will not be forwarded"])
     return 0
@@ -118,28 +124,25 @@ def add_approvals_command(sub: Any) -> None:
     p = sub.add_parser("approvals", help="actions held for human approval")
     ap = p.add_subparsers(dest="approvals_cmd", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--admin", default=os.environ.get("FLEETGATE_ADMIN_URL", DEFAULT_ADMIN),
-                        help="admin API URL (default $FLEETGATE_ADMIN_URL or %(default)s)")
-        sp.add_argument("--token-file", help="your admin token file (default "
-                        f"$FLEETGATE_ADMIN_TOKEN or {DEFAULT_TOKEN_FILE})")
-
     ls = ap.add_parser("list", help="approvals (pending by default)")
     ls.add_argument("--status", default="pending",
-                    choices=["pending", "approved", "denied", "consumed", "all"])
+                    choices=["pending", "approved", "denied", "consumed", "all"],
+                    help="which approvals (default: %(default)s)")
     ls.add_argument("--json", action="store_true", help="the admin API's JSON")
     ls.set_defaults(func=cmd_list)
     show = ap.add_parser("show", help="one approval: the action, who asked, who decided")
-    show.add_argument("id")
+    show.add_argument("id", help="the approval id (fleetgate approvals list)")
     show.add_argument("--json", action="store_true", help="the admin API's JSON")
     show.set_defaults(func=cmd_show)
     approve = ap.add_parser("approve", help="approve (as the operator your token names)")
-    approve.add_argument("id")
+    approve.add_argument("id", help="the approval id (fleetgate approvals list)")
     approve.add_argument("--note", default="", help="kept with your approval in the audit log")
     approve.set_defaults(func=cmd_approve)
     deny = ap.add_parser("deny", help="deny, final: the agent is told who and why")
-    deny.add_argument("id")
+    deny.add_argument("id", help="the approval id (fleetgate approvals list)")
     deny.add_argument("--reason", required=True, help="told to the agent and kept in the log")
     deny.set_defaults(func=cmd_deny)
+    for sp in (approve, deny):
+        sp.add_argument("--json", action="store_true", help="the admin API's JSON")
     for sp in (ls, show, approve, deny):
-        common(sp)
+        add_admin_options(sp)

@@ -1,9 +1,8 @@
 """The kill-switch CLI: ``fleetgate stop|kill|pause|throttle|resume|unrevoke|status|sessions
 |killlog``, all over the running gateway's admin API (``fleetgate_admin_listen``).
 
-The admin URL comes from ``--admin`` or ``$FLEETGATE_ADMIN_URL`` (default
-``http://127.0.0.1:15021``); the token from ``$FLEETGATE_ADMIN_TOKEN``, ``--token-file`` or
-``state/admin-token`` (what ``fleetgate run`` creates).
+The admin URL and token are found as :mod:`fleetgate.cli_config` says (flag, environment,
+config file, ``state/admin-token``).
 
 What the read commands print is made by pure functions (:func:`format_status`,
 :func:`format_log_row`, :func:`format_tree`) over the admin API's JSON, so it is tested on
@@ -18,36 +17,39 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
-DEFAULT_ADMIN = "http://127.0.0.1:15021"
-DEFAULT_TOKEN_FILE = Path("state/admin-token")
+from fleetgate.cli_config import DEFAULT_ADMIN, DEFAULT_TOKEN_FILE, add_admin_options, resolve_admin
+
+__all__ = ["DEFAULT_ADMIN", "DEFAULT_TOKEN_FILE", "add_kill_commands", "admin_call", "emit",
+           "format_log_row", "format_status", "format_tree", "span", "table", "when"]
 
 
-def admin_call(url: str, path: str, body: dict[str, Any] | None = None,
+def admin_call(url: str | None, path: str, body: dict[str, Any] | None = None,
                token_file: str | None = None) -> dict[str, Any]:
-    """GET (or POST ``body`` to) the running gateway's admin API; exits with its error."""
+    """GET (or POST ``body`` to) the running gateway's admin API; exits with its error.
+    ``url``/``token_file``: the ``--admin``/``--token-file`` flags (``None``: not given), see
+    :func:`fleetgate.cli_config.resolve_admin`."""
     import urllib.error
     import urllib.request
 
+    target = resolve_admin(url, token_file)
+    base = target.url.rstrip("/")
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url.rstrip("/") + path, data=data,
+    req = urllib.request.Request(base + path, data=data,
                                  headers={"Content-Type": "application/json"})
-    token = os.environ.get("FLEETGATE_ADMIN_TOKEN")
-    tf = Path(token_file) if token_file else DEFAULT_TOKEN_FILE
-    if not token and tf.exists():
-        token = tf.read_text().strip()
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
+    if target.token:
+        req.add_header("Authorization", f"Bearer {target.token}")
     try:
         with urllib.request.urlopen(req, timeout=35) as resp:
             return dict(json.loads(resp.read()))
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
-        raise SystemExit(f"fleetgate: {url}{path}: HTTP {exc.code}: {detail}") from None
+        hint = f"; {target.token_hint()}" if exc.code in (401, 403) else ""
+        raise SystemExit(f"fleetgate: {base}{path}: HTTP {exc.code}: {detail}{hint}") from None
     except OSError as exc:
-        raise SystemExit(f"fleetgate: cannot reach the gateway's admin API at {url}: {exc}") from None
+        raise SystemExit(f"fleetgate: cannot reach the gateway's admin API at {base} (from "
+                         f"{target.url_from}): {exc}") from None
 
 
 def _scope(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,6 +76,9 @@ def cmd_act(args: argparse.Namespace) -> int:
         from fleetgate.identity.mint import parse_ttl
         body["for"] = parse_ttl(args.for_)
     out = _call(args, "/v1/actions", body)
+    if args.json:
+        emit([json.dumps(out, indent=2)])
+        return 1 if out.get("error") else 0
     a = out["action"]
     label = a["scope"]["kind"] + (f":{a['scope']['value']}" if a["scope"]["value"] else "") + \
         ("+descendants" if a["scope"]["cascade"] else "")
@@ -94,6 +99,9 @@ def cmd_act(args: argparse.Namespace) -> int:
 def cmd_lift(args: argparse.Namespace) -> int:
     out = _call(args, "/v1/lift", {"action": args.cmd, "scope": _scope(args), "by": args.by,
                                    "reason": args.reason})
+    if args.json:
+        emit([json.dumps(out, indent=2)])
+        return 0
     print(f"{args.cmd}: lifted {len(out['lifted'])} action(s)")
     for a in out["lifted"]:
         print(f"  {a['verb']} {a['id']} ({a['source']}): {a['reason']}")
@@ -264,20 +272,20 @@ def cmd_killlog(args: argparse.Namespace) -> int:
 
 
 def add_kill_commands(sub: Any) -> None:
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--admin", default=os.environ.get("FLEETGATE_ADMIN_URL", DEFAULT_ADMIN),
-                       help="admin API URL (default $FLEETGATE_ADMIN_URL or %(default)s)")
-        p.add_argument("--token-file", help=f"admin token file (default $FLEETGATE_ADMIN_TOKEN "
-                       f"or {DEFAULT_TOKEN_FILE})")
+    common = add_admin_options
 
     def scoped(p: argparse.ArgumentParser) -> None:
         p.add_argument("kind", nargs="?", choices=["agent", "token", "session", "role", "user",
-                                                   "all", "global"])
-        p.add_argument("value", nargs="?")
+                                                   "all", "global"],
+                       help="what the scope names (all/global: the whole fleet)")
+        p.add_argument("value", nargs="?",
+                       help="the agent id, token id (jti), session id, role or user")
         p.add_argument("--all", action="store_true", help="every agent of the fleet")
         p.add_argument("--cascade", action="store_true",
                        help="and every sub-agent session below the sessions it reaches")
-        p.add_argument("--by", default=os.environ.get("USER", "operator"))
+        p.add_argument("--by", default=os.environ.get("USER", "operator"),
+                       help="who acts, for the kill log (default: $USER)")
+        p.add_argument("--json", action="store_true", help="print the admin API's JSON")
         common(p)
 
     for name, helptext in (("stop", "stop: refuse new requests (503), cut in-flight flows"),
@@ -290,29 +298,31 @@ def add_kill_commands(sub: Any) -> None:
         if name in ("pause", "throttle"):
             p.add_argument("--for", dest="for_", help="lift itself after this long (e.g. 10m)")
         if name == "throttle":
-            p.add_argument("--requests", type=int, required=True)
+            p.add_argument("--requests", type=int, required=True,
+                           help="requests allowed per --per period")
             p.add_argument("--per", required=True, help="period, e.g. 10s or 1m")
         p.set_defaults(func=cmd_act)
     for name, helptext in (("resume", "lift pauses and throttles on exactly this scope"),
                            ("unrevoke", "lift stops on exactly this scope")):
         p = sub.add_parser(name, help=helptext)
         scoped(p)
-        p.add_argument("--reason", default="")
+        p.add_argument("--reason", default="", help="goes to the kill log")
         p.set_defaults(func=cmd_lift)
     st = sub.add_parser("status", help="kill-switch actions in force")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="print the admin API's JSON")
     common(st)
     st.set_defaults(func=cmd_status)
     ss = sub.add_parser("sessions", help="the session graph").add_subparsers(
         dest="sessions_cmd", required=True)
     tree = ss.add_parser("tree", help="sessions and their sub-agents, with their state")
-    tree.add_argument("--root")
-    tree.add_argument("--json", action="store_true")
+    tree.add_argument("--root", help="only this session and the sessions below it")
+    tree.add_argument("--json", action="store_true", help="print the admin API's JSON")
     common(tree)
     tree.set_defaults(func=cmd_sessions)
     kl = sub.add_parser("killlog", help="the append-only kill log (actions, lifts, cut flows)")
     kl.add_argument("--action", help="only rows of this action id")
-    kl.add_argument("--limit", type=int, default=100)
-    kl.add_argument("--json", action="store_true")
+    kl.add_argument("--limit", type=int, default=100,
+                    help="the newest N rows (default: %(default)s)")
+    kl.add_argument("--json", action="store_true", help="one JSON object per row (JSON lines)")
     common(kl)
     kl.set_defaults(func=cmd_killlog)

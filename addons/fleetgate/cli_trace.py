@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -24,7 +23,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
-from fleetgate.cli_kill import DEFAULT_ADMIN, DEFAULT_TOKEN_FILE, admin_call
+from fleetgate.cli_config import add_admin_options, resolve_admin
+from fleetgate.cli_kill import admin_call
 from fleetgate.telemetry.tree import build, family_of, render_text, to_json
 
 __all__ = ["add_trace_command", "cmd_trace", "read_family"]
@@ -134,7 +134,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         out = admin_call(args.admin, path, token_file=args.token_file)  # 404: exits, says why
         records = [r for r in out.get("records") or [] if isinstance(r, dict)]
         dropped = {str(k): int(v) for k, v in (out.get("dropped") or {}).items()}
-        where = f"the gateway at {args.admin}"
+        where = f"the gateway at {resolve_admin(args.admin, args.token_file).url}"
         hint = f"read the decision log instead: fleetgate trace {session} --log FILE"
     trace = build(records, session, context=args.ancestors, dropped=dropped)
     if trace is None:
@@ -165,8 +165,5 @@ def add_trace_command(sub: Any) -> None:
     p.add_argument("--log", metavar="FILE", action="extend", nargs="+",
                    help="read decision log files (with their rotated FILE.N siblings; '-': "
                         "stdin) instead of asking the running gateway")
-    p.add_argument("--admin", default=os.environ.get("FLEETGATE_ADMIN_URL", DEFAULT_ADMIN),
-                   help="admin API URL (default $FLEETGATE_ADMIN_URL or %(default)s)")
-    p.add_argument("--token-file", help=f"admin token file (default $FLEETGATE_ADMIN_TOKEN or "
-                   f"{DEFAULT_TOKEN_FILE})")
+    add_admin_options(p)
     p.set_defaults(func=cmd_trace)
