@@ -15,10 +15,12 @@ from mitmproxy import http
 
 from fleetgate.addons.flowtools import allowed, fail_closed
 from fleetgate.addons.kill_flows import DELEGATION, DEPTH, RX, refuse_stop, subject_of
+from fleetgate.addons.report_mode import note_would_deny
 from fleetgate.addons.state import decision_of, llm_usage_of
 from fleetgate.kill.model import Subject, Verb
 from fleetgate.kill.triggers import Event, request_fingerprint
 from fleetgate.metrics import GatewayMetrics
+from fleetgate.rule import WouldDeny
 from fleetgate.runtime.kill import KillService
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,18 @@ class KillWatch:
 
     def _observe(self, event: Event, flow: http.HTTPFlow | None = None) -> None:
         for firing in self.kill.fire(event):
+            if firing.report:  # mode: report: say what it would do, put nothing in force
+                log.warning("fleetgate: report: would %s %s: %s", firing.verb.value,
+                            firing.scope.label, firing.reason)
+                status = 503 if firing.verb in (Verb.STOP, Verb.PAUSE) else 429
+                would = WouldDeny(f"trigger:{firing.trigger}",
+                                  f"would {firing.verb.value} {firing.scope.label}: "
+                                  f"{firing.reason}", status)
+                if flow is not None:
+                    note_would_deny(flow, self.metrics, [would])
+                else:
+                    self.metrics.would_deny.labels(rule=would.rule).inc()
+                continue
             log.warning("fleetgate: %s", firing.reason)
             self.kill.apply(firing.to_action(self.kill.clock()),
                             spare=flow.client_conn if flow is not None else None)

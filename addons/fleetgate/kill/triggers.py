@@ -60,6 +60,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from fleetgate.kill.model import Action, Scope, ScopeKind, Subject, Throttle, Verb
+from fleetgate.rule import Mode
 
 __all__ = ["DEFAULT_LADDER", "DEFAULT_THROTTLE", "Event", "Firing", "Metric", "TriggerEngine",
            "TriggerSpec", "request_fingerprint"]
@@ -114,6 +115,8 @@ class TriggerSpec:
     cooldown: float = 30.0
     min_requests: int = 10
     agents: frozenset[str] = frozenset()
+    # report: a firing is logged and counted ("would stop ..."), never put in force
+    mode: Mode = Mode.ENFORCE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metric", Metric(self.metric))
@@ -237,6 +240,7 @@ class Firing:
     reason: str
     until: float | None = None
     throttle: Throttle | None = None
+    report: bool = False  # the trigger is in report mode: say what it would do, do nothing
 
     def to_action(self, now: float) -> Action:
         return Action(verb=self.verb, scope=self.scope, reason=self.reason, by=self.trigger,
@@ -475,7 +479,7 @@ class TriggerEngine:
         reason = (f"trigger {spec.id}: {detail}; escalation step {state.step + 1} of "
                   f"{len(spec.ladder)}: {step_text}")
         return Firing(trigger=spec.id, scope=scope, verb=verb, step=state.step, reason=reason,
-                      until=until, throttle=throttle)
+                      until=until, throttle=throttle, report=spec.mode is Mode.REPORT)
 
     def snapshot(self, now: float) -> list[dict[str, Any]]:
         """Every tracked (trigger, key): its ladder step (``None``: not escalated) and the

@@ -15,6 +15,7 @@ from fleetgate.kill.model import ScopeKind, Throttle, Verb
 from fleetgate.kill.triggers import Metric, TriggerSpec
 from fleetgate.policy.report import Reporter, check_keys
 from fleetgate.policy.schema import keys
+from fleetgate.rule import parse_mode
 
 __all__ = ["parse_trigger", "parse_triggers"]
 
@@ -142,6 +143,11 @@ def parse_trigger(node: Any, where: str, report: Reporter) -> TriggerSpec | None
             bad("minRequests", f"minRequests must be an integer >= 1 (got {n!r})")
         else:
             kw["min_requests"] = n
+    if "mode" in node:
+        try:
+            kw["mode"] = parse_mode(node["mode"])
+        except ValueError as exc:
+            bad("mode", str(exc))
     if len(report.problems) > before:
         return None
     try:

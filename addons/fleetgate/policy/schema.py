@@ -336,6 +336,8 @@ MODEL: dict[str, Obj] = {
         "hold": _duration("how long an automatic throttle or pause lasts"),
         "cooldown": _duration("minimum time on a step before escalating"),
         "minRequests": _int("rates only: fewest requests before judging"),
+        "mode": _enum("report: log and count what it would do, never act (default enforce)",
+                      ("enforce", "report")),
     }),
     "TriggerThrottle": Obj("A throttle rate.", {
         "requests": _int("requests per 'per'", required=True),
