@@ -110,13 +110,17 @@ def read_flows(paths: list[Path], verifier: Verifier | None) -> Iterator[Recorde
                                 for k, v in req.headers.fields
                                 if k.lower() != b"proxy-authorization")
                 decision = flow.metadata.get("fleetgate.decision")
+                mcp = flow.metadata.get("fleetgate.mcp")
+                calls = mcp.get("calls") if isinstance(mcp, dict) else None
                 yield Recorded(
                     id=flow.id,
                     request=OfflineRequest(req.method, req.scheme, req.host, req.port, req.path,
                                            headers, req.raw_content),
                     claims=claims, timestamp=req.timestamp_start,
                     decision=decision if isinstance(decision, dict) else None,
-                    usage=_usage(flow), mcp_answer=_answer(flow), identity_note=note)
+                    usage=_usage(flow), mcp_answer=_answer(flow), identity_note=note,
+                    mcp_calls=tuple(c for c in calls if isinstance(c, dict))
+                    if isinstance(calls, list) else ())
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

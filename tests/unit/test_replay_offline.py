@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fleetgate.offline.evaluate import OfflineRequest
@@ -58,3 +59,46 @@ def test_recorded_decisions_are_the_baseline_and_missing_identity_is_reported(
     assert [r.id for r in report.no_identity] == ["3"]
     assert [r.id for r in report.no_baseline] == ["4"]
     assert report.changes[0].line() == "GET https://example.com/b: deny (w.old-deny) -> allow (w.all)"
+
+
+MCP = """mcp:
+  servers:
+  - name: tools
+    hosts: [example.com]
+    mcpAuthorization:
+      rules:
+      - {{id: tools.w, allow: 'jwt.agent_role == "w"'}}
+{extra}"""
+
+
+def _call(i: int, tool: str, namespace: str, decision: dict[str, object],
+          calls: tuple[dict[str, object], ...]) -> Recorded:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": tool, "arguments": {"namespace": namespace}}}).encode()
+    req = OfflineRequest.from_url("POST", "https://example.com/mcp", {
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream"}, body)
+    return Recorded(str(i), req, {"sub": "a", "agent_role": "w"}, timestamp=1000.0 + i,
+                    decision=decision, mcp_calls=calls)
+
+
+def test_an_allowed_mcp_call_is_named_by_its_mcp_rule_on_both_sides(tmp_path: Path) -> None:
+    """The gateway's decision names the HTTP rule of an allowed MCP request; its messages'
+    rules are recorded beside it. The diff names the MCP rule on the old side as on the new,
+    so a change reads 'allow (tools.w) -> deny (tools.no-prod)' against recorded decisions
+    exactly as against the old rules."""
+    deny = "      - {id: tools.no-prod, deny: 'mcp.tool.arguments.namespace == \"prod\"'}\n"
+    old = _policy(tmp_path, "old", MCP.format(extra=""))
+    new = _policy(tmp_path, "new", MCP.format(extra=deny))
+    http = {"allow": True, "rule": "w.all"}
+    flows = [_call(i, "kubectl", ns, http, ({"method": "tools/call", "target": "kubectl",
+                                             "allow": True, "rule": "tools.w"},))
+             for i, ns in enumerate(("staging", "prod"), start=1)]
+    for report in (replay(flows, new), replay(flows, new, old)):
+        assert [c.line() for c in report.changes] == [
+            "POST https://example.com/mcp: allow (tools.w) -> deny (tools.no-prod)"]
+    assert replay(flows, old).changes == ()
+    # recorded without its messages (an older recording): the HTTP rule names it too
+    bare = [Recorded(r.id, r.request, r.claims, r.timestamp, r.decision) for r in flows]
+    assert replay(bare, old).changes == ()
+    assert [c.old_rule for c in replay(bare, new).changes] == ["w.all"]

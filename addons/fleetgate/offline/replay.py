@@ -38,6 +38,18 @@ class Recorded:
     usage: Usage | None = None
     mcp_answer: Any = None
     identity_note: str = ""  # how the identity was found (metadata, token) or why not
+    # the MCP messages the gateway judged in it (``fleetgate.mcp`` calls: method, target,
+    # allow, rule), when it was an MCP request
+    mcp_calls: tuple[Mapping[str, Any], ...] = ()
+
+    def recorded_rule(self) -> str:
+        """The rule that decided, named as :attr:`Verdict.rule` names it: for an allowed MCP
+        request the MCP rule of its first message (the gateway's ``decision.rule`` is the
+        HTTP rule that let it reach MCP governance), else the decision's rule."""
+        d = self.decision or {}
+        if d.get("allow") and self.mcp_calls and self.mcp_calls[0].get("rule"):
+            return str(self.mcp_calls[0]["rule"])
+        return str(d.get("rule") or "")
 
 
 @dataclass(frozen=True)
@@ -99,9 +111,9 @@ def replay(flows: Iterable[Recorded], new: Policy, old: Policy | None = None) ->
             old_allow, old_rule = before.allow, before.rule
             same = (old_allow, old_rule) == (verdict.allow, verdict.rule)
         elif r.decision and "allow" in r.decision:
-            old_allow, old_rule = bool(r.decision["allow"]), str(r.decision.get("rule") or "")
-            # the gateway records the HTTP rule of an allowed MCP request (its messages'
-            # rules are in fleetgate.mcp): either names the same decision
+            old_allow, old_rule = bool(r.decision["allow"]), r.recorded_rule()
+            # an allowed MCP request recorded without its messages' rules has only the HTTP
+            # rule: either names the same decision
             same = old_allow == verdict.allow and old_rule in (verdict.rule, verdict.http_rule)
         else:
             no_baseline.append(r)
