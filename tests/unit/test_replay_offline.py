@@ -102,3 +102,47 @@ def test_an_allowed_mcp_call_is_named_by_its_mcp_rule_on_both_sides(tmp_path: Pa
     bare = [Recorded(r.id, r.request, r.claims, r.timestamp, r.decision) for r in flows]
     assert replay(bare, old).changes == ()
     assert [c.old_rule for c in replay(bare, new).changes] == ["w.all"]
+
+
+LIMITED = """  policies:
+    localRateLimit:
+    - {{id: w.burst, maxTokens: 2, tokensPerFill: 2, fillInterval: 1h{mode}}}
+"""
+
+
+def test_report_mode_limits_never_refuse_offline_as_they_never_refuse_live(
+        tmp_path: Path) -> None:
+    """A rate limit rolled out with ``mode: report`` lets every request through at the
+    gateway: replayed against those rules, the recorded traffic is allowed too, and the
+    limit switched to enforce shows the requests it will refuse."""
+    report = _policy(tmp_path, "report", LIMITED.format(mode=", mode: report"))
+    enforce = _policy(tmp_path, "enforce", LIMITED.format(mode=""))
+    flows = [_rec(i, f"/n{i}", decision={"allow": True, "rule": "w.all"}) for i in range(4)]
+    assert replay(flows, report).changes == ()
+    assert [(c.flow.id, c.new.rule, c.new.status) for c in replay(flows, enforce, report)
+            .changes] == [("2", "w.burst", 429), ("3", "w.burst", 429)]
+
+
+BUDGETED = """llm:
+  providers:
+  - {{name: openai, api: openai, hosts: [example.com]}}
+budgets:
+- {{id: w.cap, per: agent, period: day, tokens: {{hard: 60}}{mode}}}
+"""
+
+
+def test_report_mode_budgets_never_refuse_offline(tmp_path: Path) -> None:
+    from fleetgate.offline.evaluate import Evaluator, json_body
+
+    call = OfflineRequest.from_url(
+        "POST", "https://example.com/v1/chat/completions", {"Content-Type": "application/json"},
+        json_body({"model": "gpt-4o", "max_tokens": 20,
+                   "messages": [{"role": "user", "content": "hi"}]}))
+    claims = {"sub": "a", "agent_role": "w"}
+    verdicts = {}
+    for mode in ("", ", mode: report"):
+        ev = Evaluator(_policy(tmp_path, f"b{len(verdicts)}", BUDGETED.format(mode=mode)))
+        verdicts[mode] = [(v.allow, v.rule) for v in (ev.evaluate(claims, call)
+                                                      for _ in range(4))]
+    assert (False, "w.cap") in verdicts[""]
+    assert verdicts[", mode: report"] == [(True, "w.all")] * 4

@@ -14,7 +14,9 @@ not a wait. What is not judged offline (it needs a live exchange or the gateway'
 the address a name resolves to (``destinations.connect``), MCP tool pins and poisoning
 vetting (they need the servers' tool definitions over time), sessions' owners, held
 approvals (a tier is reported, never waited for), the kill switch's state, and streaming
-overruns. Those have their own tests; this module says so rather than guess.
+overruns. Those have their own tests; this module says so rather than guess. Report-mode
+budgets and rate limits are left out, as at the gateway they never refuse (what they would
+refuse is not reported offline yet).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from fleetgate.mcp.messages import McpError, parse_messages
 from fleetgate.normalize import RequestFacts, request_facts
 from fleetgate.policy.decide import NOT_LLM, decide
 from fleetgate.policy.model import McpServer, Policy
+from fleetgate.rule import Mode
 from fleetgate.runtime.reservations_journal import SpendMirror
 from fleetgate.runtime.reservations_rate import RateReservations, applicable_limits
 from fleetgate.runtime.reservations_spend import applicable_budgets, budget_key, resets_at
@@ -348,7 +351,9 @@ class Evaluator:
         taken: list[tuple[str, str, Amount, Any]] = []
         if j.llm is None:
             return None, taken
-        budgets = applicable_budgets(self.policy, list(j.profiles))
+        # report-mode budgets never refuse at the gateway (they only report), so not here
+        budgets = [b for b in applicable_budgets(self.policy, list(j.profiles))
+                   if b.mode is not Mode.REPORT]
         if not budgets:
             return None, taken
         est_in = int(j.llm.get("estimated_input_tokens") or 0)
@@ -402,7 +407,9 @@ class Evaluator:
                 ) -> tuple[tuple[str, str, int] | None, tuple[str, ...]]:
         """``RateLimiter.request``: take from every bucket that applies, all or nothing;
         then settle token reservations to ``usage`` (without it the reservation stands)."""
-        limits = applicable_limits(self.policy, list(j.profiles))
+        # report-mode limits count in buckets of their own and never 429 at the gateway
+        limits = [x for x in applicable_limits(self.policy, list(j.profiles))
+                  if x.mode is not Mode.REPORT]
         if not limits:
             return None, ()
         tokens = None
