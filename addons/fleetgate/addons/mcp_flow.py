@@ -41,7 +41,8 @@ def mcp_scope(mcp: McpService, policy: Policy, flow: http.HTTPFlow, server: McpS
         path=normalize_path(req.path.partition("?")[0]), session_id=sid,
         rules=mcp.rules(policy, server, decision.get("profiles") or ()),
         reveal_denied=policy.mcp.reveal_denied, decision_id=decision_id(flow),
-        poisoning=server.poisoning, pins=server.pins, vetting=mcp.vetting)
+        poisoning=server.poisoning, pins=server.pins, vetting=mcp.vetting,
+        verdicts=mcp.list_verdicts)
 
 
 def has_body(req: http.Request) -> bool:

@@ -25,8 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetgate.celexpr import Activation
+from fleetgate.celexpr import Activation, over_budget_count
 from fleetgate.mcp.facts import LIST_METHODS, base_facts, item_facts, mcp_facts, target_kind
+from fleetgate.mcp.listcache import ListVerdicts
 from fleetgate.mcp.messages import FORBIDDEN, HEADER_MISMATCH, McpError, Message
 from fleetgate.mcp.mode import McpMode
 from fleetgate.mcp.policy import LIST_VARS, McpVerdict, fast_listing, may_call, may_deny, may_list
@@ -62,6 +63,8 @@ class McpScope:
     poisoning: McpMode = McpMode.ENFORCE
     pins: McpMode = McpMode.ENFORCE
     vetting: Vetting | None = None
+    # remembered list verdicts (see fleetgate.mcp.listcache); None: judge every entry
+    verdicts: ListVerdicts | None = None
 
     def activation(self) -> Activation:
         return Activation({"jwt": dict(self.claims), "request": dict(self.request), "mcp": {}})
@@ -244,25 +247,36 @@ def _filter_list(method: str, result: dict[str, Any], scope: McpScope, act: Acti
         verdicts = scope.vetting.vet(scope.server, valid, not result.get("nextCursor"),
                                      scope.poisoning, scope.pins)
     fast = fast_listing(scope.rules)
+    base = base_facts(method, scope.host, scope.path, scope.session_id, scope.server,
+                      listing=True)
     if fast:  # the facts are the same for every entry but its name: set them once
-        act.set("mcp", base_facts(method, scope.host, scope.path, scope.session_id, scope.server,
-                                  listing=True))
+        act.set("mcp", base)
         for var in LIST_VARS.values():
             act.set(var, "")
+    cache = scope.verdicts
+    ckey = (cache.key(scope.rules, scope.claims, scope.request, base) if cache is not None
+            else 0)
     name_var = {"tool": "__tool_name", "prompt": "__prompt_name"}.get(kind, "__resource_uri")
     kept = []
     for item in valid:
         name = str(item.get("name") or item.get("uri") or item.get("uriTemplate") or "")
         why = verdicts.get(name) if kind == "tool" else None
         if why is None:
-            if fast:
-                target = name if kind != "resource" else str(item.get("uri")
-                                                             or item.get("uriTemplate") or "")
-                act.set(name_var, target)
-            else:
-                act.set("mcp", item_facts(method, kind, item, scope.host, scope.path,
-                                          scope.session_id, scope.server))
-            if not may_list(scope.rules, act, listing=fast):
+            # all the rules see of the entry (fleetgate.mcp.facts.item_facts): its target
+            target = (str(item.get("uri") or item.get("uriTemplate") or "") if kind == "resource"
+                      else name if fast else str(item.get("name") or ""))
+            shown = cache.get(ckey, kind, target) if cache is not None else None
+            if shown is None:
+                over = over_budget_count()
+                if fast:
+                    act.set(name_var, target)
+                else:
+                    act.set("mcp", item_facts(method, kind, item, scope.host, scope.path,
+                                              scope.session_id, scope.server))
+                shown = may_list(scope.rules, act, listing=fast)
+                if cache is not None and over_budget_count() == over:  # a verdict judged in time
+                    cache.put(ckey, kind, target, shown)
+            if not shown:
                 why = "no mcpAuthorization rule allows it"
         if why is None:
             kept.append(item)

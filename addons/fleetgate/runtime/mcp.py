@@ -10,7 +10,8 @@ Built once in ``pipeline()`` and handed to the addons that judge requests
 - the tool vetting and its pins (:class:`fleetgate.mcp.vetting.Vetting` over
   :class:`fleetgate.mcp.pins.Pins`, saved to a :class:`fleetgate.stores.pins.PinStore`),
   with the definitions pending an operator's approval;
-- which server a request goes to, and the rules that apply there (cached per policy).
+- which server a request goes to, and the rules that apply there (cached per policy), and
+  the list verdicts of those rules (:class:`fleetgate.mcp.listcache.ListVerdicts`).
 
 Operators reach it through ``/mcp/pins`` (GET) and ``/mcp/approve`` (POST) on the
 :class:`~fleetgate.runtime.listeners.Routes` table handed in, and through the addon's
@@ -35,6 +36,7 @@ import redis
 
 from fleetgate.errors import StateError
 from fleetgate.mcp.exchange import looks_like_mcp
+from fleetgate.mcp.listcache import ListVerdicts
 from fleetgate.mcp.mode import McpMode
 from fleetgate.mcp.pins import Pending, PinMap, Pins
 from fleetgate.mcp.sessions import Sessions
@@ -74,6 +76,8 @@ class McpService:
         self.vetting = Vetting(Pins(), self._on_report)
         self._rules_cache: dict[tuple[str, tuple[str, ...]], tuple[Rule, ...]] = {}
         self._rules_policy: Policy | None = None
+        # list verdicts, dropped with the rules when the policy changes (a reload)
+        self.list_verdicts = ListVerdicts()
         if routes is not None:
             routes.get("/mcp/pins", self.pins_report)
             routes.post("/mcp/approve", self._admin_approve)
@@ -202,6 +206,7 @@ class McpService:
         top-level ones, the server's, the profiles'."""
         if policy is not self._rules_policy:  # a new policy: new rules
             self._rules_cache.clear()
+            self.list_verdicts.clear()
             self._rules_policy = policy
         key = (server.name, tuple(profiles))
         rules = self._rules_cache.get(key)
