@@ -22,6 +22,7 @@ from mitmproxy import ctx, http
 from fleetgate.addons.flowtools import close_flow, mark_cut
 from fleetgate.addons.state import agent_of
 from fleetgate.llm.decoding import StreamDecoder
+from fleetgate.llm.request import estimate_input_tokens
 from fleetgate.llm.tokenizer import count_tokens
 from fleetgate.llm.usage import StreamAccountant, Usage, usage_from_json
 from fleetgate.runtime.reservations import Overrun
@@ -97,6 +98,20 @@ class StreamCounter:
         return self.owner.overrun(self.flow, est_in, self.out_tokens,
                                   str(self.llm.get("model") or ""))
 
+    def _input_estimate(self) -> int:
+        """The prompt's token estimate, for usage the provider did not report: the
+        inspector's when the policy had it counted, else counted now from the request body.
+        Metering needs it only then, so only then does a policy that needs no pre-flight
+        estimate load a tokenizer."""
+        llm = self.llm
+        if llm.get("input_estimated", True):
+            return int(llm.get("estimated_input_tokens") or 0)
+        try:
+            body = json.loads(self.flow.request.get_content(strict=False) or b"null")
+        except ValueError:  # the inspector parsed it before: only a rewrite could break it
+            return 0
+        return estimate_input_tokens(body, llm.get("model") or None)
+
     def _stop(self, over: Overrun) -> bytes:
         """End the stream here: a final error event the provider's SDK raises, then the
         connection is closed (shortly, so the event is flushed first)."""
@@ -129,7 +144,6 @@ class StreamCounter:
             cut = False
         req_end = flow.request.timestamp_end
         ttft = (self.first_at - req_end) if (self.first_at and req_end and self.sse) else None
-        est_in = int(llm.get("estimated_input_tokens") or 0)
         usage: Usage | None = None
         response_model: str | None = None
         if self.broken:
@@ -138,7 +152,7 @@ class StreamCounter:
         if self.sse:
             response_model = self.accountant.model
             if self.accountant.events or cut:
-                usage = self.accountant.finish(est_in)
+                usage = self.accountant.finish(self._input_estimate)
             if cap:
                 flow.metadata[CAPTURED_OUTPUT] = "".join(self.accountant.text)[:int(cap)]
         elif not self.overflow and not self.broken and self.body:
@@ -154,7 +168,7 @@ class StreamCounter:
         if self.broken and usage is not None:
             usage = replace(usage, estimated=True)  # we may have missed part of the stream
         if usage is None and (cut or self.broken or self.overflow):
-            usage = Usage(input=est_in, estimated=True)
+            usage = Usage(input=self._input_estimate(), estimated=True)
         if not llm.get("operation") or llm.get("operation") == "count_tokens":
             usage = None  # counting tokens is free: nothing was generated or billed
         outcome = "cut" if cut else ("ok" if 200 <= self.status < 300 else f"http_{self.status}")

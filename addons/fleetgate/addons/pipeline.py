@@ -111,7 +111,7 @@ def pipeline() -> list[Any]:
         # requestheaders: bound the body, stream it when nothing reads it (runs the request
         # hook before the body then), refuse it early when a reader could not read it
         RequestBodies(policies, mcp, kill),
-        LlmInspector(policies, metrics),
+        LlmInspector(policies, metrics, canary),
         A2aGuard(policies, depths),  # A2A messages: strict body, a2a.* facts, counted depth
         HttpAuthorization(policies, metrics, [health, admin], canary),
         McpOperator(mcp),  # the MCP options and commands

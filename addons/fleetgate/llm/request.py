@@ -11,7 +11,8 @@ from fleetgate.bodies import BodyError, decode_body, parse_json
 from fleetgate.llm.providers import LlmRoute
 from fleetgate.llm.tokenizer import count_tokens
 
-__all__ = ["LlmRequest", "LlmRequestError", "decode_body", "parse_json", "parse_request"]
+__all__ = ["LlmRequest", "LlmRequestError", "decode_body", "estimate_input_tokens",
+           "parse_json", "parse_request", "prompt_text"]
 
 LlmRequestError = BodyError  # the body-level refusal (400/413), shared with MCP
 
@@ -27,8 +28,9 @@ class LlmRequest:
     streaming: bool
     max_tokens: int | None
     tools: tuple[str, ...]
-    estimated_input_tokens: int
+    estimated_input_tokens: int  # 0 when not estimated (see parse_request's ``estimate``)
     include_usage: bool  # OpenAI chat streams: did the client ask for the usage chunk
+    input_estimated: bool = True  # False: estimated_input_tokens was not computed
 
     def to_cel(self) -> dict[str, Any]:
         return {
@@ -81,8 +83,26 @@ def _tool_names(api: str, body: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def parse_request(route: LlmRoute, body: Any, path: str) -> LlmRequest:
-    """Facts from a decoded JSON body (see :func:`parse_json`)."""
+def prompt_text(body: Mapping[str, Any]) -> str:
+    """The text of a request's prompt-bearing parts, as the input estimate counts it."""
+    texts: list[str] = []
+    for key in _PROMPT_KEYS:
+        if key in body:
+            _texts(body[key], texts)
+    return "\n".join(texts)
+
+
+def estimate_input_tokens(body: Any, model: str | None) -> int:
+    """The pre-flight input estimate of a decoded JSON body (0 for a non-object)."""
+    return count_tokens(prompt_text(body), model) if isinstance(body, dict) else 0
+
+
+def parse_request(route: LlmRoute, body: Any, path: str, *, estimate: bool = True) -> LlmRequest:
+    """Facts from a decoded JSON body (see :func:`parse_json`).
+
+    ``estimate=False`` skips the input estimate (``estimated_input_tokens`` is 0,
+    ``input_estimated`` False) so that a policy none of whose rules, limits or budgets needs
+    it never loads a tokenizer (:attr:`Policy.needs_input_estimate`)."""
     if not isinstance(body, dict):
         raise LlmRequestError(400, "LLM request body must be a JSON object")
     model = body.get("model") if isinstance(body.get("model"), str) else route.path_model
@@ -96,15 +116,11 @@ def parse_request(route: LlmRoute, body: Any, path: str) -> LlmRequest:
                                              "max_output_tokens") if k in body), None)
     if not (isinstance(max_tokens, int) and not isinstance(max_tokens, bool)):
         max_tokens = None
-    texts: list[str] = []
-    for key in _PROMPT_KEYS:
-        if key in body:
-            _texts(body[key], texts)
     opts = body.get("stream_options")
     include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
     return LlmRequest(
         provider=route.provider, api=route.api, operation=route.operation, model=model,
         streaming=streaming, max_tokens=max_tokens, tools=_tool_names(route.api, body),
-        estimated_input_tokens=count_tokens("\n".join(texts), model),
-        include_usage=include_usage,
+        estimated_input_tokens=estimate_input_tokens(body, model) if estimate else 0,
+        include_usage=include_usage, input_estimated=estimate,
     )

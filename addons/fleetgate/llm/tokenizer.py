@@ -3,6 +3,11 @@
 tiktoken downloads its encodings on first use, which fails in air-gapped clusters. The two
 official encodings ship inside this package (``encodings/``, named as tiktoken's cache
 expects), and ``TIKTOKEN_CACHE_DIR`` points there before the first ``get_encoding``.
+
+tiktoken and its tables are imported and loaded on the first count, never at import: an
+encoding costs ~80 MiB of RSS, spent only when the running policy needs a pre-flight estimate
+(:attr:`~fleetgate.policy.model.Policy.needs_input_estimate`) or a provider streams an answer
+without reporting its usage.
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import tiktoken
+if TYPE_CHECKING:
+    import tiktoken
 
-__all__ = ["count_tokens", "encoding_for_model"]
+__all__ = ["count_tokens", "encoding_for_model", "loaded_encodings"]
 
 ENCODINGS_DIR = Path(__file__).resolve().parent / "encodings"
 
@@ -31,7 +38,14 @@ def _encoding(name: str) -> tiktoken.Encoding:
         Path(os.environ["TIKTOKEN_CACHE_DIR"]).exists()
     ):
         os.environ["TIKTOKEN_CACHE_DIR"] = str(ENCODINGS_DIR)
+    import tiktoken  # here, not at module level: see the module docstring
+
     return tiktoken.get_encoding(name)
+
+
+def loaded_encodings() -> int:
+    """How many encodings this process has loaded (0 until the first count)."""
+    return _encoding.cache_info().currsize
 
 
 def encoding_for_model(model: str | None) -> str:

@@ -18,6 +18,7 @@ counts the text that actually streamed and marks the figure ``estimated``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -225,11 +226,14 @@ class StreamAccountant:
             elif isinstance(choice.get("text"), str):
                 self.text.append(choice["text"])
 
-    def finish(self, estimated_input: int = 0) -> Usage:
-        """The usage the provider reported, or an estimate from what streamed."""
+    def finish(self, estimated_input: int | Callable[[], int] = 0) -> Usage:
+        """The usage the provider reported, or an estimate from what streamed (the tokenizer
+        loads only here, when the provider reported none). ``estimated_input`` may be a
+        callable, called only when the input must be estimated too."""
         if self.complete and self.usage is not None:
             return self.usage
         streamed = count_tokens("".join(self.text), self.model)
         if self.usage is not None:  # e.g. Anthropic message_start seen, stream then cut
             return replace(self.usage, output=max(self.usage.output, streamed), estimated=True)
-        return Usage(input=estimated_input, output=streamed, estimated=True)
+        est_in = estimated_input() if callable(estimated_input) else estimated_input
+        return Usage(input=est_in, output=streamed, estimated=True)

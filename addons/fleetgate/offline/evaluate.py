@@ -237,7 +237,8 @@ class Evaluator:
             return None, None
         try:
             raw = decode_body(req.body or b"", req.header("content-encoding"), MAX_BODY)
-            parsed = parse_request(route, parse_json(raw), facts.path)
+            parsed = parse_request(route, parse_json(raw), facts.path,
+                                   estimate=self.policy.needs_input_estimate)
         except BodyError as exc:
             return None, _deny("llm", "llm.body", exc.message, exc.status)
         return {"is_llm": True, **parsed.to_cel()}, None

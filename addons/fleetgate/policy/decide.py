@@ -143,14 +143,17 @@ def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts,
         data["a2a"] = cel_view(a2a)
     activation = Activation(data)
     profiles: list[AgentProfile] = []
-    lacking: list[str] = []  # selectors that read a claim this token does not carry
     reported: list[WouldDeny] = []
-    for profile in policy.agents:
+    # only the profiles whose match can select these claims, in file order (ProfileIndex);
+    # lacking: (position, text) of selectors that read a claim this token does not carry
+    candidates, lacking_at = policy.profile_index.candidates(claims)
+    for pos in candidates:
+        profile = policy.agents[pos]
         try:
             if profile.match.evaluate(activation):
                 profiles.append(profile)
-        except MissingField as exc:
-            lacking.append(f"{profile.name} ({exc})")  # does not select; said if none does
+        except MissingField as exc:  # does not select; said if none does
+            lacking_at.append((pos, f"{profile.name} ({exc})"))
         except CelError as exc:
             why = (f"agent selector {profile.name!r} could not be evaluated ({exc}); "
                    "denied rather than guessed")
@@ -161,6 +164,7 @@ def decide(policy: Policy, claims: Mapping[str, Any], facts: RequestFacts,
     names = tuple(p.name for p in profiles)
     wd = tuple(reported)
     if not profiles:
+        lacking = [text for _, text in sorted(lacking_at)]
         detail = (f" (the token lacks a claim read by {', '.join(lacking[:3])}"
                   f"{', ...' if len(lacking) > 3 else ''})" if lacking else "")
         return Decision.deny("no-profile",

@@ -30,6 +30,7 @@ from fleetgate.errors import ConfigError
 from fleetgate.kill.delegation import DelegationPolicy
 from fleetgate.kill.model import Action
 from fleetgate.kill.triggers import TriggerSpec
+from fleetgate.limits.bucket import LimitKind
 from fleetgate.llm.providers import ProviderTable
 from fleetgate.netaddr import IPNetwork
 from fleetgate.policy.credentials import CredentialRoute
@@ -133,6 +134,9 @@ def fingerprint(path: Path) -> tuple[tuple[str, int, int, int], ...]:
     return tuple(out)
 
 
+ESTIMATE_FACT = "estimated_input_tokens"
+
+
 def load_policy(path: str | os.PathLike[str]) -> Policy:
     """Read every file at ``path`` and build the policy, or raise :class:`PolicyError`."""
     root = Path(path)
@@ -151,6 +155,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
             continue
         digest.update(f.name.encode() + b"\0" + text.encode() + b"\0")
         _add_file(parts, str(f), text)
+        parts.mentions_estimate |= ESTIMATE_FACT in text
     for name, text in parts.documents:  # referenced KILLSWITCH.md files are policy too
         digest.update(name.encode() + b"\0" + text.encode() + b"\0")
     listed = load_source(parts.llm)  # llm.pricing.source: the price list, read once
@@ -163,7 +168,9 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     if parts.report.problems:
         raise PolicyError(parts.report.problems)
     parts.lint.finish(parts.report)
-    return parts.build(digest.hexdigest()[:12], tuple(str(f) for f in files))
+    policy = parts.build(digest.hexdigest()[:12], tuple(str(f) for f in files))
+    _ = policy.profile_index  # built here, in the loader's thread, not on a request
+    return policy
 
 
 @dataclass
@@ -193,6 +200,7 @@ class _Parts:
     a2a_agents: list[A2aAgent] = field(default_factory=list)
     a2a_names: set[str] = field(default_factory=set)
     a2a_max_depth: int | None = None
+    mentions_estimate: bool = False  # some rules file names llm.estimated_input_tokens
 
     def build(self, revision: str, files: tuple[str, ...]) -> Policy:
         return Policy(
@@ -205,6 +213,7 @@ class _Parts:
                                   for k in ("agents", "tokens", "roles", "sessions"))),
             allow_private=tuple(self.allow_private),
             cel_inputs=_cel_inputs(self.rules, self.agents),
+            needs_input_estimate=self.needs_input_estimate(),
             providers=ProviderTable(self.llm.providers),
             pricing=self.llm.pricing(),
             limits=tuple(self.limits),
@@ -220,6 +229,17 @@ class _Parts:
                             reveal_denied=self.mcp_flags.get("revealDenied", False),
                             detect=self.mcp_flags.get("detect", True)),
         )
+
+    def needs_input_estimate(self) -> bool:
+        """Whether LLM requests need a pre-flight input estimate (tiktoken, ~80 MiB of
+        tables): a budget reserves estimated cost, a ``type: tokens`` limit reserves
+        estimated tokens, and an expression may read ``llm.estimated_input_tokens``. The
+        name anywhere in a rules file (even a comment) counts: over-including only costs
+        memory, leaving it out would hand a rule 0."""
+        limits = [*self.limits, *(lim for a in self.agents for lim in a.limits)]
+        return (self.mentions_estimate or bool(self.budgets)
+                or any(a.budgets for a in self.agents)
+                or any(lim.spec.kind is LimitKind.TOKENS for lim in limits))
 
 
 def _cel_inputs(rules: list[Rule], agents: list[AgentProfile]) -> frozenset[str]:

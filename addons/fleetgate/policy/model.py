@@ -8,6 +8,7 @@ another, so a request never sees half a reload.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from fleetgate.approvals.model import Tier
 from fleetgate.celexpr import Expr
@@ -21,6 +22,7 @@ from fleetgate.llm.providers import ProviderTable
 from fleetgate.mcp.mode import McpMode
 from fleetgate.netaddr import HostPattern, IPNetwork
 from fleetgate.policy.credentials import CredentialRoute
+from fleetgate.policy.profile_index import ProfileIndex
 from fleetgate.rule import Mode, Rule
 
 __all__ = [
@@ -210,6 +212,10 @@ class Policy:
     # Optional parts of the CEL input some rule reads ("query", "headers", "llm", "a2a"): the rest
     # is never converted for the engine (see RequestFacts.to_cel).
     cel_inputs: frozenset[str] = frozenset({"query", "headers", "llm", "a2a"})
+    # Whether LLM requests need llm.estimated_input_tokens (a pre-flight tiktoken count): some
+    # expression reads it, a `type: tokens` limit or a budget reserves it. Decided once per load
+    # (policy.loader); when False the LLM inspector leaves it 0 and never loads a tokenizer.
+    needs_input_estimate: bool = True
     providers: ProviderTable = field(default_factory=ProviderTable)
     pricing: PricingTable = field(default_factory=PricingTable)
     mcp: McpSettings = field(default_factory=McpSettings)
@@ -224,3 +230,10 @@ class Policy:
     # what `fleetgate rules check` prints and a reload logs: legal, probably not meant
     # (fleetgate.policy.lint), one "file:line at path: message" line each
     warnings: tuple[str, ...] = ()
+
+    @cached_property
+    def profile_index(self) -> ProfileIndex:
+        """``agents`` indexed by what their ``match`` compares, so a decision evaluates only
+        the selectors that can pick a token. Built by the loader, off the event loop; a
+        policy made by ``dataclasses.replace`` builds its own on first use."""
+        return ProfileIndex(self.agents)
