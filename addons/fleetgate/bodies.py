@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_MAX_JSON_DEPTH",
     "BodyError",
     "decode_body",
+    "max_json_depth",
     "nesting_exceeds",
     "parse_json",
     "set_max_json_depth",
@@ -117,6 +118,11 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                                   "on which value wins")
         out[k] = v
     return out
+
+
+def max_json_depth() -> int:
+    """The nesting bound :func:`parse_json` applies when not given one."""
+    return _max_json_depth
 
 
 def set_max_json_depth(depth: int) -> None:

@@ -20,10 +20,12 @@ from mitmproxy import http
 
 from fleetgate.addons.flowtools import cut_flow
 from fleetgate.addons.state import agent_of, clear_mcp, comment_text, set_comment
-from fleetgate.bodies import BodyError, parse_json
+from fleetgate.bodies import BodyError, max_json_depth, parse_json
 from fleetgate.llm.decoding import StreamDecoder
 from fleetgate.mcp.engine import McpScope, id_key, rewrite_message
 from fleetgate.mcp.exchange import read_identifiers
+from fleetgate.mcp.facts import base_facts
+from fleetgate.mcp.listcache import AnswerCache
 from fleetgate.mcp.messages import McpError
 from fleetgate.mcp.sse import Event, SseRewriter
 from fleetgate.metrics import GatewayMetrics
@@ -45,6 +47,10 @@ class AnswerFilter:
         ValueError: the answer is withheld."""
         if not text.strip():
             return None
+        known = self._cached(text, self.meta.get("methods") or {},
+                             self.meta.get("substitutions") or {})
+        if known is not None:
+            return known[0]
         try:
             obj = parse_json(text)
         except BodyError:
@@ -54,11 +60,15 @@ class AnswerFilter:
                 self.meta["dropped_body"] = len(text)
                 return b""
             raise
+        methods: dict[str, str] = self.meta.get("methods") or {}
+        subs: dict[str, Any] = self.meta.get("substitutions") or {}
+        key, version = self._cache_key(text, methods, subs)
         hidden: list[tuple[str, str]] = []
-        new = rewrite_message(obj, self.meta.get("methods") or {},
-                              self.meta.get("substitutions") or {}, self.scope, hidden)
+        new = rewrite_message(obj, methods, subs, self.scope, hidden)
         self._hidden(hidden)
-        return None if new is obj else json.dumps(new, separators=(",", ":")).encode()
+        out = None if new is obj else json.dumps(new, separators=(",", ":")).encode()
+        self._remember(key, version, out, hidden)
+        return out
 
     def event(self, event: Event) -> str | None:
         """The event's new data, or ``None`` to pass it unchanged. Raises ValueError: the
@@ -83,25 +93,66 @@ class AnswerFilter:
             return None
         if not event.data.strip():
             return None
+        sid = meta.get("session")
+        data = event.data.encode()
+        if not sid:  # answers owed on other exchanges are looked up by id: parsed below
+            known = self._cached(data, meta.get("methods") or {}, meta.get("substitutions") or {})
+            if known is not None:
+                return None if known[0] is None else known[0].decode()
         # Every event with data, whatever its type (a raw client may read any), through the
         # parser JSON answers go through: strict, duplicate keys refused.
         try:
-            obj = parse_json(event.data.encode())
+            obj = parse_json(data)
         except BodyError as exc:
             raise ValueError(f"an event's data is unreadable: {exc.message}") from None
         methods: dict[str, str] = meta.get("methods") or {}
         subs: dict[str, dict[str, Any]] = meta.get("substitutions") or {}
-        sid = meta.get("session")
         if sid:  # answers to requests sent on other exchanges of the session
             s_methods, s_subs = self.mcp.sessions.owed(self.scope.server, sid)
             ids = [id_key(o.get("id")) for o in (obj if isinstance(obj, list) else [obj])
                    if isinstance(o, dict) and "method" not in o]
             methods = {**methods, **{k: s_methods.pop(k) for k in ids if k in s_methods}}
             subs = {**subs, **{k: s_subs.pop(k) for k in ids if k in s_subs}}
+        key, version = self._cache_key(data, methods, subs) if not sid else (None, None)
         hidden: list[tuple[str, str]] = []
         new = rewrite_message(obj, methods, subs, self.scope, hidden)
         self._hidden(hidden)
-        return None if new is obj else json.dumps(new, separators=(",", ":"))
+        out = None if new is obj else json.dumps(new, separators=(",", ":"))
+        self._remember(key, version, None if out is None else out.encode(), hidden)
+        return out
+
+    # -- answers already judged (fleetgate.mcp.listcache.AnswerCache) ------------------------
+
+    def _cache_key(self, body: bytes, methods: dict[str, str],
+                   subs: dict[str, Any]) -> tuple[Any, Any]:
+        """The answer cache key for ``body`` and the vetting version it was taken at;
+        ``(None, None)``: not cached (placeholders to swap, or no list verdicts)."""
+        s = self.scope
+        if subs or s.verdicts is None:
+            return None, None
+        base = base_facts("", s.host, s.path, s.session_id, s.server, listing=True)
+        number = s.verdicts.key(s.rules, s.claims, s.request, base)
+        version = s.vetting.version if s.vetting is not None else None
+        return AnswerCache.key(body, methods, number, s.vetting, version,
+                               (s.poisoning, s.pins, max_json_depth())), version
+
+    def _cached(self, body: bytes, methods: dict[str, str],
+                subs: dict[str, Any]) -> tuple[bytes | None] | None:
+        """The rewritten answer for ``body`` when these bytes were judged under the same key
+        (its hidden entries counted again), else ``None``."""
+        key, _ = self._cache_key(body, methods, subs)
+        hit = self.mcp.answers.get(key) if key is not None else None
+        if hit is None:
+            return None
+        self._hidden(hit[1])
+        return (hit[0],)
+
+    def _remember(self, key: Any, version: Any, out: bytes | None,
+                  hidden: list[tuple[str, str]]) -> None:
+        vetting = self.scope.vetting
+        if key is None or (vetting is not None and vetting.version != version):
+            return  # judging it moved the vetting state: judged again next time
+        self.mcp.answers.put(key, out, hidden)
 
     def _hidden(self, hidden: list[tuple[str, str]]) -> None:
         meta, server = self.meta, self.scope.server

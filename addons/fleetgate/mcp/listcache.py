@@ -27,6 +27,7 @@ Bounded: at most ``size`` entries, least recently used dropped first. Thread-saf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -37,7 +38,7 @@ from typing import Any
 from fleetgate.celexpr import string_literals
 from fleetgate.rule import Rule
 
-__all__ = ["ALL", "ListVerdicts", "reads", "scope_key"]
+__all__ = ["ALL", "AnswerCache", "ListVerdicts", "reads", "scope_key"]
 
 DEFAULT_SIZE = 100_000  # entries (one per agent-view x entry name); ~200 bytes each
 
@@ -166,3 +167,67 @@ class ListVerdicts:
 
     def __len__(self) -> int:
         return len(self._verdicts)
+
+
+class AnswerCache:
+    """Whole rewritten answers, remembered by the exact bytes the server sent.
+
+    Parsing and re-serialising a 1,000-tool answer costs more than judging it, so an answer
+    whose bytes were already judged under the same key is not parsed again: the same bytes
+    parse to the same messages, and the key (:meth:`key`) holds everything else the rewrite
+    reads: the list-verdict scope (rules, the claims and facts they read: :meth:`ListVerdicts.key`),
+    which requests the ids answer, the vetting state (its version moves with every pin, pending
+    definition and listing that changes), the server's vetting modes and the JSON depth limit.
+    Only answers with no placeholder to swap are cached. An answer is remembered only when the
+    vetting state did not move while it was judged, so replaying it (its hidden entries are
+    returned for metrics and the log) leaves that state as judging it again would have.
+
+    Bounded by total bytes held (least recently used dropped first). Thread-safe."""
+
+    def __init__(self, max_bytes: int = 32 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._answers: OrderedDict[Hashable, tuple[bytes | None, tuple[tuple[str, str], ...]]] = \
+            OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+
+    @staticmethod
+    def key(body: bytes, methods: Mapping[str, str], scope: int, vetting: object,
+            version: Hashable, modes: Hashable) -> Hashable:
+        """``scope``: the list-verdict scope number; ``vetting``: the vetting object itself
+        (a new pin store is a new object) and its ``version``; ``modes``: the server's
+        vetting modes and anything else the rewrite depends on."""
+        return (hashlib.sha256(body).digest(), len(body), frozenset(methods.items()), scope,
+                vetting, version, modes)
+
+    def get(self, key: Hashable) -> tuple[bytes | None, list[tuple[str, str]]] | None:
+        with self._lock:
+            hit = self._answers.get(key)
+            if hit is None:
+                return None
+            self._answers.move_to_end(key)
+            self.hits += 1
+        return hit[0], list(hit[1])
+
+    def put(self, key: Hashable, answer: bytes | None, hidden: list[tuple[str, str]]) -> None:
+        size = len(answer or b"") + 64 * len(hidden) + 256
+        if size > self.max_bytes // 4:
+            return
+        with self._lock:
+            old = self._answers.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old[0] or b"") + 64 * len(old[1]) + 256
+            self._answers[key] = (answer, tuple(hidden))
+            self._bytes += size
+            while self._bytes > self.max_bytes and self._answers:
+                _, (a, h) = self._answers.popitem(last=False)
+                self._bytes -= len(a or b"") + 64 * len(h) + 256
+
+    def clear(self) -> None:
+        with self._lock:
+            self._answers.clear()
+            self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._answers)

@@ -64,6 +64,9 @@ class Pins:
         self._pins: PinMap = {s: dict(t) for s, t in (approved or {}).items()}
         self._pending: dict[tuple[str, str], Pending] = {}
         self._learning: set[str] = set()
+        # bumped on every change to the pins, the pending list or the servers still learning:
+        # a listing judged at one version is judged the same at that version again
+        self.version = 0
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -80,6 +83,7 @@ class Pins:
             if known is None and self.trust_on_first_use:
                 known = self._pins[server] = {}
                 self._learning.add(server)
+                self.version += 1
             learning = server in self._learning
             if known is None:
                 known = {}
@@ -94,18 +98,22 @@ class Pins:
                     changed = True
                 if pinned == fp:
                     states[name] = PinState.PINNED
-                    self._pending.pop((server, name), None)
+                    if self._pending.pop((server, name), None) is not None:
+                        self.version += 1
                 else:
                     state = PinState.NEW if pinned is None else PinState.CHANGED
                     states[name] = state
                     p = Pending(server, name, state, fp)
                     if self._pending.get((server, name)) != p:
                         self._pending[(server, name)] = p
+                        self.version += 1
                         if self._on_pending is not None:
                             self._on_pending(p)
-            if last_page:
+            if last_page and server in self._learning:
                 self._learning.discard(server)
+                self.version += 1
             if changed:
+                self.version += 1
                 self._changed()
             return states
 
@@ -132,6 +140,7 @@ class Pins:
             if p is None:
                 return False
             self._pins.setdefault(server, {})[tool] = p.fingerprint
+            self.version += 1
             self._changed()
             return True
 
@@ -143,6 +152,7 @@ class Pins:
             p = self._pending.get((server, tool))
             if p is not None and p.fingerprint == fp:
                 del self._pending[(server, tool)]
+            self.version += 1
             self._changed()
 
     def adopt(self, shared: Mapping[str, Mapping[str, str]]) -> None:
@@ -153,10 +163,13 @@ class Pins:
             for server, tools in shared.items():
                 known = self._pins.setdefault(server, {})
                 for tool, fp in tools.items():
-                    known[tool] = fp
+                    if known.get(tool) != fp:
+                        known[tool] = fp
+                        self.version += 1
                     p = self._pending.get((server, tool))
                     if p is not None and p.fingerprint == fp:
                         del self._pending[(server, tool)]
+                        self.version += 1
 
     def pins(self) -> PinMap:
         with self._lock:

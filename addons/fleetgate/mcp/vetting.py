@@ -46,6 +46,14 @@ class Vetting:
         self._reported: set[tuple[str, str, str, str]] = set()
         # server -> tool -> (fingerprint, why hidden under enforce or None)
         self._last: dict[str, dict[str, tuple[str, list[Finding]]]] = {}
+        self._last_version = 0  # bumped whenever a server's last listing changes
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """Changes whenever anything :meth:`vet` reads or :meth:`blocked` answers from
+        changes (the pins, the pending list, what servers last listed): a listing vetted at
+        one version is vetted the same at that version again, side effects included."""
+        return self._last_version, self.pins.version
 
     def _patterns(self, fp: str, tool: dict[str, Any]) -> list[Finding]:
         with self._lock:
@@ -102,7 +110,10 @@ class Vetting:
                            PinState.CHANGED else "new tool awaiting operator approval")
             out[name] = why
         with self._lock:
-            self._last.setdefault(server, {}).update(seen)
+            last = self._last.setdefault(server, {})
+            if any(last.get(name) != now for name, now in seen.items()):
+                last.update(seen)
+                self._last_version += 1
         return out
 
     def blocked(self, server: str, tool: str, poisoning: McpMode, pins: McpMode) -> str | None:

@@ -36,7 +36,7 @@ import redis
 
 from fleetgate.errors import StateError
 from fleetgate.mcp.exchange import looks_like_mcp
-from fleetgate.mcp.listcache import ListVerdicts
+from fleetgate.mcp.listcache import AnswerCache, ListVerdicts
 from fleetgate.mcp.mode import McpMode
 from fleetgate.mcp.pins import Pending, PinMap, Pins
 from fleetgate.mcp.sessions import Sessions
@@ -78,6 +78,7 @@ class McpService:
         self._rules_policy: Policy | None = None
         # list verdicts, dropped with the rules when the policy changes (a reload)
         self.list_verdicts = ListVerdicts()
+        self.answers = AnswerCache()  # whole rewritten answers, by their bytes
         if routes is not None:
             routes.get("/mcp/pins", self.pins_report)
             routes.post("/mcp/approve", self._admin_approve)
@@ -207,6 +208,7 @@ class McpService:
         if policy is not self._rules_policy:  # a new policy: new rules
             self._rules_cache.clear()
             self.list_verdicts.clear()
+            self.answers.clear()
             self._rules_policy = policy
         key = (server.name, tuple(profiles))
         rules = self._rules_cache.get(key)
