@@ -12,6 +12,7 @@ CPU_OVERHEAD_MAX = 1.15  # full chain adds at most 15% to bare mitmdump's per-re
 TTFE_SLACK_MS = 5.0  # time to first streamed event within 5 ms of bare mitmdump
 DOWNLOAD_BUFFER_MAX_MIB = 10.0  # proxy RSS growth during the 50 MB download (body: 47.7 MiB)
 SOAK_FLAT_MAX_MIB = 5.0  # RSS growth, last minute vs first minute of the soak
+RSS_NO_ESTIMATE_MAX = 1.3  # fleetgate/bare RSS when no rule, limit or budget needs an estimate
 X = "\u00d7"  # multiplication sign
 MINUS = "\u2212"
 
@@ -24,6 +25,10 @@ def _num(v: Any, nd: int = 1) -> str:
             return f"{v:,.0f}"
         return f"{v:.{nd}f}"
     return str(v)
+
+
+def _yes(v: Any) -> str:
+    return "—" if v is None else ("yes" if v else "no")
 
 
 def _ratio(a: Any, b: Any) -> str:
@@ -91,6 +96,14 @@ def judge(results: dict[str, Any]) -> dict[str, Any]:
         out["download_unbuffered"] = {
             "target": f"fleetgate RSS growth during the download < {DOWNLOAD_BUFFER_MAX_MIB} MiB",
             "value_mib": f, "met": f < DOWNLOAD_BUFFER_MAX_MIB}
+    fg_rss = _get(s, "e_requests", "fleetgate", "after", "rss_mib")
+    bare_rss = _get(s, "e_requests", "bare", "after", "rss_mib")
+    if fg_rss and bare_rss:
+        ratio = fg_rss / bare_rss
+        out["memory_on_demand"] = {
+            "target": f"fleetgate/bare RSS after (e)'s requests <= {RSS_NO_ESTIMATE_MAX} when no rule, "
+                      "limit or budget needs a token estimate",
+            "value": round(ratio, 3), "met": ratio <= RSS_NO_ESTIMATE_MAX}
     g = _get(s, "e_soak", "fleetgate", "growth_mib")
     if g is not None:
         out["soak_flat"] = {"target": f"fleetgate RSS growth over the soak <= {SOAK_FLAT_MAX_MIB} MiB",
@@ -415,12 +428,25 @@ def markdown(results: dict[str, Any]) -> str:
     er = s.get("e_requests") or {}
     if er:
         label = f"(e) after {er.get('requests'):,} requests"
-        t.row(label, "RSS (MiB)", _get(er, "fleetgate", "after", "rss_mib"),
-              _get(er, "bare", "after", "rss_mib"))
+        mo = targets.get("memory_on_demand", {})
+        mo_tgt = (_met(mo.get("met"), f"{_num(mo.get('value'), 2)}{X} vs ≤ {RSS_NO_ESTIMATE_MAX:g}{X}")
+                  if mo else "")
+        t.row(label, "RSS, rules needing no token estimate (MiB)", _get(er, "fleetgate", "after", "rss_mib"),
+              _get(er, "bare", "after", "rss_mib"), target=mo_tgt)
         t.row(label, "peak RSS, VmHWM (MiB)", _get(er, "fleetgate", "after", "hwm_mib"),
               _get(er, "bare", "after", "hwm_mib"))
         t.row(label, "RSS at start (MiB)", _get(er, "fleetgate", "before", "rss_mib"),
               _get(er, "bare", "before", "rss_mib"))
+        lim = er.get("fleetgate-limits")
+        if lim:
+            t.row(label, "RSS, rules needing a token estimate (`type: tokens` limit) (MiB)",
+                  _get(lim, "after", "rss_mib"), _get(er, "bare", "after", "rss_mib"),
+                  target="info: what the tokenizer table costs")
+        mapped = {n: _get(er, n, "tiktoken_mapped") for n in ("fleetgate", "fleetgate-limits")}
+        if any(v is not None for v in mapped.values()):
+            t.row(label, "tokenizer loaded (no estimate needed / needed)",
+                  f"{_yes(mapped['fleetgate'])} / {_yes(mapped['fleetgate-limits'])}", "—",
+                  ratios=False, target="expected: no / yes")
     es = s.get("e_streams") or {}
     if es:
         label = f"(e) {es.get('streams')} concurrent streams"

@@ -582,10 +582,25 @@ async def scenario_c(b: Bench, plan: Plan) -> dict[str, Any]:
 # -- (e) memory ------------------------------------------------------------------------------
 
 
+def _maps_tiktoken(pid: int) -> bool | None:
+    """Whether the process has tiktoken's native module mapped (its tables are loaded only
+    through it); ``None`` when ``/proc/<pid>/maps`` cannot be read."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any("tiktoken" in line for line in f)
+    except OSError:
+        return None
+
+
 async def memory_requests(b: Bench, plan: Plan) -> dict[str, Any]:
-    """Peak RSS of each proxy after ``e_requests`` small requests from ``e_agents`` agents."""
+    """Peak RSS of each proxy after ``e_requests`` small requests from ``e_agents`` agents.
+
+    ``fleetgate`` runs rules that need no pre-flight token estimate (no budget, no
+    ``type: tokens`` limit, no rule reading ``llm.estimated_input_tokens``), so it should
+    never load a tokenizer table; ``fleetgate-limits`` (a ``type: tokens`` limit) needs the
+    estimate on every chat call: the difference is what the table costs (issue 21, item 4)."""
     out: dict[str, Any] = {"requests": plan.e_requests, "agents": plan.e_agents}
-    for name in ("bare", "fleetgate"):
+    for name in ["bare", "fleetgate"] + [n for n in (LIMITED,) if n in b.targets]:
         t = b.targets[name]
         assert t.pid
         before = mem(t.pid)
@@ -594,7 +609,8 @@ async def memory_requests(b: Bench, plan: Plan) -> dict[str, Any]:
             run = await closed_loop(clients, chat_op(t.base_url), count=plan.e_requests, pid=t.pid)
         finally:
             await close_all(clients)
-        out[name] = {"before": before, "after": mem(t.pid), **summary(run)}
+        out[name] = {"before": before, "after": mem(t.pid), "tiktoken_mapped": _maps_tiktoken(t.pid),
+                     **summary(run)}
     return out
 
 
