@@ -8,9 +8,11 @@ decision id (or a kill when the response is already on its way).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -88,10 +90,17 @@ def _close_now(handler: Any, conn: Any, abort: bool = False) -> None:
     """Close the socket at once, then cancel its task. ``close_connection`` alone only
     cancels the connection's task: the socket closes after the flow's error hooks have run
     (usage estimates, settlements, logs), which for a hundred cut streams adds up to a
-    noticeable delay before the agent sees its stream end."""
+    noticeable delay before the agent sees its stream end. An abort also shuts the socket
+    down here and now: asyncio's ``abort()`` closes it only at the loop's next turn, after
+    whatever the caller still does in this one (a sweep's kill-log reports, a first
+    tokenizer load for a cut stream's usage estimate)."""
     writer = getattr(handler.transports.get(conn), "writer", None)
     transport = getattr(writer, "transport", None)
     if abort and transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already gone: abort() below still cleans up
+                sock.shutdown(socket.SHUT_RDWR)
         transport.abort()
     elif writer is not None and not writer.is_closing():
         writer.close()

@@ -47,7 +47,13 @@ from fleetgate.metrics import GatewayMetrics
 from fleetgate.policy.model import Policy
 from fleetgate.runtime.identity import IdentityRegistry
 from fleetgate.runtime.kill_bus import KillBus
-from fleetgate.runtime.kill_sweep import FlowEffects, source_of, sweep_revoked, sweep_stopped
+from fleetgate.runtime.kill_sweep import (
+    FlowEffects,
+    cut_stopped,
+    source_of,
+    sweep_revoked,
+    sweep_stopped,
+)
 from fleetgate.runtime.kill_tasks import STATE, KillGauges, after_this_turn, in_loop
 from fleetgate.runtime.liveflows import LiveFlows
 from fleetgate.runtime.shared import SharedState
@@ -310,14 +316,33 @@ class KillService:
         return self._changed
 
     def call[T](self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the event loop (from an admin API thread), or here when on it."""
+        """Run ``fn`` on the event loop (from an admin API thread), or here when on it.
+
+        One plain callback, not a coroutine: it runs at the loop's next turn and hands its
+        result to this thread from inside that same callback. Through a task the answer
+        waited two more turns, and after a stop those turns are the ones that tear down
+        the hundred connections it cut (their end-of-flow hooks): the operator's answer
+        waited for bookkeeping on flows already cut (bench (d): ~100 ms under load)."""
         loop = self._loop
         if loop is None or in_loop(loop):
             return fn()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
 
-        async def run() -> T:
-            return fn()
-        return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout=30)
+        def run() -> None:
+            if not done.set_running_or_notify_cancel():
+                return  # the admin thread gave up (timeout)
+            try:
+                done.set_result(fn())
+            except BaseException as exc:  # the admin API turns it into its answer
+                done.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+        loop.call_soon_threadsafe(run)
+        try:
+            return done.result(timeout=30)
+        except TimeoutError:
+            done.cancel()  # not run yet: never applied after its caller was told it failed
+            raise
 
     # -- what the gate asks -------------------------------------------------------------
 
@@ -412,13 +437,18 @@ class KillService:
                         "descendant(s)", action.verb.value, action.scope.label, action.by,
                         action.source, action.reason, len(applied.reach.sessions),
                         len(applied.reach.descendants))
-        cut = self.sweep(issued, spare) if action.verb is Verb.STOP else []
+        swept = cut_stopped(self, issued, spare) if action.verb is Verb.STOP else None
         after_this_turn(self.gauges.sessions)  # after the cut: bookkeeping never delays it
+        # command received -> last connection dropped (the reports taken after it are not
+        # part of the cut); with nothing to cut, the time to put the action in force
+        done = swept.last_cut if swept is not None and swept.last_cut is not None \
+            else time.perf_counter()
         out: dict[str, Any] = {
             "action": applied.action.to_json(), "new": applied.new,
             "sessions": list(applied.reach.sessions),
             "descendants": list(applied.reach.descendants),
-            "cut": cut, "cut_ms": round((time.perf_counter() - issued) * 1000, 3)}
+            "cut": swept.cut if swept is not None else [],
+            "cut_ms": round((done - issued) * 1000, 3)}
         if persist_error:
             out["error"] = persist_error
         return out, writes

@@ -22,7 +22,7 @@ from fleetgate.runtime.kill_tasks import after_this_turn
 if TYPE_CHECKING:
     from fleetgate.runtime.kill import KillService
 
-__all__ = ["FlowEffects", "source_of", "sweep_revoked", "sweep_stopped"]
+__all__ = ["FlowEffects", "Swept", "cut_stopped", "source_of", "sweep_revoked", "sweep_stopped"]
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +48,39 @@ def _opt(value: Any) -> str | None:
     return str(value) if value is not None and value != "" else None
 
 
+@dataclass(frozen=True)
+class Swept:
+    """What a sweep cut (the kill-log reports) and when the last connection was dropped
+    (``perf_counter``; ``None`` when nothing was cut)."""
+
+    cut: list[dict[str, Any]]
+    last_cut: float | None
+
+
 def sweep_stopped(kill: KillService, issued: float | None = None,
                   spare: object | None = None) -> list[dict[str, Any]]:
+    """Cut every live flow and bound tunnel whose identity is now stopped; the reports."""
+    return cut_stopped(kill, issued, spare).cut
+
+
+def cut_stopped(kill: KillService, issued: float | None = None,
+          spare: object | None = None) -> Swept:
     """Cut every live flow and bound tunnel whose identity is now stopped.
 
-    Sockets first, bookkeeping after: every connection is closed before a single log
-    line, metric or kill-log row is written, so the time to the last cut does not grow
-    with what we record about each."""
-    cut: list[tuple[Action, dict[str, Any]]] = []
+    Sockets first, everything else after: every connection is dropped before a single
+    report is taken (a cut stream's report settles its LLM usage, which may estimate tokens
+    and load a tokenizer table the first time) and before any log line, metric or kill-log
+    row is written, so the time to the last cut does not grow with what we record about
+    each."""
+    flows: list[tuple[Any, Action]] = []
     for live in kill.live.snapshot():
         v = kill.core.verdict(live.subject)
         if v is None or v.action.verb is not Verb.STOP:
             continue
-        info = kill.effects.report(live.flow)
         kill.live.discard(live.id)
         if kill.effects.cut(live.flow, "killswitch.stop", v.reason, True):
-            cut.append((v.action, info))
+            flows.append((live.flow, v.action))
+    tunnels: list[tuple[Action, dict[str, Any]]] = []
     for client, bound in kill.identities.tunnels():
         if spare is not None and client is spare:
             continue
@@ -73,16 +90,18 @@ def sweep_stopped(kill: KillService, issued: float | None = None,
         if v is not None and v.action.verb is Verb.STOP:
             kill.identities.unbind(client)
             if kill.effects.close(client, True):
-                cut.append((v.action, {"tunnel": getattr(client, "id", ""),
-                                       "agent": bound.agent, "session": bound.session,
-                                       "phase": "tunnel closed"}))
-    if not cut:
-        return []
+                tunnels.append((v.action, {"tunnel": getattr(client, "id", ""),
+                                           "agent": bound.agent, "session": bound.session,
+                                           "phase": "tunnel closed"}))
+    if not flows and not tunnels:
+        return Swept([], None)
+    last_cut = time.perf_counter()
     if issued is not None:
-        kill.metrics.kill_cut_seconds.observe(time.perf_counter() - issued)
-    # the sockets close on the event loop's next turn: record after them, not before
+        kill.metrics.kill_cut_seconds.observe(last_cut - issued)
+    cut = [(action, kill.effects.report(flow)) for flow, action in flows] + tunnels
+    # the sockets' tasks end on the event loop's next turn: record after them, not before
     after_this_turn(_record_cuts, kill, cut)
-    return [info for _, info in cut]
+    return Swept([info for _, info in cut], last_cut)
 
 def _record_cuts(kill: KillService, cut: list[tuple[Action, dict[str, Any]]]) -> None:
     for action, info in cut:
