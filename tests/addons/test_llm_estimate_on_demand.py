@@ -124,8 +124,10 @@ def test_a_stream_without_usage_is_metered_from_a_tokenizer_loaded_then(tmp_path
     assert tokenizer.loaded_encodings() == 1
 
 
-def test_loading_the_gateway_imports_no_tokenizer() -> None:
+def test_loading_the_gateway_imports_no_tokenizer_nor_http_client() -> None:
+    # httpx (~4 MiB) serves only approval webhooks and fleetgate_jwks_url: loaded on first use
     code = ("import sys; from fleetgate.addons.pipeline import pipeline; pipeline(); "
-            "sys.exit('tiktoken' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
-    assert done.returncode == 0, "tiktoken was imported at startup: " + done.stderr.decode()
+            "print(sorted({'tiktoken', 'httpx'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                          text=True, check=True)
+    assert done.stdout.strip() == "[]", "imported at startup: " + done.stdout

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from fleetgate.identity.remote_keys import JwksSchedule, RefreshPolicy, cache_max_age
 from fleetgate.identity.tokens import jwk_keys, load_jwks
 from fleetgate.metrics import GatewayMetrics
@@ -80,6 +78,8 @@ def fetch_jwks(ca_file: str = "") -> Fetcher:
                                      else True)
 
     def fetch(url: str, timeout: float) -> Fetched:
+        import httpx  # here: a gateway without fleetgate_jwks_url never loads it (~4 MiB RSS)
+
         with httpx.Client(verify=verify, trust_env=False, follow_redirects=False,
                           timeout=timeout) as client, \
                 client.stream("GET", url, headers={"Accept": "application/json"}) as resp:
@@ -204,6 +204,8 @@ class JwksSource:
 
 
 def _reason(exc: BaseException) -> str:
+    import httpx  # a fetch failed: fetch_jwks loaded it already (or a test's fetcher did not)
+
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
         return "timed out"
     if isinstance(exc, json.JSONDecodeError):

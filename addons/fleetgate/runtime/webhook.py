@@ -24,9 +24,10 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["WebhookNotifier", "sign", "slack_body"]
 
@@ -133,6 +134,8 @@ class WebhookNotifier:
 
     async def _run(self) -> None:
         assert self._queue is not None
+        import httpx  # here: a gateway with no approval webhook never loads it (~4 MiB RSS)
+
         async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
             while True:
                 delivery, body = await self._queue.get()
@@ -142,6 +145,8 @@ class WebhookNotifier:
                     self._queue.task_done()
 
     async def _deliver(self, client: httpx.AsyncClient, delivery: str, body: bytes) -> None:
+        import httpx  # loaded by _run already; the name is needed for the except clause
+
         delay = self.backoff
         for attempt in range(1, self.attempts + 1):
             ts = int(time.time())
