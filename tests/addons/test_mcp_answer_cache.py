@@ -94,3 +94,21 @@ def test_a_lower_json_depth_is_seen_on_the_same_bytes(service: McpService) -> No
     set_max_json_depth(3)
     with pytest.raises(BodyError):
         shown(service, data)
+
+
+def test_a_cached_answer_records_its_hidden_entries_as_judging_it_did(
+        service: McpService) -> None:
+    many = [{"name": f"other_{i}", "description": "x", "inputSchema": {}} for i in range(30)]
+    data = body([*TOOLS, *many])
+    metas = []
+    for _ in range(3):
+        scope = McpScope(claims={"agent_role": "security"}, request={}, server="tools", host="h",
+                         path="/mcp", session_id=None, rules=RULES, vetting=service.vetting,
+                         verdicts=service.list_verdicts)
+        meta: dict[str, Any] = {"hidden": [], "methods": {"1": "tools/list"}}
+        AnswerFilter(service, METRICS, tflow.tflow(resp=True), scope, meta).json(data)
+        metas.append(meta)
+    assert service.answers.hits == 1
+    assert metas[2] == metas[1]
+    assert metas[2]["hidden_count"] == 31 and len(metas[2]["hidden"]) == 20
+    assert metas[2]["hidden"][0]["name"] == "kubectl"

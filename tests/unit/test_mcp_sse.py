@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from fleetgate.mcp.sse import Event, SseError, SseRewriter, parse_event
 
@@ -106,3 +108,15 @@ def test_a_cr_at_a_chunk_end_waits_for_its_lf() -> None:
 def test_a_byte_order_mark_does_not_hide_the_first_field() -> None:
     event = parse_event("\ufeffdata: {}".encode())
     assert event is not None and event.data == "{}"
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(st.binary(max_size=40).map(
+    lambda b: bytes(b"\r\n\na"[x % 4] if x % 3 else x for x in b)), st.integers(0, 8))
+def test_boundary_finds_what_a_plain_search_finds(buf: bytes, start: int) -> None:
+    """The memchr-led boundary scan finds the same first blank line as the regex search."""
+    from fleetgate.mcp.sse import _BLANK_LINE, _boundary
+    m = _BLANK_LINE.search(buf, start)
+    want = None if m is None or (m.end() == len(buf) and buf[-1:] == b"\r") else (m.start(),
+                                                                                   m.end())
+    assert _boundary(buf, start) == want

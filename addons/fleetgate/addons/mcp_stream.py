@@ -25,7 +25,7 @@ from fleetgate.llm.decoding import StreamDecoder
 from fleetgate.mcp.engine import McpScope, id_key, rewrite_message
 from fleetgate.mcp.exchange import read_identifiers
 from fleetgate.mcp.facts import base_facts
-from fleetgate.mcp.listcache import AnswerCache
+from fleetgate.mcp.listcache import AnswerCache, HiddenSummary
 from fleetgate.mcp.messages import McpError
 from fleetgate.mcp.sse import Event, SseRewriter
 from fleetgate.metrics import GatewayMetrics
@@ -154,19 +154,17 @@ class AnswerFilter:
             return  # judging it moved the vetting state: judged again next time
         self.mcp.answers.put(key, out, hidden)
 
-    def _hidden(self, hidden: list[tuple[str, str]]) -> None:
+    def _hidden(self, hidden: list[tuple[str, str]] | HiddenSummary) -> None:
+        """Count hidden entries (metrics, the flow's log record, its comment)."""
         meta, server = self.meta, self.scope.server
-        counts: dict[str, int] = {}  # one counter update per reason, not per entry (~8 µs each)
-        for name, why in hidden:
-            reason = ("poisoning" if why.startswith("tool poisoning") else
-                      "pin" if "approv" in why else "policy")
-            counts[reason] = counts.get(reason, 0) + 1
-            if len(meta["hidden"]) < 20:  # the log line names the first few; metrics count all
+        summary = hidden if isinstance(hidden, HiddenSummary) else HiddenSummary.of(hidden)
+        for name, why in summary.first:
+            if len(meta["hidden"]) < HiddenSummary.NAMED:
                 meta["hidden"].append({"name": name, "why": why})
-        for reason, n in counts.items():
+        for reason, n in summary.reasons:  # one counter update per reason, not per entry
             self.metrics.mcp_hidden.labels(server=server, kind="entry", reason=reason).inc(n)
-        meta["hidden_count"] = meta.get("hidden_count", 0) + len(hidden)
-        if hidden and not comment_text(self.flow):
+        meta["hidden_count"] = meta.get("hidden_count", 0) + summary.total
+        if summary.total and not comment_text(self.flow):
             set_comment(self.flow, f"MCP {server}: {meta['hidden_count']} list entries hidden")
 
 

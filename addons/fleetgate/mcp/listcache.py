@@ -33,12 +33,13 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from fleetgate.celexpr import string_literals
 from fleetgate.rule import Rule
 
-__all__ = ["ALL", "AnswerCache", "ListVerdicts", "reads", "scope_key"]
+__all__ = ["ALL", "AnswerCache", "HiddenSummary", "ListVerdicts", "reads", "scope_key"]
 
 DEFAULT_SIZE = 100_000  # entries (one per agent-view x entry name); ~200 bytes each
 
@@ -169,6 +170,27 @@ class ListVerdicts:
         return len(self._verdicts)
 
 
+@dataclass(frozen=True)
+class HiddenSummary:
+    """What the log and metrics need of an answer's hidden entries: the first few named,
+    counts per reason. Remembered with a cached answer instead of every entry."""
+
+    NAMED: ClassVar[int] = 20  # the decision log names this many; metrics count all
+
+    first: tuple[tuple[str, str], ...]
+    reasons: tuple[tuple[str, int], ...]
+    total: int
+
+    @classmethod
+    def of(cls, hidden: list[tuple[str, str]]) -> HiddenSummary:
+        counts: dict[str, int] = {}
+        for _, why in hidden:
+            reason = ("poisoning" if why.startswith("tool poisoning") else
+                      "pin" if "approv" in why else "policy")
+            counts[reason] = counts.get(reason, 0) + 1
+        return cls(tuple(hidden[:cls.NAMED]), tuple(counts.items()), len(hidden))
+
+
 class AnswerCache:
     """Whole rewritten answers, remembered by the exact bytes the server sent.
 
@@ -179,16 +201,15 @@ class AnswerCache:
     which requests the ids answer, the vetting state (its version moves with every pin, pending
     definition and listing that changes), the server's vetting modes and the JSON depth limit.
     Only answers with no placeholder to swap are cached. An answer is remembered only when the
-    vetting state did not move while it was judged, so replaying it (its hidden entries are
-    returned for metrics and the log) leaves that state as judging it again would have.
+    vetting state did not move while it was judged, so replaying it (a summary of its hidden
+    entries is returned for metrics and the log) leaves that state as judging it again would.
 
     Bounded by total bytes held (least recently used dropped first). Thread-safe."""
 
     def __init__(self, max_bytes: int = 32 << 20) -> None:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._answers: OrderedDict[Hashable, tuple[bytes | None, tuple[tuple[str, str], ...]]] = \
-            OrderedDict()
+        self._answers: OrderedDict[Hashable, tuple[bytes | None, HiddenSummary]] = OrderedDict()
         self._bytes = 0
         self.hits = 0
 
@@ -201,28 +222,33 @@ class AnswerCache:
         return (hashlib.sha256(body).digest(), len(body), frozenset(methods.items()), scope,
                 vetting, version, modes)
 
-    def get(self, key: Hashable) -> tuple[bytes | None, list[tuple[str, str]]] | None:
+    def get(self, key: Hashable) -> tuple[bytes | None, HiddenSummary] | None:
         with self._lock:
             hit = self._answers.get(key)
             if hit is None:
                 return None
             self._answers.move_to_end(key)
             self.hits += 1
-        return hit[0], list(hit[1])
+        return hit
+
+    @staticmethod
+    def _size(answer: bytes | None) -> int:
+        return len(answer or b"") + 4096  # the key and the hidden summary, roughly
 
     def put(self, key: Hashable, answer: bytes | None, hidden: list[tuple[str, str]]) -> None:
-        size = len(answer or b"") + 64 * len(hidden) + 256
+        size = self._size(answer)
         if size > self.max_bytes // 4:
             return
+        summary = HiddenSummary.of(hidden)
         with self._lock:
             old = self._answers.pop(key, None)
             if old is not None:
-                self._bytes -= len(old[0] or b"") + 64 * len(old[1]) + 256
-            self._answers[key] = (answer, tuple(hidden))
+                self._bytes -= self._size(old[0])
+            self._answers[key] = (answer, summary)
             self._bytes += size
             while self._bytes > self.max_bytes and self._answers:
-                _, (a, h) = self._answers.popitem(last=False)
-                self._bytes -= len(a or b"") + 64 * len(h) + 256
+                _, (a, _h) = self._answers.popitem(last=False)
+                self._bytes -= self._size(a)
 
     def clear(self) -> None:
         with self._lock:

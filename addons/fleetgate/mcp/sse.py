@@ -43,8 +43,26 @@ _BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 
 
 def _boundary(buf: bytes | bytearray, start: int) -> tuple[int, int] | None:
-    """(end of event, start of next) for the first blank line at or after ``start``."""
-    m = _BLANK_LINE.search(buf, start)
+    """(end of event, start of next) for the first blank line at or after ``start``.
+
+    The pattern is tried only where a line end is (found at memchr speed): searching it
+    byte by byte through a 385 kB ``tools/list`` event cost ~7 ms, more than judging it."""
+    m = None
+    # the next LF / CR at or after ``start`` (-1: none left), each looked up again only once
+    # passed, so a run of lone CRs costs linear time, not quadratic
+    lf, cr = buf.find(b"\n", start), buf.find(b"\r", start)
+    while True:
+        if 0 <= lf < start:
+            lf = buf.find(b"\n", start)
+        if 0 <= cr < start:
+            cr = buf.find(b"\r", start)
+        at = lf if cr < 0 else cr if lf < 0 else min(lf, cr)
+        if at < 0:
+            return None
+        m = _BLANK_LINE.match(buf, at)
+        if m is not None:
+            break
+        start = at + 1
     if m is None or (m.end() == len(buf) and buf[-1:] == b"\r"):
         return None  # a CR last: it may be the first half of a CRLF still on its way
     return m.start(), m.end()
