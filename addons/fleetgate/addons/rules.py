@@ -1,7 +1,19 @@
 """PolicyStore: loads the rules, hot-reloads them, keeps the last good policy.
 
 The whole policy is parsed, validated and compiled off the event loop before it replaces
-the running one. A bad edit changes nothing but the status: ERROR log with file, line and
+the running one in one assignment (a request reads either policy whole, never a mix). A
+reload must not stall the requests in flight (issue 21: 381 ms with 5,000 rules), and the
+loader's thread shares the GIL with the event loop, so what held it for long is kept short:
+
+* the garbage collector's full collections are held back while the loader runs (one full
+  collection over the YAML tree and intermediates it holds took 370 ms, the bulk of the
+  stall), and the new policy is frozen out of the collector's sight once installed, as at
+  start-up (:func:`_collecting`);
+* the replaced policy is freed a slice of profiles at a time (:func:`_release`): freeing
+  5,000 compiled rules at once took 20-35 ms on the event loop;
+* a reload logs the first few lint warnings, not thousands (``PolicyService.install``).
+
+A bad edit changes nothing but the status: ERROR log with file, line and
 reason, ``fleetgate_policy_last_reload_ok 0``, and ``last_error`` in ``/healthz/ready``.
 A bad policy at startup raises ``OptionsError`` so mitmdump exits non-zero.
 """
@@ -9,8 +21,10 @@ A bad policy at startup raises ``OptionsError`` so mitmdump exits non-zero.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,18 +122,83 @@ class PolicyStore:
         return await self.reload()
 
     async def reload(self) -> bool:
-        try:
-            policy = await asyncio.to_thread(load_policy, ctx.options.fleetgate_rules)
-        except PolicyError as exc:
-            self.service.reject(iter_problems(exc))
-            return False
-        if self.policy is not None and policy.revision == self.policy.revision:
-            self.service.unchanged()
-            return False
-        self.service.install(policy)
+        with _collecting() as installed:
+            try:
+                policy = await asyncio.to_thread(load_policy, ctx.options.fleetgate_rules)
+            except PolicyError as exc:
+                self.service.reject(iter_problems(exc))
+                return False
+            if self.policy is not None and policy.revision == self.policy.revision:
+                self.service.unchanged()
+                return False
+            replaced = [self.policy]
+            self.service.install(policy)
+            del policy
+            installed()
+        await _release(replaced)
         return True
 
     @command.command("fleetgate.reload")
     def reload_command(self) -> None:
         """Re-read the rules now (the watcher does this on change by itself)."""
         asyncio.get_running_loop().create_task(self.reload())
+
+
+class _Loading:
+    """Full collections held back while a load runs (loads may overlap: the watcher and the
+    ``fleetgate.reload`` command); the threshold to restore when the last one ends."""
+
+    depth = 0
+    threshold: tuple[int, int, int] = (700, 10, 10)
+    freeze = False
+
+
+RELEASE_SLICE = 25  # profiles freed per event-loop turn (each: ~5 compiled rules)
+
+
+@contextlib.contextmanager
+def _collecting() -> Iterator[Callable[[], None]]:
+    """Hold back full garbage collections while the rules load; freeze what survives once
+    the new policy is installed (call the yielded function).
+
+    A full collection runs in whichever thread allocates, holding the GIL; during a load it
+    walks every object the loader has built so far (bench (g): 370 ms for 5,000 rules, the
+    whole of the reload stall). Young collections still run (at most ~10-20 ms). After the
+    swap, a young collection clears recent cyclic garbage and ``gc.freeze()`` moves the new
+    policy (~26,000 tracked objects) where no collection walks it again, as ``running()``
+    does at start-up. Measured: four reloads leave 60 unreachable objects frozen for good.
+    """
+    if _Loading.depth == 0:
+        _Loading.threshold = gc.get_threshold()
+        _Loading.freeze = False
+        young, middle, _ = _Loading.threshold
+        gc.set_threshold(young, middle, 10**9)
+    _Loading.depth += 1
+
+    def installed() -> None:
+        _Loading.freeze = True
+
+    try:
+        yield installed
+    finally:
+        _Loading.depth -= 1
+        if _Loading.depth == 0:
+            if _Loading.freeze and gc.isenabled():
+                gc.collect(1)
+                gc.freeze()
+            gc.set_threshold(*_Loading.threshold)
+
+
+async def _release(box: list[Policy | None]) -> None:
+    """Free the replaced policy a slice of profiles per event-loop turn, not all at once.
+
+    ``box`` holds the only reference this caller has; whoever drops the policy object last
+    (an in-flight request, say) frees a shell, the profiles live here until their slice."""
+    old = box.pop()
+    if old is None:
+        return
+    pieces: list[Any] = [*old.agents, *old.rules]
+    del old
+    while pieces:
+        del pieces[-RELEASE_SLICE:]
+        await asyncio.sleep(0)

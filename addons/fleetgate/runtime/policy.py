@@ -23,6 +23,8 @@ log = logging.getLogger("fleetgate.addons.rules")
 
 Listener = Callable[[Policy | None, Policy], None]
 
+WARNINGS_LOGGED = 20  # rules warnings a load logs; `fleetgate rules check` prints them all
+
 
 class PolicyService:
     """Holds the running policy and the state of the last reload, for addons and probes."""
@@ -69,8 +71,13 @@ class PolicyService:
         log.info("fleetgate: policy revision %s loaded from %d file(s): %d agent profiles, "
                  "%d global rules", policy.revision, len(policy.files), len(policy.agents),
                  len(policy.rules))
-        for warning in policy.warnings:  # legal but probably not meant (fleetgate.policy.lint)
+        # legal but probably not meant (fleetgate.policy.lint): the first few, so a policy of
+        # 1,000 profiles with a warning each does not hold the event loop writing 1,000 lines
+        for warning in policy.warnings[:WARNINGS_LOGGED]:
             log.warning("fleetgate: rules warning: %s", warning)
+        if len(policy.warnings) > WARNINGS_LOGGED:
+            log.warning("fleetgate: %d more rules warnings not logged; 'fleetgate rules check "
+                        "<rules path>' lists them all", len(policy.warnings) - WARNINGS_LOGGED)
         for listener in self._listeners:
             try:
                 listener(old, policy)
