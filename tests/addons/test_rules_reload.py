@@ -1,13 +1,14 @@
-"""A hot reload does not stall the event loop (issue 21, item 3): full garbage collections
-are held back while the loader's thread runs and the new policy is frozen once installed,
-the replaced policy is freed a slice at a time, and a reload logs a few warnings, not one
-per profile."""
+"""A hot reload does not stall the event loop (issue 21, item 3): while the loader's thread
+runs, full garbage collections are held back and the GIL switch interval is short; the new
+policy is frozen once installed, the replaced policy is freed a slice at a time, and a
+reload logs a few warnings, not one per profile."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import logging
+import sys
 import weakref
 from pathlib import Path
 from typing import Any
@@ -34,20 +35,22 @@ def fleet(n: int, variant: int = 0) -> str:
 """ for i in range(n))
 
 
-def test_a_reload_holds_back_full_collections_and_freezes_the_new_policy(
+def test_a_reload_holds_back_full_collections_shortens_switches_and_freezes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(fleet(3))
     store = PolicyStore(GatewayMetrics())
     seen: list[tuple[int, int, int]] = []
+    switches: list[float] = []
     real_load = rules_addon.load_policy
 
     def load(path: Any) -> Any:  # runs in the loader's thread: what the collector is set to
         seen.append(gc.get_threshold())
+        switches.append(sys.getswitchinterval())
         return real_load(path)
 
     monkeypatch.setattr(rules_addon, "load_policy", load)
-    before = gc.get_threshold()
+    before, switch_before = gc.get_threshold(), sys.getswitchinterval()
     with taddons.context(store) as tctx:
         tctx.options.update(fleetgate_rules=str(rules))
         frozen = gc.get_freeze_count()
@@ -56,6 +59,9 @@ def test_a_reload_holds_back_full_collections_and_freezes_the_new_policy(
             assert asyncio.run(store.reload()) is True
             assert seen[-1][:2] == before[:2] and seen[-1][2] >= 10**9  # no full collection
             assert gc.get_threshold() == before  # restored
+            # the event loop waits for the loader's thread to let go of the GIL 1 ms, not 5
+            assert switches[-1] == rules_addon.LOAD_SWITCH_INTERVAL
+            assert sys.getswitchinterval() == switch_before
             assert gc.get_freeze_count() > frozen  # the new policy is out of the GC's sight
             # an unchanged reload restores the threshold and freezes nothing
             frozen = gc.get_freeze_count()
