@@ -98,3 +98,47 @@ def test_a_stop_drops_every_connection_before_taking_any_report() -> None:
         assert "other" in kill.live and len(kill.live) == 1
     finally:
         kill.close()
+
+
+def test_the_admin_answer_comes_before_the_cut_flows_accounting(tmp_path: Any) -> None:
+    """Through the admin API (``act``) the answer carries each cut flow's facts and is handed
+    over before the accounting (``settle``, slow); the kill log's rows carry both."""
+    settled: list[str] = []
+
+    def settle(flow: str) -> dict[str, Any]:
+        time.sleep(0.1)
+        settled.append(flow)
+        return {"llm": {"tokens": 7}}
+    effects = FlowEffects(cut=lambda *a: True, close=lambda *a: False,
+                          report=lambda f: {}, client=lambda f: None,
+                          facts=lambda f: {"flow": f, "method": "POST", "host": "h",
+                                           "path": "/v1", "agent": "a-1", "phase": "x"},
+                          settle=settle)
+    kill = KillService(GatewayMetrics(), IdentityRegistry(), effects)
+    kill.open_state(str(tmp_path))
+    loop = asyncio.new_event_loop()
+    kill.attach(loop)
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        for i in range(3):
+            kill.live.add(f"f{i}", f"f{i}", Subject("a-1", session=f"s-{i}"))
+        t0 = time.perf_counter()
+        out = kill.act(Action(Verb.STOP, parse_scope("agent:a-1"), "runaway"))
+        took = time.perf_counter() - t0
+        assert "error" not in out, out
+        assert [c["flow"] for c in out["cut"]] == ["f0", "f1", "f2"]
+        assert "llm" not in out["cut"][0]
+        assert took < 0.25, f"the answer waited {took:.3f}s for the accounting"
+        deadline = time.monotonic() + 5
+        while len([r for r in kill.log() if r["event"] == "cut"]) < 3 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rows = [r for r in kill.log() if r["event"] == "cut"]
+        assert settled == ["f0", "f1", "f2"] and len(rows) == 3, rows
+        assert all(r["llm"] == {"tokens": 7} and r["path"] == "/v1" for r in rows), rows
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+        loop.close()
+        kill.close()

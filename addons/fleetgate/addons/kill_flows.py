@@ -50,7 +50,8 @@ def kill_service(metrics: GatewayMetrics, identities: IdentityRegistry,
         cut=lambda flow, rule, reason, abort: cut_flow(flow, rule, reason, abort=abort),
         close=lambda client, abort: close_client(client, abort=abort),
         report=flow_report,
-        client=lambda flow: flow.client_conn))
+        client=lambda flow: flow.client_conn,
+        facts=flow_facts, settle=flow_settle))
 
 
 def refuse_stop(flow: http.HTTPFlow, v: Verdict, metrics: GatewayMetrics) -> None:
@@ -87,7 +88,20 @@ def flow_report(flow: http.HTTPFlow) -> dict[str, Any]:
 
     Taken as the flow is cut (the kill switch's only use of it), so an LLM answer's usage so
     far is recorded first: the row's ``llm`` carries provider, model, tokens and cost."""
+    settle = flow_settle(flow)
+    return {**flow_facts(flow), **settle}
+
+
+def flow_settle(flow: http.HTTPFlow) -> dict[str, Any]:
+    """Record a cut flow's LLM usage so far, now (a cut stream's may be a token estimate:
+    the first one loads the tokenizer table); the kill-log row's ``llm``."""
     settle_cut(flow)
+    return {"llm": llm_usage_of(flow)}
+
+
+def flow_facts(flow: http.HTTPFlow) -> dict[str, Any]:
+    """What a cut flow was (who, where, how far it had got): plain reads, no accounting;
+    the admin API's answer to a stop carries these for each flow it cut."""
     ident = identity_of(flow)
     req, resp = flow.request, flow.response
     mcp = mcp_of(flow)
@@ -113,5 +127,4 @@ def flow_report(flow: http.HTTPFlow) -> dict[str, Any]:
         "bytes_sent": len(req.raw_content or b""), "bytes_received": received or 0,
         "phase": phase, "started": req.timestamp_start,
         "elapsed_s": round(time.time() - req.timestamp_start, 3) if req.timestamp_start else None,
-        "llm": llm_usage_of(flow),
     }

@@ -315,17 +315,23 @@ class KillService:
         """Set at the next change of the board; ``None`` before the event loop runs."""
         return self._changed
 
-    def call[T](self, fn: Callable[[], T]) -> T:
+    def call[T](self, fn: Callable[[], T], then: Callable[[], object] | None = None) -> T:
         """Run ``fn`` on the event loop (from an admin API thread), or here when on it.
 
         One plain callback, not a coroutine: it runs at the loop's next turn and hands its
         result to this thread from inside that same callback. Through a task the answer
         waited two more turns, and after a stop those turns are the ones that tear down
         the hundred connections it cut (their end-of-flow hooks): the operator's answer
-        waited for bookkeeping on flows already cut (bench (d): ~100 ms under load)."""
+        waited for bookkeeping on flows already cut (bench (d): ~100 ms under load).
+        ``then`` runs in the same callback once the result is handed over (what ``fn`` left
+        to do that the answer does not need)."""
         loop = self._loop
         if loop is None or in_loop(loop):
-            return fn()
+            try:
+                return fn()
+            finally:
+                if then is not None:
+                    then()
         done: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def run() -> None:
@@ -337,6 +343,9 @@ class KillService:
                 done.set_exception(exc)
                 if not isinstance(exc, Exception):
                     raise
+            finally:
+                if then is not None:
+                    then()
         loop.call_soon_threadsafe(run)
         try:
             return done.result(timeout=30)
@@ -397,7 +406,12 @@ class KillService:
         """:meth:`apply` from an admin API thread: in force at once (on the event loop),
         then its write awaited here, off the loop, at most ``state_wait`` seconds; the
         answer's ``error`` says when it was not saved."""
-        out, writes = self.call(lambda: self._apply(action, issued))
+        later: list[Callable[[], object]] = []  # the cut flows' accounting, after the answer
+
+        def settle() -> None:
+            for fn in later:
+                fn()
+        out, writes = self.call(lambda: self._apply(action, issued, defer=later), settle)
         if writes and "error" not in out:
             done, waiting = concurrent.futures.wait(writes, timeout=self.state_wait)
             failed = [f.exception() for f in done if f.exception() is not None]
@@ -411,7 +425,8 @@ class KillService:
                                 "queued write completes")
         return out
 
-    def _apply(self, action: Action, issued: float | None = None, spare: object | None = None
+    def _apply(self, action: Action, issued: float | None = None, spare: object | None = None,
+               defer: list[Callable[[], object]] | None = None
                ) -> tuple[dict[str, Any], list[concurrent.futures.Future[Any]]]:
         issued = issued if issued is not None else time.perf_counter()
         persist_error = None
@@ -437,7 +452,7 @@ class KillService:
                         "descendant(s)", action.verb.value, action.scope.label, action.by,
                         action.source, action.reason, len(applied.reach.sessions),
                         len(applied.reach.descendants))
-        swept = cut_stopped(self, issued, spare) if action.verb is Verb.STOP else None
+        swept = cut_stopped(self, issued, spare, defer) if action.verb is Verb.STOP else None
         after_this_turn(self.gauges.sessions)  # after the cut: bookkeeping never delays it
         # command received -> last connection dropped (the reports taken after it are not
         # part of the cut); with nothing to cut, the time to put the action in force

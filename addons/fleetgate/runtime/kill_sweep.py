@@ -31,12 +31,17 @@ log = logging.getLogger(__name__)
 class FlowEffects:
     """What the proxy does to a flow or connection: ``cut(flow, rule, reason, abort)`` and
     ``close(client, abort)`` (True when something was cut), ``report(flow)`` (what an operator
-    needs to reconcile a cut flow), ``client(flow)`` (the flow's client connection)."""
+    needs to reconcile a cut flow), ``client(flow)`` (the flow's client connection).
+    ``report`` may be split in two: ``facts(flow)`` (plain reads, for the admin API's answer
+    to a stop) and ``settle(flow)`` (the accounting it adds to the kill-log row, such as a
+    cut stream's LLM usage: slow enough to be done after the operator has the answer)."""
 
     cut: Callable[[Any, str, str, bool], bool]
     close: Callable[[Any, bool], bool]
     report: Callable[[Any], dict[str, Any]]
     client: Callable[[Any], object]
+    facts: Callable[[Any], dict[str, Any]] | None = None
+    settle: Callable[[Any], dict[str, Any]] | None = None
 
 
 def source_of(action: Action) -> str:
@@ -63,15 +68,18 @@ def sweep_stopped(kill: KillService, issued: float | None = None,
     return cut_stopped(kill, issued, spare).cut
 
 
-def cut_stopped(kill: KillService, issued: float | None = None,
-          spare: object | None = None) -> Swept:
+def cut_stopped(kill: KillService, issued: float | None = None, spare: object | None = None,
+                defer: list[Callable[[], object]] | None = None) -> Swept:
     """Cut every live flow and bound tunnel whose identity is now stopped.
 
     Sockets first, everything else after: every connection is dropped before a single
     report is taken (a cut stream's report settles its LLM usage, which may estimate tokens
     and load a tokenizer table the first time) and before any log line, metric or kill-log
     row is written, so the time to the last cut does not grow with what we record about
-    each."""
+    each. With ``defer`` (and effects that split the report), the answer's rows are the
+    plain facts and the settling is appended to ``defer``: the caller runs it in the same
+    loop callback once the operator's answer is handed over (before the flows' own error
+    hooks, which run in later turns)."""
     flows: list[tuple[Any, Action]] = []
     for live in kill.live.snapshot():
         v = kill.core.verdict(live.subject)
@@ -98,10 +106,19 @@ def cut_stopped(kill: KillService, issued: float | None = None,
     last_cut = time.perf_counter()
     if issued is not None:
         kill.metrics.kill_cut_seconds.observe(last_cut - issued)
-    cut = [(action, kill.effects.report(flow)) for flow, action in flows] + tunnels
-    # the sockets' tasks end on the event loop's next turn: record after them, not before
-    after_this_turn(_record_cuts, kill, cut)
-    return Swept([info for _, info in cut], last_cut)
+    facts, settle = kill.effects.facts, kill.effects.settle
+    if defer is None or facts is None or settle is None or not flows:
+        cut = [(action, kill.effects.report(flow)) for flow, action in flows] + tunnels
+        # the sockets' tasks end on the event loop's next turn: record after them
+        after_this_turn(_record_cuts, kill, cut)
+        return Swept([info for _, info in cut], last_cut)
+    rows = [(flow, action, facts(flow)) for flow, action in flows]
+
+    def settled() -> None:  # the sockets are down and the answer handed over: record now
+        _record_cuts(kill, [(action, {**info, **settle(flow)}) for flow, action, info in rows]
+                     + tunnels)
+    defer.append(settled)
+    return Swept([info for _, _, info in rows] + [info for _, info in tunnels], last_cut)
 
 def _record_cuts(kill: KillService, cut: list[tuple[Action, dict[str, Any]]]) -> None:
     for action, info in cut:
