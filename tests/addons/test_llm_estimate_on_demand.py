@@ -124,10 +124,20 @@ def test_a_stream_without_usage_is_metered_from_a_tokenizer_loaded_then(tmp_path
     assert tokenizer.loaded_encodings() == 1
 
 
-def test_loading_the_gateway_imports_no_tokenizer_nor_http_client() -> None:
-    # httpx (~4 MiB) serves only approval webhooks and fleetgate_jwks_url: loaded on first use
-    code = ("import sys; from fleetgate.addons.pipeline import pipeline; pipeline(); "
-            "print(sorted({'tiktoken', 'httpx'} & set(sys.modules)))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
-                          text=True, check=True)
-    assert done.stdout.strip() == "[]", "imported at startup: " + done.stdout
+STARTED = f"""
+import pathlib, sys, tempfile
+from chain import running_chain, started
+with running_chain(pathlib.Path(tempfile.mkdtemp()), {NO_ESTIMATE!r}) as (_, addons):
+    with started(addons):
+        pass
+print(sorted({{"tiktoken", "httpx"}} & set(sys.modules)))
+"""
+
+
+def test_a_started_gateway_has_imported_no_tokenizer_nor_http_client() -> None:
+    # a fresh process: this one's other tests may have imported both. httpx (~4 MiB) serves
+    # only the approval webhook and fleetgate_jwks_url: loaded on their first use
+    done = subprocess.run([sys.executable, "-c", STARTED], capture_output=True, timeout=60,
+                          text=True, cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", "imported at startup: " + done.stdout

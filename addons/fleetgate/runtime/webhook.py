@@ -134,15 +134,19 @@ class WebhookNotifier:
 
     async def _run(self) -> None:
         assert self._queue is not None
-        import httpx  # here: a gateway with no approval webhook never loads it (~4 MiB RSS)
+        item = await self._queue.get()
+        # httpx only once there is something to deliver: a gateway that never sends a
+        # webhook never loads it (~4 MiB of RSS)
+        import httpx
 
         async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
             while True:
-                delivery, body = await self._queue.get()
+                delivery, body = item
                 try:
                     await self._deliver(client, delivery, body)
                 finally:
                     self._queue.task_done()
+                item = await self._queue.get()
 
     async def _deliver(self, client: httpx.AsyncClient, delivery: str, body: bytes) -> None:
         import httpx  # loaded by _run already; the name is needed for the except clause
