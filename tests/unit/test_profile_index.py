@@ -160,3 +160,14 @@ def test_thousand_profiles_evaluate_only_the_ones_that_can_select() -> None:
     d = decide(policy, {"sub": "x"}, facts("GET"))
     assert d == linear_decide(policy, {"sub": "x"}, "GET")
     assert "p0 (no such field 'agent_id'), p1 (" in d.reason and d.reason.endswith(", ...)")
+
+
+@given(st.lists(st.sampled_from(["a", "b", "c", "d"]), max_size=8),
+       st.lists(st.sampled_from(["a", "b", "c", "x"]), max_size=4))
+def test_named_profiles_are_the_walk_in_file_order(names: list[str], wanted: list[str]) -> None:
+    policy = make_policy([('jwt.sub == "s"', Mode.ENFORCE)] * len(names))
+    policy = Policy(**{**{f: getattr(policy, f) for f in policy.__dataclass_fields__},
+                       "agents": tuple(AgentProfile(name=n, match=p.match, egress=p.egress,
+                                                    rules=p.rules)
+                                       for n, p in zip(names, policy.agents, strict=True))})
+    assert policy.named(wanted) == [p for p in policy.agents if p.name in wanted]

@@ -177,8 +177,8 @@ class Tracing:
         decision = decision_of(flow)
         if policy is None or decision is None:
             return None
-        names = set(decision.get("profiles") or ())
-        found = [p.capture for p in policy.agents if p.name in names and p.capture is not None]
+        found = [p.capture for p in policy.named(decision.get("profiles") or ())
+                 if p.capture is not None]
         if not found:
             return None
         return Capture(prompts=any(c.prompts for c in found),

@@ -7,6 +7,7 @@ another, so a request never sees half a reload.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -237,3 +238,17 @@ class Policy:
         the selectors that can pick a token. Built by the loader, off the event loop; a
         policy made by ``dataclasses.replace`` builds its own on first use."""
         return ProfileIndex(self.agents)
+
+    @cached_property
+    def _positions(self) -> dict[str, tuple[int, ...]]:
+        out: dict[str, list[int]] = {}
+        for i, profile in enumerate(self.agents):
+            out.setdefault(profile.name, []).append(i)
+        return {name: tuple(pos) for name, pos in out.items()}
+
+    def named(self, names: Iterable[str]) -> list[AgentProfile]:
+        """The profiles called ``names`` (a decision's ``profiles``), in file order: what
+        ``[p for p in agents if p.name in names]`` gives, without walking 1,000 profiles
+        per request."""
+        positions = self._positions
+        return [self.agents[i] for i in sorted(i for n in set(names) for i in positions.get(n, ()))]

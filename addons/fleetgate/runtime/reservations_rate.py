@@ -92,7 +92,7 @@ class _Stream:
 def applicable_limits(policy: Policy, profiles: Sequence[str]) -> list[RateLimit]:
     """The top-level limits and those of the agent's profiles, in that order."""
     return [*policy.limits,
-            *(lim for p in policy.agents if p.name in profiles for lim in p.limits)]
+            *(lim for p in policy.named(profiles) for lim in p.limits)]
 
 
 def duration_text(seconds: float) -> str:

@@ -91,7 +91,7 @@ class Settled:
 
 def applicable_budgets(policy: Policy, profiles: Sequence[str]) -> list[Budget]:
     """The top-level budgets and those of the agent's profiles, in that order."""
-    return [*policy.budgets, *(b for p in policy.agents if p.name in profiles for b in p.budgets)]
+    return [*policy.budgets, *(b for p in policy.named(profiles) for b in p.budgets)]
 
 
 def budget_key(b: Budget, act: Activation | None, who: Mapping[str, str | None]) -> str:
