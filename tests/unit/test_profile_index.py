@@ -133,6 +133,7 @@ def test_indexed_decision_equals_linear_walk(entries: list[tuple[str, Mode]],
     ('jwt.agent_role == "x" && request.host.endsWith(".corp")', ("agent_role", {"x"}, False)),
     ('request.method == "GET" && jwt["team"] == "a\\"b"', ("team", {'a"b'}, False)),
     ('(jwt.r == "a" || jwt.r == "b") && jwt.t == "c"', ("r", {"a", "b"}, False)),
+    ("jwt.r in ['a b', \"\", r'\\d', '''t'''] && true", ("r", {"a b", "", "\\d", "t"}, True)),
 ])
 def test_recognises_the_common_selectors(source: str, key: tuple[str, set[str], bool]) -> None:
     assert selector_key(source) == (key[0], frozenset(key[1]), key[2])

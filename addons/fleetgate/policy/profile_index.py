@@ -48,6 +48,7 @@ _FIELD = rf"jwt\s*(?:\.\s*(?P<n>{_IDENT})|\[\s*(?P<k>{_LIT})\s*\])"
 _FIELD2 = _FIELD.replace("?P<n>", "?P<n2>").replace("?P<k>", "?P<k2>")
 _EQ = re.compile(rf"^(?:{_FIELD}\s*==\s*(?P<v>{_LIT})|(?P<v2>{_LIT})\s*==\s*{_FIELD2})$")
 _IN = re.compile(rf"^{_FIELD}\s+in\s+\[\s*(?P<vs>{_LIT}(?:\s*,\s*{_LIT})*)\s*,?\s*\]$")
+_PLAIN = re.compile(r'"[^"\\\n]*"|' + r"'[^'\\\n]*'")
 _JWT = re.compile(r"(?<![\w.])jwt(?!\w)")
 _JWT_FIELD = re.compile(rf"(?<![\w.]){_FIELD}")
 
@@ -78,10 +79,13 @@ def selector_key(source: str) -> tuple[str, frozenset[str], bool] | None:
     def value(placeholder: str) -> str | None:
         if placeholder not in values_of:
             lit = literals[int(placeholder[3:-2])]
-            try:
-                v = compile_expr(lit, ()).value({})
-            except CelError:
-                return None
+            if _PLAIN.fullmatch(lit):  # "x" or 'x' with no escape: the text is the value
+                v: Any = lit[1:-1]
+            else:  # raw, triple-quoted, escapes: the engine says what the value is
+                try:
+                    v = compile_expr(lit, ()).value({})
+                except CelError:
+                    return None
             if not isinstance(v, str):
                 return None
             values_of[placeholder] = v
