@@ -66,7 +66,8 @@ def test_a_reload_holds_back_full_collections_shortens_switches_and_freezes(
             # an unchanged reload restores the threshold and freezes nothing
             frozen = gc.get_freeze_count()
             assert asyncio.run(store.reload()) is False
-            assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
+            # (frozen objects can still be freed by reference counting: never more, maybe fewer)
+            assert gc.get_threshold() == before and gc.get_freeze_count() <= frozen
         finally:
             gc.unfreeze()
 
