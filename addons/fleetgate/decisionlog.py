@@ -13,18 +13,33 @@ import time
 import uuid
 from typing import Any
 
-__all__ = ["mask_header_value", "new_decision_id", "record", "render"]
+__all__ = ["mask_header_value", "mask_secret_text", "new_decision_id", "record", "render"]
 
 _SECRET_HEADERS = frozenset({
     "authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "set-cookie",
     "x-goog-api-key",
 })
 _JWT_LIKE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
+# strings that look like a credential wherever they appear (captured prompts, approval
+# summaries): JWTs, provider/cloud API keys, bearer tokens
+_SECRET_TEXT = re.compile(
+    r"eyJ[\w-]+\.[\w-]+\.[\w-]*"  # JWT
+    r"|\b(?:sk|rk|pk)-(?:[A-Za-z0-9_-]{2,}-)?[A-Za-z0-9_-]{16,}"  # OpenAI/Anthropic/Stripe
+    r"|\bAKIA[0-9A-Z]{16}\b"  # AWS access key id
+    r"|\bAIza[0-9A-Za-z_-]{35}\b"  # Google API key
+    r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b"  # GitHub tokens
+    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
+    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{16,}")
 
 
 def new_decision_id() -> str:
     """Time-ordered, unique id for one decision: 8 hex of seconds + 16 random hex."""
     return f"{int(time.time()):08x}{uuid.uuid4().hex[:16]}"
+
+
+def mask_secret_text(text: str) -> str:
+    """``text`` with every credential-shaped string replaced by ``***``."""
+    return _SECRET_TEXT.sub("***", text)
 
 
 def mask_header_value(name: str, value: str) -> str:

@@ -16,16 +16,10 @@ import json
 import re
 from typing import Any
 
+from fleetgate.decisionlog import mask_secret_text
+
 __all__ = ["action_digest", "action_summary", "canonical_body", "mask_secrets"]
 
-_SECRETS = re.compile(
-    r"eyJ[\w-]+\.[\w-]+\.[\w-]*"  # JWT
-    r"|\b(?:sk|rk|pk)-(?:[A-Za-z0-9_-]{2,}-)?[A-Za-z0-9_-]{16,}"  # OpenAI/Anthropic/Stripe
-    r"|\bAKIA[0-9A-Z]{16}\b"  # AWS access key id
-    r"|\bAIza[0-9A-Za-z_-]{35}\b"  # Google API key
-    r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b"  # GitHub tokens
-    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
-    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{16,}")
 # a key that names a secret: "password", "client_secret", "api_key", "access_token", "token";
 # not "max_tokens" or "bypass"
 _SECRET_KEYS = re.compile(r"(?i)passw(or)?d|secret|api[_-]?key|authorization|credential|"
@@ -38,7 +32,7 @@ def mask_secrets(value: Any) -> Any:
     """``value`` with secrets masked: strings that look like keys or tokens, and the value
     of any key whose name says it is a secret."""
     if isinstance(value, str):
-        return _SECRETS.sub("***", value)
+        return mask_secret_text(value)
     if isinstance(value, dict):
         return {k: (_mask_all(v) if isinstance(k, str) and _SECRET_KEYS.search(k)
                     else mask_secrets(v))
@@ -105,7 +99,7 @@ def _excerpt(body: bytes) -> str:
         text = json.dumps(mask_secrets(json.loads(body)), ensure_ascii=False)[:EXCERPT_BYTES * 2]
     except (ValueError, UnicodeDecodeError, RecursionError):
         text = body[:EXCERPT_BYTES * 2].decode("utf-8", "replace")
-    text = _SECRETS.sub("***", text)
+    text = mask_secret_text(text)
     if len(text) > EXCERPT_BYTES:
         text = text[:EXCERPT_BYTES] + "…"
     return text
@@ -116,7 +110,7 @@ def action_summary(method: str, url: str, host: str, body: bytes, *,
                    a2a: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the approver sees: the request line, the tool and its arguments, the model, the
     A2A recipient, and an excerpt of the body, secrets masked."""
-    out: dict[str, Any] = {"kind": "http", "method": method, "url": _SECRETS.sub("***", url),
+    out: dict[str, Any] = {"kind": "http", "method": method, "url": mask_secret_text(url),
                            "host": host, "excerpt": _excerpt(body)}
     if llm and llm.get("is_llm"):
         out["kind"] = "llm"

@@ -11,8 +11,9 @@ into the span as the GenAI conventions' ``gen_ai.input.messages`` /
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
+
+from fleetgate.decisionlog import mask_secret_text
 
 __all__ = ["CAPTURE", "CAPTURED_OUTPUT", "answer_text", "completion_attributes", "mask",
            "prompt_attributes"]
@@ -22,18 +23,9 @@ __all__ = ["CAPTURE", "CAPTURED_OUTPUT", "answer_text", "completion_attributes",
 CAPTURE = "fleetgate.capture"
 CAPTURED_OUTPUT = "fleetgate.captured_output"
 
-_SECRETS = re.compile(
-    r"eyJ[\w-]+\.[\w-]+\.[\w-]*"  # JWT
-    r"|\b(?:sk|rk|pk)-(?:[A-Za-z0-9_-]{2,}-)?[A-Za-z0-9_-]{16,}"  # OpenAI/Anthropic/Stripe
-    r"|\bAKIA[0-9A-Z]{16}\b"  # AWS access key id
-    r"|\bAIza[0-9A-Za-z_-]{35}\b"  # Google API key
-    r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b"  # GitHub tokens
-    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
-    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{16,}")
-
 
 def mask(text: str) -> str:
-    return _SECRETS.sub("***", text)
+    return mask_secret_text(text)
 
 
 def _cut(text: str, max_bytes: int) -> str:
