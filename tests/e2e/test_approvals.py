@@ -442,3 +442,15 @@ def test_stopping_an_agent_ends_its_held_request_and_keeps_the_action_queued(
         isinstance(err, openai.InternalServerError) and "killswitch.stop" in str(err)), err
     assert chat_calls(llm) == 0
     assert [x["id"] for x in pending(gw)] == [a["id"]]  # still queued for people
+
+
+def test_a_body_too_large_to_hold_is_refused_not_approved_blind(start, llm: Upstream) -> None:
+    gw = start(hold="1s")
+    r = agent_http(gw).post(f"https://{upstream_name(llm.port)}:{llm.port}/send",
+                            content=b"x" * (2 << 20))
+    assert r.status_code == 413 and r.json()["fleetgate"]["rule"] == "approvals.body", r.text
+    assert not [s for s in llm.seen if s.path == "/send"]
+    assert gw.admin("/v1/approvals?status=all").json()["approvals"] == []
+    small = agent_http(gw).post(f"https://{upstream_name(llm.port)}:{llm.port}/send",
+                                content=b"x" * 1000)
+    assert small.status_code == 403 and small.json()["fleetgate"]["rule"] == "approvals.pending"

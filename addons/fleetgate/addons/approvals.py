@@ -178,6 +178,15 @@ class ApprovalGate:
         if tier.approvers == 0:
             annotate_decision(flow, approval={"tier": tier.id, "status": "not-needed"})
             return
+        if req.stream or (req.raw_content is None and _has_body(req)):
+            # the body streams past the gateway (nothing else reads it): an approval could not
+            # be bound to what it says, so the action is refused rather than approved blind
+            self._answer(flow, 413, "approvals.body",
+                         f"this action needs human approval (tier {tier.id}) but its body is "
+                         "too large for the gateway to hold and show to the approvers", None,
+                         hint="send a body under fleetgate_stream_min_bytes, or ask an operator "
+                              "to exempt this action from the tier")
+            return
         agent = agent_of(flow)
         did = decision_id(flow)
         digest = action_digest(agent, tier.id, req.method, req.url, req.raw_content or b"")
@@ -412,6 +421,11 @@ def _approval_ids(flows: Sequence[flow.Flow]) -> list[str]:
 def _retry_after(a: Approval, now: float) -> int:
     """When to ask again: a minute, or sooner if the window ends sooner."""
     return max(1, min(60, int(a.deadline - now) if a.deadline > now else 60))
+
+
+def _has_body(req: http.Request) -> bool:
+    length = req.headers.get("content-length", "")
+    return bool(req.headers.get("transfer-encoding")) or (length.isdigit() and int(length) > 0)
 
 
 def _is_batch(flow: http.HTTPFlow) -> bool:
