@@ -40,7 +40,8 @@ def ctl(upstream: Upstream) -> Control:
 
 
 def fleet(make_gateway: GatewayFactory, tmp_path: Path, upstream: Upstream,
-          redis_server: RedisServer, limits: str, n: int = 3, **state: str) -> list[Gateway]:
+          redis_server: RedisServer, limits: str, n: int = 3, wait_ms: int = WAIT_MS,
+          **state: str) -> list[Gateway]:
     """Three gateways sharing ``redis_server``; role ``limited`` has ``limits``, role
     ``tester`` none."""
     rules = tmp_path / "rules"
@@ -56,7 +57,7 @@ def fleet(make_gateway: GatewayFactory, tmp_path: Path, upstream: Upstream,
 {textwrap.indent(textwrap.dedent(limits), "    ")}"""
     write_rules(rules / "llm.yaml", [port], top=llm_rules_extra(port), extra=extra)
     state = state or {"fleetgate_state": redis_server.url}
-    return [make_gateway(rules, fleetgate_state_wait_ms=str(WAIT_MS), **state)
+    return [make_gateway(rules, fleetgate_state_wait_ms=str(wait_ms), **state)
             for _ in range(n)]
 
 
@@ -86,10 +87,12 @@ def levels(gw: Gateway) -> dict[tuple[str, str], float]:
 def test_fifty_requests_over_three_gateways_against_ten_get_exactly_ten_through(
         make_gateway: GatewayFactory, tmp_path: Path, upstream: Upstream, ctl: Control,
         redis_server: RedisServer) -> None:
+    # exactness, not latency, is judged here: 50 requests at once on a 2-core machine can keep
+    # one Redis round trip past the 500 ms the hanging-Redis test needs (a 503 it was not about)
     gws = fleet(make_gateway, tmp_path, upstream, redis_server, """\
         localRateLimit:
           - {id: ten, maxTokens: 10, tokensPerFill: 10, fillInterval: 1h, type: requests}
-    """)
+    """, wait_ms=3000)
     outcomes: list[str] = []
     lock = threading.Lock()
     start = threading.Barrier(50)
